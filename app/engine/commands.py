@@ -1,0 +1,95 @@
+"""Commands into the engine thread: frozen dataclasses on a queue.
+
+The app and the command line never touch MLX; they put one of these on
+`Engine.submit` and hear back through events (see `events.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. A persona's defaults, overridable per request."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base class of everything the engine accepts."""
+
+
+@dataclass(frozen=True)
+class Generate(Command):
+    """Append the user's message to the conversation and stream a reply."""
+
+    conversation_id: int
+    text: str
+    sampling: Sampling | None = None
+
+
+@dataclass(frozen=True)
+class Regenerate(Command):
+    """Reply again to the last user message; the old reply stays as an alternative."""
+
+    conversation_id: int
+    sampling: Sampling | None = None
+
+
+@dataclass(frozen=True)
+class EditAndResend(Command):
+    """Replace a past user message (a new branch) and reply to it."""
+
+    conversation_id: int
+    message_id: int
+    text: str
+    sampling: Sampling | None = None
+
+
+@dataclass(frozen=True)
+class Continue(Command):
+    """Reply to the conversation as it stands (used by scenes and after a cancelled prefill)."""
+
+    conversation_id: int
+    sampling: Sampling | None = None
+
+
+@dataclass(frozen=True)
+class Cancel(Command):
+    """Stop the running generation within one token step. Handled out of band."""
+
+
+@dataclass(frozen=True)
+class Open(Command):
+    """The user is looking at this conversation: bring its cache into RAM and pin it."""
+
+    conversation_id: int
+
+
+@dataclass(frozen=True)
+class Prefetch(Command):
+    """The user is about to look at this conversation: load its cache from disk if idle."""
+
+    conversation_id: int
+
+
+@dataclass(frozen=True)
+class Evict(Command):
+    """Drop this conversation's cache from RAM (it stays on disk)."""
+
+    conversation_id: int
+
+
+@dataclass(frozen=True)
+class RefreshCacheStates(Command):
+    """Ask for a fresh `CacheStatesChanged` event."""
+
+
+@dataclass(frozen=True)
+class Shutdown(Command):
+    """Finish the current step, save, and stop the thread."""

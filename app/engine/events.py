@@ -1,0 +1,111 @@
+"""Events out of the engine thread, named as past-tense facts.
+
+The engine calls one callback with these, from its own thread. The app turns
+each into a Textual message (`App.call_from_thread`); the command line
+collects them. Events carry plain data only: no MLX arrays, no DB handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of everything the engine reports."""
+
+
+@dataclass(frozen=True)
+class ModelLoadProgressed(Event):
+    done: int
+    total: int
+    label: str
+
+
+@dataclass(frozen=True)
+class ModelLoaded(Event):
+    name: str
+    fingerprint: str
+    context_window: int
+    device: str
+
+
+@dataclass(frozen=True)
+class ConversationOpened(Event):
+    conversation_id: int
+    cache: str  # "ram" | "disk" | "none": where its cache came from
+    tokens: int
+
+
+@dataclass(frozen=True)
+class MessageSaved(Event):
+    """A message reached the catalog (the user's, or a finished/cancelled reply)."""
+
+    conversation_id: int
+    message_id: int
+    role: str
+
+
+@dataclass(frozen=True)
+class PrefillProgressed(Event):
+    conversation_id: int
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TokensGenerated(Event):
+    conversation_id: int
+    text: str  # the new text since the previous event
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    ttft_ms: float
+    reused_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    decode_tps: float
+    cache: str  # "ram" | "disk" | "none"
+
+
+@dataclass(frozen=True)
+class ReplyFinished(Event):
+    conversation_id: int
+    message_id: int
+    text: str
+    stats: ReplyStats
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class ContextTrimmed(Event):
+    """The conversation outgrew the context window; its oldest turns left the model's view."""
+
+    conversation_id: int
+    dropped_messages: int
+
+
+@dataclass(frozen=True)
+class CacheState:
+    conversation_id: int
+    persona_id: str
+    where: str  # "ram" | "disk" | "none"
+    tokens: int
+    bytes: int
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class CacheStatesChanged(Event):
+    states: tuple[CacheState, ...] = field(default_factory=tuple)
+    ram_bytes: int = 0
+    budget_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class EngineFailed(Event):
+    """A command could not be carried out; `message` says what and what to do."""
+
+    message: str
+    conversation_id: int | None = None
