@@ -37,3 +37,22 @@ def speed_up_for_cpu(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(replacements))
     model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
     mx.eval(model.parameters())
+
+
+def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
+    """Run `tokens` (shape [B, L]) through the model, filling `cache`; return logits for the LAST position only.
+
+    Shape [B, 1, vocab], equal to `model(tokens, cache=cache)[:, -1:]` but without computing the
+    vocabulary head (49152 x 576 for SmolLM2) over every prompt position. Use it for prefill chunks;
+    decode steps (L == 1) can call the model as usual. Works for mlx-lm models whose `model.model`
+    returns hidden states and whose head is `lm_head` or tied embeddings (falls back to the full
+    forward otherwise).
+    """
+    inner = getattr(model, "model", None)
+    if inner is None:
+        return model(tokens, cache=cache)[:, -1:]
+    h = inner(tokens, cache=cache)[:, -1:]
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        return head(h)
+    return inner.embed_tokens.as_linear(h)

@@ -1,0 +1,57 @@
+"""`parley bench [PART ...] [--quick] [--json PATH]`: measure Parley on this machine.
+
+Parts are the keys of `app.bench.PARTS` (today: `speed`); `--quick` runs
+`speed` (prefill tokens/s at 1K context, decode tokens/s). Prints one table per
+part; `--json PATH` also writes {part: results} as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from app.bench import PARTS, get_part
+
+QUICK = ["speed"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure speed (and more) on this machine",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="*", metavar="PART",
+                   help=f"what to measure: {', '.join(sorted(PARTS))}")
+    p.add_argument("--quick", action="store_true", help="prefill and decode tokens/s only (same as `bench speed`)")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    p.add_argument("--context", type=int, default=1024, help="prompt length for prefill (default 1024)")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512)")
+    p.add_argument("--repeats", type=int, default=3, help="prefill runs, median taken (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
+    p.set_defaults(handler=run)
+
+
+def _table(part: str, result: dict) -> str:
+    width = max(len(k) for k in result)
+    lines = [f"== {part} =="]
+    lines += [f"{k:<{width}}  {v}" for k, v in result.items()]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from app.model.loader import load_model
+
+    parts = list(dict.fromkeys(args.parts or QUICK))
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"parley bench: unknown part {unknown[0]!r}; choose from {', '.join(sorted(PARTS))}", file=sys.stderr)
+        return 2
+    lm = load_model(args.model)
+    results = {}
+    for part in parts:
+        results[part] = get_part(part)(lm, args)
+        print(_table(part, results[part]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

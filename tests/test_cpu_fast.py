@@ -1,0 +1,63 @@
+"""app.model.cpu_fast: the CPU rewrite keeps the model's outputs; prefill_logits equals the last row."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+
+from app.model.cpu_fast import prefill_logits, speed_up_for_cpu
+from app.model.loader import load_model
+
+PROMPT = [{"role": "user", "content": "What is the capital of France? Tell me about it."}]
+
+
+def _ids(lm):
+    return lm.tokenizer.encode_chat(PROMPT)
+
+
+def _close(a, b, tol=2e-3):
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    scale = max(1.0, float(np.abs(b).max()))
+    assert np.abs(a - b).max() <= tol * scale, np.abs(a - b).max()
+
+
+def test_sped_up_tiny_model_matches_the_quantized_reference(tiny_model_dir):
+    ref = load_model(str(tiny_model_dir), fast_cpu=False)
+    fast = load_model(str(tiny_model_dir), fast_cpu=False)
+    speed_up_for_cpu(fast.model)
+    ids = mx.array([_ids(ref)])
+    _close(fast.model(ids), ref.model(ids))
+
+
+def test_sped_up_model_matches_with_a_cache_prefill_then_decode(tiny_model_dir):
+    ref = load_model(str(tiny_model_dir), fast_cpu=False)
+    fast = load_model(str(tiny_model_dir))  # the loader applies speed_up_for_cpu on CPU
+    ids = _ids(ref)
+    for lm_a, lm_b in [(fast, ref)]:
+        ca, cb = make_prompt_cache(lm_a.model), make_prompt_cache(lm_b.model)
+        mx.eval(lm_a.model(mx.array([ids[:5]]), cache=ca), lm_b.model(mx.array([ids[:5]]), cache=cb))
+        for t in ids[5:12]:
+            _close(lm_a.model(mx.array([[t]]), cache=ca), lm_b.model(mx.array([[t]]), cache=cb))
+
+
+def test_prefill_logits_is_the_last_row_of_the_full_forward(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    ids = mx.array([_ids(lm)])
+    full = lm.model(ids, cache=make_prompt_cache(lm.model))
+    cache = make_prompt_cache(lm.model)
+    last = prefill_logits(lm.model, ids, cache)
+    assert last.shape == (1, 1, full.shape[-1])
+    _close(last, full[:, -1:], tol=1e-5)
+    assert cache[0].offset == ids.shape[1]
+
+
+def test_prefill_logits_in_chunks_matches_one_shot(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    ids = mx.array([_ids(lm)])
+    one = prefill_logits(lm.model, ids, make_prompt_cache(lm.model))
+    cache = make_prompt_cache(lm.model)
+    n = ids.shape[1]
+    for s in range(0, n, 4):
+        out = prefill_logits(lm.model, ids[:, s:s + 4], cache)
+    _close(out, one, tol=1e-4)
