@@ -1,0 +1,101 @@
+"""Finding, loading and saving persona files.
+
+Shipped personas live in the repository's `personas/` folder, the user's in
+`$PARLEY_HOME/personas/`; a user file with a shipped persona's id replaces
+it. A broken file never stops the others: it becomes a line in `problems`.
+Files are read afresh on every load, so an edit takes effect next time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.errors import ParleyError
+from app.personas.model import Persona, unique_id
+from app.personas.tomlfile import dump_persona_toml, parse_persona_toml
+
+
+@dataclass
+class LoadResult:
+    personas: dict[str, Persona] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def shipped_personas_dir() -> Path:
+    """`personas/` at the repository root (this package lives at app/personas, installed editable)."""
+    return Path(__file__).resolve().parents[2] / "personas"
+
+
+def default_dirs() -> list[Path]:
+    from app.paths import user_personas_dir
+
+    return [shipped_personas_dir(), user_personas_dir()]
+
+
+def load_persona_file(path: Path) -> tuple[Persona, list[str]]:
+    """One file; raises ParleyError naming the file and field."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ParleyError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    return parse_persona_toml(data, str(path), default_id=path.stem, source=path)
+
+
+def load_personas(dirs: Iterable[Path | str] | None = None) -> LoadResult:
+    """Every `*.toml` in `dirs` (default: shipped, then user); later folders override earlier ones by id."""
+    result = LoadResult()
+    for directory in default_dirs() if dirs is None else [Path(d) for d in dirs]:
+        if not directory.is_dir():
+            continue
+        seen_here: dict[str, Path] = {}
+        for path in sorted(directory.glob("*.toml")):
+            try:
+                persona, warnings = load_persona_file(path)
+            except ParleyError as exc:
+                result.problems.append(str(exc))
+                continue
+            result.problems.extend(warnings)
+            if persona.id in seen_here:
+                result.problems.append(
+                    f"{path}: field 'id' is {persona.id!r}, already used by {seen_here[persona.id].name} in the "
+                    "same folder; this file was skipped. Give it another id."
+                )
+                continue
+            seen_here[persona.id] = path
+            result.personas[persona.id] = persona
+    return result
+
+
+def save_persona(persona: Persona, directory: Path | str | None = None) -> Path:
+    """Write `<id>.toml` in the user folder (atomically: a crash never leaves half a file)."""
+    if directory is None:
+        from app.paths import user_personas_dir
+
+        directory = user_personas_dir()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{persona.id}.toml"
+    text = dump_persona_toml(persona)
+    fd, tmp = tempfile.mkstemp(prefix=f".{persona.id}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ParleyError(f"Cannot save persona {persona.id!r} to {target}: {exc.strerror or exc}.") from exc
+    return target
+
+
+def new_persona_id(name: str, dirs: Iterable[Path | str] | None = None) -> str:
+    """A fresh id from `name` that clashes with no loaded persona and no file in the user folder."""
+    dirs = default_dirs() if dirs is None else [Path(d) for d in dirs]
+    taken = set(load_personas(dirs).personas)
+    for directory in dirs:
+        if directory.is_dir():
+            taken |= {p.stem for p in directory.glob("*.toml")}
+    return unique_id(name, taken)
