@@ -125,3 +125,6 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         "CREATE INDEX idx_messages_parent ON messages (parent_id)",
     ):
         db.execute(sql)
+
+# Migrations defined in other modules of this package, in order. Append only.
+from app.catalog import cache_schema  # noqa: E402,F401  (m002_kv_caches)

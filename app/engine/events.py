@@ -104,6 +104,14 @@ class CacheStatesChanged(Event):
 
 
 @dataclass(frozen=True)
+class CacheDiscarded(Event):
+    """A stored cache failed verification and was dropped; the reply rebuilds it from the transcript."""
+
+    conversation_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class EngineFailed(Event):
     """A command could not be carried out; `message` says what and what to do."""
 

@@ -1,0 +1,53 @@
+"""The `parley` command line (and `python -m app`).
+
+`parley` alone opens the app. Subcommands live one per module in this
+package; each module defines `register(subparsers)` which adds its parser
+and sets `handler=run` where `run(args) -> int`. Global options come first:
+`parley --model PATH --kv-scheme q4 --budget-mb 512 chat assistant "Hi"`.
+Users script against this: keep names and outputs stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from app import fastblas
+
+SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="Chat with many persistent personas on a local MLX model.")
+    parser.add_argument("--model", default=None, help="a local mlx-lm folder or a Hugging Face repo id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--kv-scheme", default="q4", help="how caches are stored: q4 (default), k8v4, q8, f16")
+    parser.add_argument("--budget-mb", type=float, default=512.0, help="RAM for conversation caches, in MB (default 512)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"app.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"app.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    fastblas.preload()  # before anything imports mlx
+    from app.errors import ParleyError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command is None:
+            from app.ui.app import run_app
+
+            return run_app(args)
+        return args.handler(args)
+    except ParleyError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,68 @@
+"""What the model reads for a reply: the persona's preamble, then the transcript.
+
+Token-exact reuse needs the same conversation to render to the same tokens
+turn after turn, so the context window is handled with a *sticky* start: when
+the conversation outgrows the window, the oldest turns after the preamble are
+dropped down to half the window at once, and that start is kept for later
+turns. The cache then keeps reusing everything from the start on, instead of
+re-prefilling a sliding window every turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.errors import ParleyError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[dict]
+    ids: list[int]
+    preamble_ids: list[int]
+    start: int  # index into the transcript of the first message the model sees
+    dropped: int  # how many messages left the model's view this time
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def transcript_messages(path) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in path if m.role in ("user", "assistant", "system")]
+
+
+def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window: int, reserve: int,
+                 start: int = 0, post_history: str = "") -> Prompt:
+    """Render preamble + transcript[start:], moving `start` forward if it would not fit the window."""
+    preamble_ids = tokenizer.encode_chat(preamble, add_generation_prompt=False) if preamble else []
+
+    def render(first: int) -> tuple[list[dict], list[int]]:
+        messages = preamble + transcript[first:]
+        if post_history:
+            messages = messages + [{"role": "system", "content": post_history}]
+        return messages, tokenizer.encode_chat(messages)
+
+    messages, ids = render(start)
+    if len(ids) + reserve <= window:
+        return Prompt(messages, ids, preamble_ids, start, 0)
+    if len(preamble_ids) + reserve >= window:
+        raise ParleyError("The persona's preamble alone fills the model's context window: shorten its system prompt or examples.")
+    target = window // 2
+    first = start
+    last_user = max((i for i, m in enumerate(transcript) if m["role"] == "user"), default=len(transcript) - 1)
+    while first < last_user and len(ids) + reserve > target:
+        first += 1
+        while first < last_user and transcript[first]["role"] != "user":
+            first += 1  # always start at a user turn
+        messages, ids = render(first)
+    if len(ids) + reserve > window:
+        raise ParleyError(
+            f"The message is too long for the model's context window ({len(ids) + reserve} tokens with the reply, "
+            f"the window holds {window}). Send a shorter message or lower max tokens."
+        )
+    return Prompt(messages, ids, preamble_ids, first, first - start)

@@ -1,0 +1,274 @@
+"""Everything the engine thread holds: model, catalog, personas, caches; and the turn logic.
+
+Only the engine thread creates or calls a Session.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from app import paths
+from app.catalog.context import context_start, set_context_start
+from app.engine import commands as cmd
+from app.engine import events as ev
+from app.engine.generation import decode, prefill
+from app.engine.prompt import build_prompt, common_prefix, transcript_messages
+from app.errors import ParleyError
+
+PROGRESS_MIN_TOKENS = 256  # smaller prefills finish before a progress bar would be seen
+
+
+def conversation_key(conversation_id: int, persona_id: str | None = None) -> str:
+    return f"conv:{conversation_id}" if persona_id is None else f"conv:{conversation_id}:{persona_id}"
+
+
+def preamble_key(persona_id: str, preamble_hash: str) -> str:
+    return f"pre:{persona_id}:{preamble_hash[:16]}"
+
+
+@dataclass
+class Turn:
+    """What one reply needs: whose voice, whose cache, which sampling."""
+
+    conversation_id: int
+    persona: object
+    key: str
+    sampling: cmd.Sampling
+    parent_id: int | None
+    speaker: str | None = None  # set in scenes
+
+
+class Session:
+    def __init__(self, emit, cancelled: Callable[[], bool], lm, catalog, manager, personas_dirs):
+        self.emit = emit
+        self.cancelled = cancelled
+        self.lm = lm
+        self.catalog = catalog
+        self.manager = manager
+        self.personas_dirs = personas_dirs
+
+    @classmethod
+    def open(cls, emit, cancelled, model=None, scheme="q4", budget_mb=512.0, personas_dirs=None, catalog_path=None):
+        import mlx.core as mx
+
+        from app.catalog import Catalog
+        from app.kvstore.manager import CacheManager
+        from app.kvstore.pool import BlockPool
+        from app.kvstore.schemes import get_scheme
+        from app.model.loader import load_model
+
+        scheme_obj = get_scheme(scheme)
+        lm = load_model(model, progress=lambda d, t, label: emit(ev.ModelLoadProgressed(d, t, label)))
+        dtype = _activation_dtype(lm.model)
+        emit(ev.ModelLoaded(lm.name, lm.fingerprint, lm.context_window, str(mx.default_device())))
+        catalog = Catalog(catalog_path)
+        pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype)
+        pool.reconcile()
+        manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
+        return cls(emit, cancelled, lm, catalog, manager, personas_dirs)
+
+    def close(self) -> None:
+        for key, entry in list(self.manager.entries.items()):
+            if entry.dirty:
+                self.manager.save(key)
+        self.catalog.close()
+
+    # -- dispatch ------------------------------------------------------------
+    def handle(self, command: cmd.Command) -> None:
+        getattr(self, f"_on_{type(command).__name__}")(command)
+
+    def _on_Generate(self, c: cmd.Generate) -> None:
+        if not c.text.strip():
+            raise ParleyError("The message is empty: type something to send.")
+        conv = self._conversation(c.conversation_id)
+        persona = self.persona(conv.persona_id)
+        user_id = self.catalog.add_message(conv.id, "user", c.text)
+        self.emit(ev.MessageSaved(conv.id, user_id, "user"))
+        self.reply(self._turn(conv, persona, c.sampling, user_id))
+
+    def _on_Regenerate(self, c: cmd.Regenerate) -> None:
+        conv = self._conversation(c.conversation_id)
+        path = self.catalog.current_path(conv.id)
+        last_user = next((m for m in reversed(path) if m.role == "user"), None)
+        if last_user is None:
+            raise ParleyError("There is no message to reply to yet: send one first.")
+        self.catalog.set_leaf(conv.id, last_user.id)
+        self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, last_user.id))
+
+    def _on_EditAndResend(self, c: cmd.EditAndResend) -> None:
+        if not c.text.strip():
+            raise ParleyError("The edited message is empty.")
+        conv = self._conversation(c.conversation_id)
+        old = self.catalog.get_message(c.message_id)
+        if old is None or old.conversation_id != conv.id or old.role != "user":
+            raise ParleyError(f"Message {c.message_id} is not a user message of this conversation.")
+        new_id = self.catalog.add_message(conv.id, "user", c.text, parent_id=old.parent_id)
+        self.emit(ev.MessageSaved(conv.id, new_id, "user"))
+        self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, new_id))
+
+    def _on_Continue(self, c: cmd.Continue) -> None:
+        conv = self._conversation(c.conversation_id)
+        self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, conv.leaf_id))
+
+    def _on_Open(self, c: cmd.Open) -> None:
+        key = conversation_key(c.conversation_id)
+        self.manager.pin(key)
+        cache, source, miss = self.manager.get(key)
+        if miss:
+            self.emit(ev.CacheDiscarded(c.conversation_id, miss.reason))
+        self.emit(ev.ConversationOpened(c.conversation_id, source, cache.n_tokens if cache else 0))
+        self.emit_states()
+
+    def _on_Prefetch(self, c: cmd.Prefetch) -> None:
+        self.manager.prefetch(conversation_key(c.conversation_id))
+        self.emit_states()
+
+    def _on_Evict(self, c: cmd.Evict) -> None:
+        self.manager.evict(conversation_key(c.conversation_id))
+        self.emit_states()
+
+    def _on_RefreshCacheStates(self, c: cmd.RefreshCacheStates) -> None:
+        self.emit_states()
+
+    # -- helpers ---------------------------------------------------------------
+    def _conversation(self, conversation_id: int):
+        conv = self.catalog.get_conversation(conversation_id)
+        if conv is None:
+            raise ParleyError(f"Conversation {conversation_id} does not exist (deleted?).")
+        return conv
+
+    def persona(self, persona_id: str):
+        from app.personas import load_personas
+
+        result = load_personas(self.personas_dirs)
+        if persona_id not in result.personas:
+            raise ParleyError(f"Persona {persona_id!r} was not found: check its file in personas/ or {paths.user_personas_dir()}.")
+        return result.personas[persona_id]
+
+    def _turn(self, conv, persona, override: cmd.Sampling | None, parent_id, speaker=None, key=None) -> Turn:
+        sampling = cmd.Sampling(temperature=persona.temperature, top_p=persona.top_p, max_tokens=persona.max_tokens)
+        if override is not None:
+            sampling = override
+        return Turn(conv.id, persona, key or conversation_key(conv.id), sampling, parent_id, speaker)
+
+    def emit_states(self) -> None:
+        states = []
+        for key, entry in self.manager.entries.items():
+            if key.startswith("conv:"):
+                cache = entry.cache
+                states.append(ev.CacheState(entry.conversation_id, entry.persona_id, "ram", len(cache.tokens),
+                                            self.manager.entry_bytes(key), key == self.manager.pinned))
+        self.emit(ev.CacheStatesChanged(tuple(states), self.manager.ram_bytes(), self.manager.budget_bytes))
+
+    # -- one reply ---------------------------------------------------------------
+    def reply(self, turn: Turn, transcript=None) -> int | None:
+        """Prefill what the cache lacks, stream a reply, save it, then persist the cache."""
+        from app.personas import post_history, preamble_hash, preamble_messages
+
+        started = time.perf_counter()
+        tok = self.lm.tokenizer
+        if transcript is None:
+            transcript = transcript_messages(self.catalog.current_path(turn.conversation_id))
+        start = context_start(self.catalog, turn.conversation_id, turn.speaker)
+        prompt = build_prompt(tok, preamble_messages(turn.persona), transcript, self.lm.context_window,
+                              reserve=turn.sampling.max_tokens, start=start, post_history=post_history(turn.persona))
+        if prompt.start != start:
+            set_context_start(self.catalog, turn.conversation_id, prompt.start, turn.speaker)
+            self.emit(ev.ContextTrimmed(turn.conversation_id, prompt.start))
+        self.manager.pin(turn.key)
+        cache, source = self._cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
+        reused = common_prefix(cache.tokens, prompt.ids)
+        reused = min(reused, len(prompt.ids) - 1)  # the last prompt token must be fed to get logits
+        cache.trim_to(reused)
+        logits = None
+        todo = prompt.ids[reused:]
+        for step in prefill(self.lm.model, cache, todo):
+            if len(todo) >= PROGRESS_MIN_TOKENS:
+                self.emit(ev.PrefillProgressed(turn.conversation_id, step.done, step.total))
+            logits = step.logits
+            if self.cancelled() and step.logits is None:
+                self.manager.mark_dirty(turn.key)
+                self.manager.save(turn.key)
+                self.emit(ev.ReplyFinished(turn.conversation_id, 0, "", ev.ReplyStats(0, reused, step.done, 0, 0, source), True))
+                return None
+        self._snapshot_preamble(turn, cache, prompt.preamble_ids)
+        return self._stream_reply(turn, cache, logits, started, reused, len(todo), source)
+
+    def _stream_reply(self, turn: Turn, cache, logits, started: float, reused: int, prefilled: int, source: str) -> int:
+        tok = self.lm.tokenizer
+        stream = tok.stream()
+        generated: list[int] = []
+        first_at = None
+        cancelled = False
+        for token in decode(self.lm.model, cache, logits, turn.sampling, tok.eos_ids):
+            if first_at is None:
+                first_at = time.perf_counter()
+            generated.append(token)
+            delta = stream.push(token)
+            if delta:
+                self.emit(ev.TokensGenerated(turn.conversation_id, delta))
+            if self.cancelled():
+                cancelled = True
+                break
+        ended = time.perf_counter()
+        first_at = first_at or ended
+        stats = ev.ReplyStats(
+            ttft_ms=(first_at - started) * 1000, reused_tokens=reused, prefilled_tokens=prefilled,
+            generated_tokens=len(generated),
+            decode_tps=(len(generated) - 1) / (ended - first_at) if len(generated) > 1 and ended > first_at else 0.0,
+            cache=source,
+        )
+        text = stream.text
+        meta = {"stats": stats.__dict__, **({"cancelled": True} if cancelled else {})}
+        reply_id = self.catalog.add_message(turn.conversation_id, "assistant", text, parent_id=turn.parent_id,
+                                            persona_id=turn.speaker, meta=meta)
+        self.emit(ev.MessageSaved(turn.conversation_id, reply_id, "assistant"))
+        self.emit(ev.ReplyFinished(turn.conversation_id, reply_id, text, stats, cancelled))
+        self.manager.mark_dirty(turn.key)
+        self.manager.save(turn.key)
+        self.manager.enforce_budget()
+        self.emit_states()
+        return reply_id
+
+    def _cache_for(self, turn: Turn, pre_key: str):
+        """The conversation's cache (RAM, disk) or a copy of the persona's preamble snapshot, or empty."""
+        from app.kvstore.conversation_cache import ConversationCache
+
+        cache, source, miss = self.manager.get(turn.key)
+        if miss:
+            self.emit(ev.CacheDiscarded(turn.conversation_id, miss.reason))
+        if cache is not None:
+            return cache, source
+        snapshot, snap_source, _ = self.manager.get(pre_key)
+        if snapshot is not None:
+            cache = snapshot.copy_prefix(snapshot.n_tokens)
+            self.manager.compact(pre_key)
+        else:
+            pool = self.manager.pool
+            cache = ConversationCache.empty(self.lm.n_layers, pool.scheme, pool.fingerprint)
+            snap_source = "none"
+        self.manager.put(turn.key, cache, turn.conversation_id, turn.speaker or turn.persona.id)
+        return cache, snap_source
+
+    def _snapshot_preamble(self, turn: Turn, cache, preamble_ids: list[int]) -> None:
+        """Keep the persona's preamble as its own cache so new conversations start warm."""
+        from app.personas import preamble_hash
+
+        key = preamble_key(turn.persona.id, preamble_hash(turn.persona))
+        n = len(preamble_ids)
+        if n == 0 or key in self.manager.entries or self.manager.pool.has(key) or cache.tokens[:n] != preamble_ids:
+            return
+        self.manager.put(key, cache.copy_prefix(n), None, turn.persona.id)
+        self.manager.save(key)
+        self.manager.compact(key)
+
+
+def _activation_dtype(model):
+    import mlx.core as mx
+
+    norm = model.model.norm.weight if hasattr(model, "model") and hasattr(model.model, "norm") else None
+    if norm is not None and norm.dtype in (mx.float32, mx.float16, mx.bfloat16):
+        return norm.dtype
+    return mx.float32

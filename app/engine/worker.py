@@ -1,0 +1,106 @@
+"""The engine: one long-lived thread that owns the model and every MLX array.
+
+Commands arrive on a queue (`submit`); events leave through one callback,
+called on the engine thread. Cancel is out of band: it sets a flag the
+generation loop checks between every two steps (prefill chunks and decode
+tokens), so a reply stops within one token step.
+
+The transcript in the catalog is the source of truth. The user's message is
+written before any model work; the reply is written when it finishes (or is
+cancelled); only then is the cache persisted. A cache that fails any check
+is dropped and rebuilt from the transcript by prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import replace
+from typing import Callable
+
+from app.engine import commands as cmd
+from app.engine import events as ev
+from app.engine.session import Session
+from app.errors import ParleyError
+
+log = logging.getLogger(__name__)
+EventSink = Callable[[ev.Event], None]
+
+
+class Engine:
+    def __init__(self, on_event: EventSink, model: str | None = None, scheme: str = "q4",
+                 budget_mb: float = 512.0, personas_dirs=None, catalog_path=None):
+        self._on_event = on_event
+        self._options = dict(model=model, scheme=scheme, budget_mb=budget_mb,
+                             personas_dirs=personas_dirs, catalog_path=catalog_path)
+        self._queue: queue.Queue[cmd.Command] = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
+        self._session: Session | None = None
+        self.ready = threading.Event()
+
+    # -- called from any thread -------------------------------------------
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def submit(self, command: cmd.Command) -> None:
+        if isinstance(command, cmd.Cancel):
+            self._cancel.set()
+            return
+        self._queue.put(command)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        self._cancel.set()
+        self._queue.put(cmd.Shutdown())
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the engine thread ----------------------------------------------------
+    def _emit(self, event: ev.Event) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a broken listener must not kill the engine
+            log.exception("event listener failed on %r", event)
+
+    def _run(self) -> None:
+        try:
+            self._session = Session.open(emit=self._emit, cancelled=self._cancel.is_set, **self._options)
+        except ParleyError as exc:
+            self._emit(ev.EngineFailed(str(exc)))
+        except Exception as exc:
+            log.error("engine start failed:\n%s", traceback.format_exc())
+            self._emit(ev.EngineFailed(f"The model could not be started: {exc}"))
+        finally:
+            self.ready.set()
+        while True:
+            command = self._queue.get()
+            if isinstance(command, cmd.Shutdown):
+                if self._session:
+                    self._session.close()
+                return
+            self._cancel.clear()
+            self._handle(command)
+
+    def _handle(self, command: cmd.Command) -> None:
+        conversation_id = getattr(command, "conversation_id", None)
+        if self._session is None:
+            self._emit(ev.EngineFailed("The model is not loaded (see the earlier error).", conversation_id))
+            return
+        try:
+            self._session.handle(command)
+        except ParleyError as exc:
+            self._emit(ev.EngineFailed(str(exc), conversation_id))
+        except Exception as exc:
+            log.error("command %r failed:\n%s", command, traceback.format_exc())
+            self._emit(ev.EngineFailed(f"Internal error while handling {type(command).__name__}: {exc}", conversation_id))

@@ -1,0 +1,96 @@
+"""A conversation's whole KV state: exact token ids plus one sealing cache per layer.
+
+The engine compares `tokens` with each new prompt to reuse the longest common
+prefix; the store addresses sealed blocks by a hash chain over these tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from app.kvstore.blockfile import chain_next, chain_root
+from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
+
+
+@dataclass
+class ConversationCache:
+    layers: list[SealingKVCache]
+    fingerprint: str
+    scheme_name: str
+    tokens: list[int] = field(default_factory=list)
+    _hashes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layers: int, scheme, fingerprint: str) -> "ConversationCache":
+        return cls([SealingKVCache(scheme) for _ in range(n_layers)], fingerprint, scheme.name)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_sealed(self) -> int:
+        return len(self.layers[0].sealed) if self.layers else 0
+
+    def appended(self, token_ids: list[int]) -> None:
+        """Record tokens the model has just been fed through `self.layers`."""
+        self.tokens.extend(token_ids)
+        assert self.layers[0].offset == len(self.tokens), "cache and token list out of step"
+
+    def trim_to(self, n: int) -> None:
+        """Keep only the first `n` tokens (an edit, a regenerate, a re-rendered turn)."""
+        drop = len(self.tokens) - n
+        if drop <= 0:
+            return
+        for layer in self.layers:
+            layer.trim(drop)
+        del self.tokens[n:]
+        del self._hashes[self.n_sealed :]
+
+    def block_hashes(self) -> list[str]:
+        """Chain hash of every sealed block, computed incrementally."""
+        parent = self._hashes[-1] if self._hashes else chain_root(self.fingerprint, self.scheme_name)
+        for i in range(len(self._hashes), self.n_sealed):
+            parent = chain_next(parent, self.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS])
+            self._hashes.append(parent)
+        return list(self._hashes)
+
+    def block_arrays(self, index: int) -> dict[str, mx.array]:
+        """Encoded block `index` of every layer, stacked on axis 0 (the file layout)."""
+        names = self.layers[0].sealed[index].keys()
+        return {name: mx.stack([layer.sealed[index][name] for layer in self.layers]) for name in names}
+
+    def tail_arrays(self) -> dict[str, mx.array]:
+        """The unsealed tail of every layer; fp32 tails hold fp16-exact values and are stored as fp16."""
+        tails = [layer.tail() for layer in self.layers]
+        k, v = mx.stack([k for k, _ in tails]), mx.stack([v for _, v in tails])
+        if k.dtype == mx.float32:
+            k, v = k.astype(mx.float16), v.astype(mx.float16)
+        return {"k": k, "v": v}
+
+    @property
+    def tail_tokens(self) -> list[int]:
+        return self.tokens[self.n_sealed * BLOCK_TOKENS :]
+
+    @property
+    def nbytes(self) -> int:
+        """RAM held: the full-precision working copy plus the encoded blocks."""
+        return sum(layer.nbytes + layer.encoded_nbytes for layer in self.layers)
+
+    @property
+    def encoded_nbytes(self) -> int:
+        return sum(layer.encoded_nbytes for layer in self.layers)
+
+    def copy_prefix(self, n: int) -> "ConversationCache":
+        """A new cache holding the first `n` tokens (used to snapshot a persona's preamble)."""
+        sealed_blocks = n // BLOCK_TOKENS
+        layers = []
+        for layer in self.layers:
+            start = sealed_blocks * BLOCK_TOKENS
+            tail_k = layer.keys[0, :, start:n, :] if layer.keys is not None else None
+            tail_v = layer.values[0, :, start:n, :] if layer.values is not None else None
+            dtype = layer.keys.dtype if layer.keys is not None else mx.float32
+            layers.append(SealingKVCache.restore(layer.scheme, layer.sealed[:sealed_blocks], tail_k, tail_v, dtype))
+        return ConversationCache(layers, self.fingerprint, self.scheme_name, self.tokens[:n], self._hashes[:sealed_blocks])

@@ -1,0 +1,106 @@
+"""The per-layer KV cache the model attends over, sealed into quantized blocks.
+
+Every 256 tokens a block is *sealed*: the scheme encodes its keys and values
+(what goes to disk and what idle caches keep in RAM), and the full-precision
+working copy of that block is overwritten with the decoded values. Live and
+restored caches therefore hold bit-identical keys and values: restoring a
+conversation from disk gives exactly the logits the live cache would have.
+The newest, unfinished block stays in full precision until it fills (fp16
+values; on the fp32 CPU path they are rounded to fp16 on the way in, so the
+stored tail is exact at half the size).
+
+Subclassing mlx-lm's `KVCache` keeps its growth strategy, masks and `trim`,
+so any mlx-lm model attends over it unchanged.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+BLOCK_TOKENS = 256
+
+
+class SealingKVCache(KVCache):
+    """A KVCache whose completed 256-token blocks are quantized in place."""
+
+    def __init__(self, scheme, block_tokens: int = BLOCK_TOKENS):
+        super().__init__()
+        self.scheme = scheme
+        self.block_tokens = block_tokens
+        self.sealed: list[dict[str, mx.array]] = []  # encoded blocks, oldest first
+
+    @property
+    def sealed_tokens(self) -> int:
+        return len(self.sealed) * self.block_tokens
+
+    def update_and_fetch(self, keys, values):
+        if keys.dtype == mx.float32:
+            # fp32 models (our CPU path) get fp16-exact keys and values, so the
+            # full-precision tail is stored losslessly at half the bytes.
+            keys = keys.astype(mx.float16).astype(mx.float32)
+            values = values.astype(mx.float16).astype(mx.float32)
+        super().update_and_fetch(keys, values)
+        while self.offset - self.sealed_tokens >= self.block_tokens:
+            self._seal_next_block()
+        return self.keys_and_values()
+
+    def _seal_next_block(self) -> None:
+        start, end = self.sealed_tokens, self.sealed_tokens + self.block_tokens
+        k = self.keys[0, :, start:end, :]
+        v = self.values[0, :, start:end, :]
+        encoded = self.scheme.encode(k, v)
+        dk, dv = self.scheme.decode(encoded, self.keys.dtype)
+        self.keys[0, :, start:end, :] = dk
+        self.values[0, :, start:end, :] = dv
+        self.sealed.append(encoded)
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        keep_blocks = self.offset // self.block_tokens
+        del self.sealed[keep_blocks:]  # a cut block becomes the full-precision tail again
+        return n
+
+    def tail(self) -> tuple[mx.array, mx.array]:
+        """Keys and values after the last sealed block, shape (heads, T, dim)."""
+        start = self.sealed_tokens
+        if self.keys is None or self.offset == start:
+            shape_k = (0, 0, 0) if self.keys is None else (self.keys.shape[1], 0, self.keys.shape[3])
+            shape_v = (0, 0, 0) if self.values is None else (self.values.shape[1], 0, self.values.shape[3])
+            return mx.zeros(shape_k), mx.zeros(shape_v)
+        return self.keys[0, :, start : self.offset, :], self.values[0, :, start : self.offset, :]
+
+    @classmethod
+    def restore(cls, scheme, sealed: list[dict], tail_k: mx.array | None, tail_v: mx.array | None,
+                dtype: mx.Dtype, block_tokens: int = BLOCK_TOKENS) -> "SealingKVCache":
+        """Rebuild the working copy from encoded blocks plus a full-precision tail."""
+        cache = cls(scheme, block_tokens)
+        parts_k, parts_v = [], []
+        for encoded in sealed:
+            k, v = scheme.decode(encoded, dtype)
+            parts_k.append(k)
+            parts_v.append(v)
+        if tail_k is not None and tail_k.shape[1] > 0:
+            parts_k.append(tail_k.astype(dtype))
+            parts_v.append(tail_v.astype(dtype))
+        cache.sealed = list(sealed)
+        if parts_k:
+            keys = mx.concatenate(parts_k, axis=1)[None]
+            values = mx.concatenate(parts_v, axis=1)[None]
+            cache.offset = keys.shape[2]
+            # leave room to grow, as KVCache would after a prefill
+            cache.keys, cache.values = _with_headroom(keys, cache.step), _with_headroom(values, cache.step)
+        return cache
+
+    @property
+    def encoded_nbytes(self) -> int:
+        return sum(a.nbytes for block in self.sealed for a in block.values())
+
+
+def _with_headroom(x: mx.array, step: int) -> mx.array:
+    n = x.shape[2]
+    room = (-n) % step
+    if room == 0:
+        return x
+    pad = mx.zeros((*x.shape[:2], room, x.shape[3]), x.dtype)
+    return mx.concatenate([x, pad], axis=2)

@@ -1,0 +1,261 @@
+"""The block pool on disk: content-addressed sealed blocks, per-cache tails, catalog rows.
+
+Layout under `$PARLEY_HOME/caches/`:
+  blocks/ab/<hash>.safetensors   one sealed 256-token block, all layers (immutable)
+  tails/<key>-<nonce>.safetensors the newest, unfinished block of one cache (rewritten per turn)
+
+A cache (`key`: "conv:<id>" for a chat, "conv:<id>:<persona>" for a scene
+member, "pre:<persona>:<preamble hash>" for a persona's preamble) is a row in
+the `caches` table: the chain of block hashes plus the current tail file.
+Blocks are addressed by a hash chain over (model fingerprint, scheme, tokens),
+so conversations that share a prefix share its blocks on disk.
+
+Order of writes: files first (atomic), then the catalog row in one
+transaction, then old tails are removed. A crash at any point leaves either
+the old state or the new one; `reconcile` removes what a crash left behind.
+Two processes on one PARLEY_HOME: block files are immutable and identical
+for identical content; tails get unique names; so neither can corrupt the
+other. Anything that fails verification is dropped and rebuilt by prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from app.kvstore.blockfile import BadCacheFile, chain_root, read_cache_file, write_cache_file
+from app.kvstore.conversation_cache import ConversationCache
+from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
+
+GRACE_SECONDS = 600  # never reap files or rows younger than this: another process may be mid-save
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    blocks_written: int
+    bytes_written: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LoadMiss:
+    """Why a cache could not be used; it has been dropped and will be rebuilt."""
+
+    key: str
+    reason: str
+
+
+class BlockPool:
+    def __init__(self, catalog, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32):
+        self.catalog = catalog
+        self.db = catalog.db
+        self.root = root
+        self.fingerprint = fingerprint
+        self.scheme = scheme
+        self.n_layers = n_layers
+        self.dtype = dtype
+        (root / "blocks").mkdir(parents=True, exist_ok=True, mode=0o700)
+        (root / "tails").mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- paths -------------------------------------------------------------
+    def block_path(self, block_hash: str) -> Path:
+        return self.root / "blocks" / block_hash[:2] / f"{block_hash}.safetensors"
+
+    def _tail_path(self, name: str) -> Path:
+        return self.root / "tails" / name
+
+    def _expect(self) -> dict[str, str]:
+        return {"fingerprint": self.fingerprint, "scheme": self.scheme.name, "n_layers": str(self.n_layers)}
+
+    # -- save --------------------------------------------------------------
+    def save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
+        """Write the blocks the store lacks and a fresh tail, then point the row at them."""
+        started = time.perf_counter()
+        hashes = cache.block_hashes()
+        known = {r["hash"] for r in self.db.query(
+            f"select hash from cache_blocks where hash in ({','.join('?' * len(hashes))})", hashes)} if hashes else set()
+        written = blocks_written = 0
+        parent = chain_root(self.fingerprint, self.scheme.name)
+        new_rows = []
+        for i, h in enumerate(hashes):
+            path = self.block_path(h)
+            if h not in known or not path.exists():
+                tokens = cache.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
+                arrays = cache.block_arrays(i)
+                size = write_cache_file(path, arrays, tokens, {**self._expect(), "kind": "block", "hash": h, "parent": parent})
+                new_rows.append({"hash": h, "fingerprint": self.fingerprint, "scheme": self.scheme.name,
+                                 "tokens": len(tokens), "bytes": size, "created_at": time.time(), "last_used_at": time.time()})
+                written += size
+                blocks_written += 1
+            parent = h
+        tail_name = f"{_safe(key)}-{os.urandom(6).hex()}.safetensors"
+        tail_size = write_cache_file(self._tail_path(tail_name), cache.tail_arrays(), cache.tail_tokens,
+                                     {**self._expect(), "kind": "tail", "key": key, "parent": parent})
+        written += tail_size
+        old = self._row(key)
+        block_bytes = sum(r["bytes"] for r in self.db.query(
+            f"select bytes from cache_blocks where hash in ({','.join('?' * len(hashes))})", hashes)) if hashes else 0
+        block_bytes += sum(r["bytes"] for r in new_rows if r["hash"] not in known)
+        row = {
+            "key": key, "conversation_id": conversation_id, "persona_id": persona_id,
+            "fingerprint": self.fingerprint, "scheme": self.scheme.name, "tokens": cache.n_tokens,
+            "chain": json.dumps(hashes), "tail_file": tail_name, "tail_tokens": len(cache.tail_tokens),
+            "bytes": block_bytes + tail_size, "updated_at": time.time(),
+        }
+        with self.catalog.transaction():
+            conn = self.db.conn
+            for r in new_rows:
+                conn.execute(_upsert_sql("cache_blocks", r), tuple(r.values()))
+            conn.execute(_upsert_sql("caches", row), tuple(row.values()))
+        if old and old["tail_file"] != tail_name:
+            self._tail_path(old["tail_file"]).unlink(missing_ok=True)
+        return SaveReport(blocks_written, written, time.perf_counter() - started)
+
+    # -- load --------------------------------------------------------------
+    def load(self, key: str, shared: dict[str, dict] | None = None) -> ConversationCache | LoadMiss | None:
+        """The stored cache for `key`, a `LoadMiss` if it was bad (and is now dropped), or None."""
+        row = self._row(key)
+        if row is None:
+            return None
+        if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme.name:
+            return self._miss(key, f"it was made with another model or scheme ({row['scheme']})")
+        try:
+            hashes = json.loads(row["chain"])
+            blocks, tokens = self._read_chain(hashes, shared or {})
+            tail = read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": key,
+                                   "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme.name)})
+        except BadCacheFile as exc:
+            return self._miss(key, str(exc))
+        tokens += tail.tokens
+        if len(tokens) != row["tokens"]:
+            return self._miss(key, f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
+        dtype = self.dtype  # the model's activation dtype; fp16 tails widen back exactly
+        layers = [
+            SealingKVCache.restore(self.scheme, [b[i] for b in blocks],
+                                   tail.arrays["k"][i], tail.arrays["v"][i], dtype)
+            for i in range(self.n_layers)
+        ]
+        mx.eval([layer.keys for layer in layers if layer.keys is not None])
+        self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
+                        [time.time(), *hashes]) if hashes else None
+        return ConversationCache(layers, self.fingerprint, self.scheme.name, tokens, list(hashes))
+
+    def _read_chain(self, hashes: list[str], shared: dict) -> tuple[list[list[dict]], list[int]]:
+        """Per block, the encoded arrays of each layer; blocks already in RAM are reused, not re-read."""
+        parent = chain_root(self.fingerprint, self.scheme.name)
+        blocks, tokens = [], []
+        from app.kvstore.blockfile import chain_next
+
+        for h in hashes:
+            if h in shared:
+                arrays, block_tokens = shared[h]
+            else:
+                try:
+                    f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
+                except BadCacheFile:
+                    self._drop_block(h)
+                    raise
+                arrays = [_layer(f.arrays, i) for i in range(self.n_layers)]
+                block_tokens = f.tokens
+                if chain_next(parent, block_tokens) != h or len(block_tokens) != BLOCK_TOKENS:
+                    self._drop_block(h)
+                    raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
+                shared[h] = (arrays, block_tokens)
+            blocks.append(arrays)
+            tokens += block_tokens
+            parent = h
+        return blocks, tokens
+
+    def _miss(self, key: str, reason: str) -> LoadMiss:
+        self.drop(key)
+        return LoadMiss(key, reason)
+
+    def _drop_block(self, block_hash: str) -> None:
+        self.block_path(block_hash).unlink(missing_ok=True)
+        self.db.execute("delete from cache_blocks where hash = ?", [block_hash])
+
+    # -- bookkeeping ---------------------------------------------------------
+    def _row(self, key: str) -> dict | None:
+        rows = list(self.db.query("select * from caches where key = ?", [key]))
+        return rows[0] if rows else None
+
+    def has(self, key: str) -> bool:
+        return self._row(key) is not None
+
+    def drop(self, key: str) -> None:
+        """Forget one cache (its unshared blocks go at the next `gc`)."""
+        row = self._row(key)
+        if row is None:
+            return
+        self.db.execute("delete from caches where key = ?", [key])
+        self._tail_path(row["tail_file"]).unlink(missing_ok=True)
+
+    def gc(self, grace: float = GRACE_SECONDS) -> tuple[int, int]:
+        """Remove blocks no cache references; return (files, bytes) freed."""
+        referenced = set()
+        for row in self.db.query("select chain from caches"):
+            referenced.update(json.loads(row["chain"]))
+        cutoff = time.time() - grace
+        files = freed = 0
+        for row in list(self.db.query("select hash, bytes, created_at from cache_blocks")):
+            if row["hash"] not in referenced and row["created_at"] < cutoff:
+                path = self.block_path(row["hash"])
+                if path.exists():
+                    freed += path.stat().st_size
+                    path.unlink()
+                    files += 1
+                self.db.execute("delete from cache_blocks where hash = ?", [row["hash"]])
+        f2, b2 = self.reconcile(grace)
+        return files + f2, freed + b2
+
+    def reconcile(self, grace: float = GRACE_SECONDS) -> tuple[int, int]:
+        """After a crash: remove files without rows and rows without files."""
+        cutoff = time.time() - grace
+        block_rows = {r["hash"] for r in self.db.query("select hash from cache_blocks")}
+        tail_rows = {r["tail_file"] for r in self.db.query("select tail_file from caches")}
+        files = freed = 0
+        for path in (self.root / "blocks").rglob("*.safetensors"):
+            orphan = path.name.startswith(".tmp-") or path.stem not in block_rows
+            if orphan and path.stat().st_mtime < cutoff:
+                freed += path.stat().st_size
+                path.unlink()
+                files += 1
+        for path in (self.root / "tails").glob("*.safetensors"):
+            if path.name not in tail_rows and path.stat().st_mtime < cutoff:
+                freed += path.stat().st_size
+                path.unlink()
+                files += 1
+        for h in block_rows:
+            if not self.block_path(h).exists():
+                self.db.execute("delete from cache_blocks where hash = ?", [h])
+        for row in list(self.db.query("select key, tail_file from caches")):
+            if not self._tail_path(row["tail_file"]).exists():
+                self.db.execute("delete from caches where key = ?", [row["key"]])
+        return files, freed
+
+    def verify(self) -> list[str]:
+        """Check every stored block and tail; return a line per problem (bad ones are dropped)."""
+        problems = []
+        for row in list(self.db.query("select * from caches")):
+            result = self.load(row["key"])
+            if isinstance(result, LoadMiss):
+                problems.append(f"{row['key']}: {result.reason} (dropped; it will be rebuilt from the transcript)")
+        return problems
+
+
+def _layer(block: dict[str, mx.array], index: int) -> dict[str, mx.array]:
+    return {name: a[index] for name, a in block.items()}
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+
+
+def _upsert_sql(table: str, row: dict) -> str:
+    """INSERT OR REPLACE with placeholders (sqlite-utils' upsert would commit our transaction early)."""
+    return f"INSERT OR REPLACE INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"

@@ -1,0 +1,38 @@
+"""Shared helpers for the kvstore and engine tests (real MLX on the tiny model)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from app import paths
+from app.catalog import Catalog
+from app.kvstore.conversation_cache import ConversationCache
+from app.kvstore.pool import BlockPool
+from app.kvstore.schemes import get_scheme
+
+
+def make_pool(lm, scheme: str = "q4", fingerprint: str | None = None) -> BlockPool:
+    return BlockPool(Catalog(), paths.caches_dir(), fingerprint or lm.fingerprint, get_scheme(scheme), lm.n_layers)
+
+
+def fill(lm, pool: BlockPool, token_ids: list[int], chunk: int = 128) -> ConversationCache:
+    """A cache holding `token_ids`, fed in chunks as the engine would."""
+    cache = ConversationCache.empty(lm.n_layers, pool.scheme, pool.fingerprint)
+    for i in range(0, len(token_ids), chunk):
+        piece = token_ids[i : i + chunk]
+        mx.eval(lm.model(mx.array([piece]), cache=cache.layers))
+        cache.appended(piece)
+    return cache
+
+
+def next_logits(lm, cache: ConversationCache, token_ids: list[int]) -> mx.array:
+    out = lm.model(mx.array([token_ids]), cache=cache.layers)[0, -1]
+    mx.eval(out)
+    return out
+
+
+def tokens(n: int, seed: int = 0, vocab: int = 300) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
