@@ -17,6 +17,7 @@ from typing import Callable
 # part name -> "module:function" (resolved lazily by `get_part`)
 PARTS: dict[str, str] = {
     "speed": "app.bench.speed:run",
+    "quality": "app.bench.quality:run",
 }
 
 

@@ -23,7 +23,10 @@ def register(subparsers) -> None:
     p.add_argument("parts", nargs="*", metavar="PART",
                    help=f"what to measure: {', '.join(sorted(PARTS))}")
     p.add_argument("--quick", action="store_true", help="prefill and decode tokens/s only (same as `bench speed`)")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    p.add_argument("--json", metavar="PATH", nargs="?", const="-", default=None,
+                   help="also write the results as JSON to PATH; without PATH (or '-'), print only the JSON on stdout")
+    p.add_argument("--text", metavar="PATH", default=None, help="quality: measure perplexity on this text file instead of the shipped one")
+    p.add_argument("--max-tokens", type=int, default=8192, help="quality with --text: tokens of the text to read (default 8192)")
     p.add_argument("--context", type=int, default=1024, help="prompt length for prefill (default 1024)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512)")
     p.add_argument("--repeats", type=int, default=3, help="prefill runs, median taken (default 3)")
@@ -50,8 +53,10 @@ def run(args) -> int:
     results = {}
     for part in parts:
         results[part] = get_part(part)(lm, args)
-        print(_table(part, results[part]), flush=True)
-    if args.json:
+        print(_table(part, results[part]), file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+    if args.json == "-":
+        print(json.dumps(results[parts[0]] if len(parts) == 1 else results))
+    elif args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
