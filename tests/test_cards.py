@@ -17,6 +17,7 @@ from app.cli import main
 from app.errors import ParleyError
 from app.personas import load_personas, preamble_messages
 from app.personas import charx as charx_module
+from app.personas import png as png_module
 from app.personas.cards import card_png, export_card, import_card, persona_to_card, read_card
 from app.personas.png import SIGNATURE, iter_chunks, solid_png, text_chunks
 
@@ -131,13 +132,20 @@ def test_png_ztxt_and_itxt():
         (png_with([(b"tEXt", b"other\x00x")]), "no character card"),
         (png_with([(b"tEXt", b"chara\x00!!!not base64!!!")]), "not valid base64"),
         (png_with([(b"tEXt", b"chara\x00" + base64.b64encode(b"{nope"))]), "not valid JSON"),
-        (png_with([(b"zTXt", b"chara\x00\x00" + zlib.compress(b"A" * (300 * 1024 * 1024)))]), "expands past"),
     ],
 )
 def test_bad_png(data, fragment):
     with pytest.raises(ParleyError, match=fragment) as info:
         read_card(data, "bad.png")
     assert "bad.png" in str(info.value)
+
+
+def test_png_text_bomb_is_refused(monkeypatch):
+    monkeypatch.setattr(png_module, "MAX_TEXT_BYTES", 1024 * 1024)
+    bomb = png_with([(b"zTXt", b"chara\x00\x00" + zlib.compress(b"A" * (64 * 1024 * 1024), 1))])
+    assert len(bomb) < 1024 * 1024
+    with pytest.raises(ParleyError, match="bomb.png: PNG text chunk 'chara' expands past"):
+        read_card(bomb, "bomb.png")
 
 
 def test_png_crc_is_checked():

@@ -328,3 +328,16 @@ def test_one_catalog_shared_between_threads_is_safe(catalog):
     for t in threads:
         t.join()
     assert errors == [] and catalog.message_count(cid) == 200
+
+
+def test_sync_personas_reports_changed_preambles(catalog):
+    import dataclasses
+
+    from app.personas import Persona
+
+    ada, bob = Persona(id="ada", name="Ada", system_prompt="one"), Persona(id="bob", name="Bob")
+    assert catalog.sync_personas([ada, bob]) == set()  # new ones are not "changed"
+    assert catalog.sync_personas([dataclasses.replace(ada, color="#000000"), bob]) == set()
+    assert catalog.sync_personas([dataclasses.replace(ada, system_prompt="two"), bob]) == {"ada"}
+    assert catalog.get_persona_record("ada").preamble_hash == dataclasses.replace(ada, system_prompt="two").preamble_hash()
+    assert catalog.query("SELECT count(*) AS n FROM personas") == [{"n": 2}]

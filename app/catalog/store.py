@@ -156,6 +156,10 @@ class Catalog:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
 
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict]:
+        """Rows of one parameterised statement as dicts (for modules that add their own tables)."""
+        return self._rows(sql, params)
+
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[dict]:
         with self._lock:
             cursor = self.db.conn.execute(sql, tuple(params))
@@ -442,6 +446,22 @@ class Catalog:
                 (persona.id, persona.name, preamble_hash, str(source) if source else None, now()),
             )
         return row[0] if row else None
+
+    def sync_personas(self, personas: Iterable[Any]) -> set[str]:
+        """Record every loaded persona in one transaction; returns the ids whose preamble changed since last time.
+
+        New personas are not 'changed'. The caller drops caches of the returned ids.
+        """
+        changed = set()
+        with self.transaction():
+            for persona in personas:
+                from app.personas.preamble import preamble_hash
+
+                new_hash = preamble_hash(persona)
+                old_hash = self.upsert_persona(persona, preamble_hash=new_hash)
+                if old_hash is not None and old_hash != new_hash:
+                    changed.add(persona.id)
+        return changed
 
     def get_persona_record(self, persona_id: str) -> PersonaRecord | None:
         rows = self._rows("SELECT * FROM personas WHERE id = ?", (persona_id,))
