@@ -1,24 +1,231 @@
-"""Make a model fast on MLX's CPU backend.
+"""Make a model fast on MLX's CPU backend (Linux x86/ARM without Metal).
 
-Measured on the 2-core x86 machines (OpenBLAS preloaded, see `app.fastblas`):
-MLX's CPU quantized matmul ran the 135M model at ~11 tokens/s prefill; the
-same weights dequantized to fp32 go through BLAS sgemm at ~230 tokens/s.
+Measured on the 2-core x86 machines (OpenBLAS preloaded, see `app.fastblas`),
+SmolLM2-135M, `parley bench --quick`:
+
+* MLX's CPU quantized matmul is compute-bound scalar code: 4-bit weights
+  prefill ~11 tokens/s. Dequantized to fp32 they go through BLAS sgemm
+  (~230 GFLOP/s) -> ~240 tokens/s. fp16/bf16 have no BLAS path (10x slower)
+  and 4/8-bit `quantized_matmul` gemv is 2x slower than fp32 gemv even at
+  M=1, so fp32 is the fastest format for both prefill and decode.
+* With fp32 matmuls, ~75% of prefill time went to `exp`: MLX's CPU backend
+  evaluates exp/sigmoid one scalar at a time (~28 ns each here, also inside
+  `mx.compile`d kernels), i.e. the softmax of SDPA and the SiLU of the MLP.
+  `speed_up_for_cpu` therefore swaps the llama-style attention and MLP for
+  versions that keep the matmuls in MLX/BLAS and run softmax and SiLU*up in a
+  small C kernel (vectorized `expf`, OpenMP), compiled once with the system C
+  compiler and cached (`kernels()`); without a compiler they stay pure MLX.
+  The kernels work in place on freshly evaluated MLX buffers, so the swapped
+  modules evaluate at each attention/MLP (fine on CPU: no queue to keep full).
+
 Apple silicon never calls this: on Metal the quantized kernels are fast.
+`PARLEY_CPU_KERNELS=0` turns the C kernels off.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+
+_C_SOURCE = r"""
+#include <math.h>
+#include <stddef.h>
+#include <float.h>
+
+/* Row-wise softmax in place over s[rows][T] (scores already scaled). Row r is
+   query (r % L), at absolute position offset + r % L; with causal set, keys
+   after it get probability 0. */
+void causal_softmax(float *s, long rows, long L, long T, long offset, int causal) {
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        float *row = s + r * T;
+        long n = causal ? offset + (r % L) + 1 : T;
+        if (n > T) n = T;
+        float m = -FLT_MAX;
+        for (long j = 0; j < n; j++) m = row[j] > m ? row[j] : m;
+        float sum = 0.f;
+        #pragma omp simd reduction(+:sum)
+        for (long j = 0; j < n; j++) { float e = expf(row[j] - m); row[j] = e; sum += e; }
+        float inv = 1.f / sum;
+        #pragma omp simd
+        for (long j = 0; j < n; j++) row[j] *= inv;
+        for (long j = n; j < T; j++) row[j] = 0.f;
+    }
+}
+
+/* g[i] = silu(g[i]) * u[i], in place over g. */
+void silu_mul(float *g, const float *u, long n) {
+    #pragma omp simd
+    for (long i = 0; i < n; i++) { float x = g[i]; g[i] = x / (1.f + expf(-x)) * u[i]; }
+}
+"""
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC"]
+_kernels: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "parley" / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
+    except OSError:
+        return platform.machine()
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The compiled C kernels (built on first use into ~/.cache/parley/kernels), or None if unavailable."""
+    global _kernels
+    if _kernels is not False:
+        return _kernels
+    _kernels = None
+    if os.environ.get("PARLEY_CPU_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    key = hashlib.sha256((_C_SOURCE + " ".join(_CFLAGS) + _cpu_id()).encode()).hexdigest()[:16]
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"parley-kernels-{os.getuid()}"):
+        lib = folder / f"cpu_kernels-{key}.so"
+        try:
+            if not lib.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    src = Path(tmp) / "k.c"
+                    src.write_text(_C_SOURCE)
+                    out = Path(tmp) / "k.so"
+                    cc = os.environ.get("CC", "cc")
+                    subprocess.run([cc, *_CFLAGS, "-o", str(out), str(src), "-lm"],
+                                   check=True, capture_output=True, timeout=120)
+                    os.replace(out, lib)  # atomic: a half-built library is never loaded
+            k = ctypes.CDLL(str(lib))
+        except (OSError, subprocess.SubprocessError):
+            continue
+        L, P = ctypes.c_long, ctypes.c_void_p
+        k.causal_softmax.argtypes = [P, L, L, L, L, ctypes.c_int]
+        k.causal_softmax.restype = None
+        k.silu_mul.argtypes = [P, P, L]
+        k.silu_mul.restype = None
+        _kernels = k
+        break
+    return _kernels
+
+
+def _ptr(a: mx.array) -> int:
+    """Address of an evaluated, row-contiguous fp32 MLX array's data (shared, not copied)."""
+    import numpy as np
+
+    view = np.asarray(memoryview(a))
+    assert view.flags.c_contiguous and view.dtype == np.float32
+    return view.ctypes.data
+
+
+def _fresh(a: mx.array) -> mx.array:
+    """Evaluate `a` into its own contiguous buffer that the kernels may overwrite."""
+    import numpy as np
+
+    mx.eval(a)
+    if not np.asarray(memoryview(a)).flags.c_contiguous:
+        a = mx.contiguous(a)
+        mx.eval(a)
+    return a
+
+
+class _CpuAttention(nn.Module):
+    """llama-style attention for the CPU: BLAS matmuls for QK^T and PV, softmax in the C kernel.
+
+    Wraps the model's own attention module (its projections and rope are reused as they are).
+    Falls back to the wrapped module for masks other than None/"causal" and for caches that
+    do not hand back plain fp32 keys/values (e.g. mlx-lm's QuantizedKVCache).
+    """
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        a = self.inner
+        if (mask is not None and not (isinstance(mask, str) and mask == "causal")) or hasattr(cache, "bits"):
+            return a(x, mask, cache)
+        B, L, _ = x.shape
+        H, Hkv = a.n_heads, a.n_kv_heads
+        G = H // Hkv
+        q = a.q_proj(x).reshape(B, L, H, -1).transpose(0, 2, 1, 3)
+        k = a.k_proj(x).reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        v = a.v_proj(x).reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = a.rope(q, offset=offset)
+        k = a.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if k.dtype != mx.float32:
+            return a(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+        D = q.shape[-1]
+        T = k.shape[2]
+        # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
+        qg = (q * a.scale).reshape(B, Hkv, G * L, D)
+        scores = _fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
+        kernels().causal_softmax(_ptr(scores), B * Hkv * G * L, L, T, T - L, int(mask is not None and L > 1))
+        out = (scores @ v).reshape(B, H, L, D)
+        return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _mlx_tail(self, q, k, v, mask, B, L):
+        from mlx_lm.models.base import scaled_dot_product_attention
+
+        a = self.inner
+        out = scaled_dot_product_attention(q, k, v, cache=None, scale=a.scale, mask=mask)
+        return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class _CpuMLP(nn.Module):
+    """SwiGLU MLP with silu(gate)*up in the C kernel (prefill only; one-token steps stay in MLX)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x: mx.array) -> mx.array:
+        m = self.inner
+        if x.shape[-2] == 1:
+            return m(x)
+        g = _fresh(m.gate_proj(x))
+        u = _fresh(m.up_proj(x))
+        kernels().silu_mul(_ptr(g), _ptr(u), g.size)
+        return m.down_proj(g)
 
 
 def _dequantized(m) -> mx.array:
     return mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32)
 
 
+def _is_llama_attention(m) -> bool:
+    return all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"))
+
+
+def _is_swiglu_mlp(m) -> bool:
+    from mlx_lm.models import llama
+
+    return isinstance(m, llama.MLP)
+
+
 def speed_up_for_cpu(model: nn.Module) -> None:
-    """Replace quantized layers by fp32 ones and cast all weights to fp32, in place."""
+    """Rewrite `model` in place for MLX's CPU backend.
+
+    Quantized layers become fp32 ones (all weights fp32); on llama-family models whose
+    attention/MLP match mlx-lm's llama modules, attention and MLP are wrapped with the
+    C-kernel versions above when the kernels compile. Outputs stay equal to the original
+    within fp32 rounding (tests/test_cpu_fast.py).
+    """
     replacements = []
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
@@ -37,6 +244,14 @@ def speed_up_for_cpu(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(replacements))
     model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
     mx.eval(model.parameters())
+    if kernels() is None:
+        return
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is not None and _is_llama_attention(attn) and not isinstance(attn, _CpuAttention):
+            layer.self_attn = _CpuAttention(attn)
+        if mlp is not None and _is_swiglu_mlp(mlp):
+            layer.mlp = _CpuMLP(mlp)
 
 
 def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
