@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def context_start(catalog, conversation_id: int, speaker: str | None = None) -> int:
-    rows = catalog._rows(
+    rows = catalog.query(
         "SELECT start FROM context_starts WHERE conversation_id = ? AND speaker = ?", (conversation_id, speaker or "")
     )
     return rows[0]["start"] if rows else 0

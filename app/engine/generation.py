@@ -61,7 +61,7 @@ def decode(model, cache, logits: mx.array, sampling: Sampling, eos_ids: set[int]
     sample = make_token_sampler(sampling)
     logits = logits.reshape(1, -1)
     for _ in range(sampling.max_tokens):
-        token = sample(mx.log_softmax(logits, axis=-1) if sampling.temperature > 0 else logits)
+        token = sample(logits - mx.logsumexp(logits, axis=-1, keepdims=True) if sampling.temperature > 0 else logits)
         token_id = int(token.item())
         if token_id in eos_ids:
             yield token_id

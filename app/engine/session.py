@@ -84,9 +84,19 @@ class Session:
             raise ParleyError("The message is empty: type something to send.")
         conv = self._conversation(c.conversation_id)
         persona = self.persona(conv.persona_id)
+        self._check_fits(c.text, c.sampling or self._turn(conv, persona, None, None).sampling)
         user_id = self.catalog.add_message(conv.id, "user", c.text)
         self.emit(ev.MessageSaved(conv.id, user_id, "user"))
         self.reply(self._turn(conv, persona, c.sampling, user_id))
+
+    def _check_fits(self, text: str, sampling: cmd.Sampling) -> None:
+        """Refuse, before anything is written, a message that cannot fit the context window."""
+        n = len(self.lm.tokenizer.encode(text))
+        if n + sampling.max_tokens + 16 > self.lm.context_window:
+            raise ParleyError(
+                f"The message is {n} tokens; with room for the reply ({sampling.max_tokens} tokens) it does not fit "
+                f"the model's context window of {self.lm.context_window} tokens. Send a shorter message."
+            )
 
     def _on_Regenerate(self, c: cmd.Regenerate) -> None:
         conv = self._conversation(c.conversation_id)

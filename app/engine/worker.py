@@ -41,6 +41,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
         self._session: Session | None = None
         self.ready = threading.Event()
+        self.stopped = threading.Event()
 
     # -- called from any thread -------------------------------------------
     def start(self) -> "Engine":
@@ -60,11 +61,11 @@ class Engine:
         self._cancel.set()
         self._queue.put(cmd.Shutdown())
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+            self.stopped.wait(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self.stopped.is_set()
 
     # -- the engine thread ----------------------------------------------------
     def _emit(self, event: ev.Event) -> None:
@@ -86,11 +87,26 @@ class Engine:
         while True:
             command = self._queue.get()
             if isinstance(command, cmd.Shutdown):
-                if self._session:
-                    self._session.close()
+                self._stop()
                 return
             self._cancel.clear()
             self._handle(command)
+
+    def _stop(self) -> None:
+        """Save, release the model, then park this thread for good.
+
+        The thread never returns: when a thread that ran MLX work exits, MLX's
+        thread-local CPU thread pool is torn down and the process aborts
+        ("terminate called without an active exception", seen with mlx 0.32
+        on Linux). A parked daemon thread simply ends with the process.
+        """
+        try:
+            if self._session:
+                self._session.close()
+        finally:
+            self._session = None
+            self.stopped.set()
+        threading.Event().wait()
 
     def _handle(self, command: cmd.Command) -> None:
         conversation_id = getattr(command, "conversation_id", None)

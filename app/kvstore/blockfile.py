@@ -42,6 +42,15 @@ class CacheFile:
     meta: dict[str, str]
 
 
+def scheme_id(scheme) -> str:
+    """The scheme as recorded on disk: its name plus the version of its encoding.
+
+    A scheme whose encoding changes must bump `version`, so caches written by
+    the old encoding become misses instead of being decoded wrongly.
+    """
+    return f"{scheme.name}.v{getattr(scheme, 'version', 1)}"
+
+
 def chain_root(fingerprint: str, scheme: str) -> str:
     """The hash every chain starts from: blocks are only shared within one model and scheme."""
     return hashlib.sha256(f"parley-kv/{FORMAT_VERSION}/{fingerprint}/{scheme}".encode()).hexdigest()

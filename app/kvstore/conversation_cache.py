@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from app.kvstore.blockfile import chain_next, chain_root
+from app.kvstore.blockfile import chain_next, chain_root, scheme_id
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 
 
@@ -18,13 +18,13 @@ from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 class ConversationCache:
     layers: list[SealingKVCache]
     fingerprint: str
-    scheme_name: str
+    scheme_id: str
     tokens: list[int] = field(default_factory=list)
     _hashes: list[str] = field(default_factory=list)
 
     @classmethod
     def empty(cls, n_layers: int, scheme, fingerprint: str) -> "ConversationCache":
-        return cls([SealingKVCache(scheme) for _ in range(n_layers)], fingerprint, scheme.name)
+        return cls([SealingKVCache(scheme) for _ in range(n_layers)], fingerprint, scheme_id(scheme))
 
     @property
     def n_tokens(self) -> int:
@@ -51,7 +51,7 @@ class ConversationCache:
 
     def block_hashes(self) -> list[str]:
         """Chain hash of every sealed block, computed incrementally."""
-        parent = self._hashes[-1] if self._hashes else chain_root(self.fingerprint, self.scheme_name)
+        parent = self._hashes[-1] if self._hashes else chain_root(self.fingerprint, self.scheme_id)
         for i in range(len(self._hashes), self.n_sealed):
             parent = chain_next(parent, self.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS])
             self._hashes.append(parent)
@@ -93,4 +93,4 @@ class ConversationCache:
             tail_v = layer.values[0, :, start:n, :] if layer.values is not None else None
             dtype = layer.keys.dtype if layer.keys is not None else mx.float32
             layers.append(SealingKVCache.restore(layer.scheme, layer.sealed[:sealed_blocks], tail_k, tail_v, dtype))
-        return ConversationCache(layers, self.fingerprint, self.scheme_name, self.tokens[:n], self._hashes[:sealed_blocks])
+        return ConversationCache(layers, self.fingerprint, self.scheme_id, self.tokens[:n], self._hashes[:sealed_blocks])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from app.kvstore.blockfile import scheme_id
 from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 from app.kvstore.pool import BlockPool, LoadMiss
@@ -42,7 +43,7 @@ class CompactCache:
     def expand(self, scheme, fingerprint: str) -> ConversationCache:
         layers = [SealingKVCache.restore(scheme, s, tk, tv, self.dtype) for s, (tk, tv) in zip(self.sealed, self.tails)]
         mx.eval([l.keys for l in layers if l.keys is not None])
-        return ConversationCache(layers, fingerprint, scheme.name, list(self.tokens), list(self.hashes))
+        return ConversationCache(layers, fingerprint, scheme_id(scheme), list(self.tokens), list(self.hashes))
 
     @property
     def tail_nbytes(self) -> int:

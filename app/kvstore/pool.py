@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from app.kvstore.blockfile import BadCacheFile, chain_root, read_cache_file, write_cache_file
+from app.kvstore.blockfile import BadCacheFile, chain_root, read_cache_file, scheme_id, write_cache_file
 from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 
@@ -57,6 +57,7 @@ class BlockPool:
         self.root = root
         self.fingerprint = fingerprint
         self.scheme = scheme
+        self.scheme_id = scheme_id(scheme)
         self.n_layers = n_layers
         self.dtype = dtype
         (root / "blocks").mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -70,7 +71,7 @@ class BlockPool:
         return self.root / "tails" / name
 
     def _expect(self) -> dict[str, str]:
-        return {"fingerprint": self.fingerprint, "scheme": self.scheme.name, "n_layers": str(self.n_layers)}
+        return {"fingerprint": self.fingerprint, "scheme": self.scheme_id, "n_layers": str(self.n_layers)}
 
     # -- save --------------------------------------------------------------
     def save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
@@ -80,7 +81,7 @@ class BlockPool:
         known = {r["hash"] for r in self.db.query(
             f"select hash from cache_blocks where hash in ({','.join('?' * len(hashes))})", hashes)} if hashes else set()
         written = blocks_written = 0
-        parent = chain_root(self.fingerprint, self.scheme.name)
+        parent = chain_root(self.fingerprint, self.scheme_id)
         new_rows = []
         for i, h in enumerate(hashes):
             path = self.block_path(h)
@@ -88,7 +89,7 @@ class BlockPool:
                 tokens = cache.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
                 arrays = cache.block_arrays(i)
                 size = write_cache_file(path, arrays, tokens, {**self._expect(), "kind": "block", "hash": h, "parent": parent})
-                new_rows.append({"hash": h, "fingerprint": self.fingerprint, "scheme": self.scheme.name,
+                new_rows.append({"hash": h, "fingerprint": self.fingerprint, "scheme": self.scheme_id,
                                  "tokens": len(tokens), "bytes": size, "created_at": time.time(), "last_used_at": time.time()})
                 written += size
                 blocks_written += 1
@@ -103,7 +104,7 @@ class BlockPool:
         block_bytes += sum(r["bytes"] for r in new_rows if r["hash"] not in known)
         row = {
             "key": key, "conversation_id": conversation_id, "persona_id": persona_id,
-            "fingerprint": self.fingerprint, "scheme": self.scheme.name, "tokens": cache.n_tokens,
+            "fingerprint": self.fingerprint, "scheme": self.scheme_id, "tokens": cache.n_tokens,
             "chain": json.dumps(hashes), "tail_file": tail_name, "tail_tokens": len(cache.tail_tokens),
             "bytes": block_bytes + tail_size, "updated_at": time.time(),
         }
@@ -122,32 +123,35 @@ class BlockPool:
         row = self._row(key)
         if row is None:
             return None
-        if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme.name:
+        if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
             return self._miss(key, f"it was made with another model or scheme ({row['scheme']})")
         try:
             hashes = json.loads(row["chain"])
             blocks, tokens = self._read_chain(hashes, shared or {})
             tail = read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": key,
-                                   "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme.name)})
+                                   "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
         except BadCacheFile as exc:
             return self._miss(key, str(exc))
         tokens += tail.tokens
         if len(tokens) != row["tokens"]:
             return self._miss(key, f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
         dtype = self.dtype  # the model's activation dtype; fp16 tails widen back exactly
-        layers = [
-            SealingKVCache.restore(self.scheme, [b[i] for b in blocks],
-                                   tail.arrays["k"][i], tail.arrays["v"][i], dtype)
-            for i in range(self.n_layers)
-        ]
-        mx.eval([layer.keys for layer in layers if layer.keys is not None])
+        try:
+            layers = [
+                SealingKVCache.restore(self.scheme, [b[i] for b in blocks],
+                                       tail.arrays["k"][i], tail.arrays["v"][i], dtype)
+                for i in range(self.n_layers)
+            ]
+            mx.eval([layer.keys for layer in layers if layer.keys is not None])
+        except (ValueError, KeyError, IndexError) as exc:  # arrays that do not fit this model or scheme
+            return self._miss(key, f"its arrays do not fit this model ({exc})")
         self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
                         [time.time(), *hashes]) if hashes else None
-        return ConversationCache(layers, self.fingerprint, self.scheme.name, tokens, list(hashes))
+        return ConversationCache(layers, self.fingerprint, self.scheme_id, tokens, list(hashes))
 
     def _read_chain(self, hashes: list[str], shared: dict) -> tuple[list[list[dict]], list[int]]:
         """Per block, the encoded arrays of each layer; blocks already in RAM are reused, not re-read."""
-        parent = chain_root(self.fingerprint, self.scheme.name)
+        parent = chain_root(self.fingerprint, self.scheme_id)
         blocks, tokens = [], []
         from app.kvstore.blockfile import chain_next
 
@@ -238,14 +242,37 @@ class BlockPool:
                 self.db.execute("delete from caches where key = ?", [row["key"]])
         return files, freed
 
-    def verify(self) -> list[str]:
-        """Check every stored block and tail; return a line per problem (bad ones are dropped)."""
-        problems = []
+    def verify(self) -> tuple[int, list[str]]:
+        """Check every stored block and tail file; drop bad ones. Returns (files checked, problems).
+
+        Caches made by another model or scheme are left alone (this model just
+        does not use them); only damage is reported.
+        """
+        problems: list[str] = []
+        checked = 0
         for row in list(self.db.query("select * from caches")):
-            result = self.load(row["key"])
-            if isinstance(result, LoadMiss):
-                problems.append(f"{row['key']}: {result.reason} (dropped; it will be rebuilt from the transcript)")
-        return problems
+            if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
+                continue
+            hashes = json.loads(row["chain"])
+            checked += len(hashes) + 1
+            try:
+                self._read_chain(hashes, {})
+                read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": row["key"],
+                                "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
+            except BadCacheFile as exc:
+                self.drop(row["key"])
+                problems.append(f"{row['key']}: {exc} (dropped; it will be rebuilt from the transcript)")
+        referenced = {h for row in self.db.query("select chain from caches") for h in json.loads(row["chain"])}
+        for row in list(self.db.query("select hash, fingerprint, scheme from cache_blocks")):
+            if row["hash"] in referenced or row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
+                continue
+            checked += 1
+            try:
+                read_cache_file(self.block_path(row["hash"]), {**self._expect(), "kind": "block", "hash": row["hash"]})
+            except BadCacheFile as exc:
+                self._drop_block(row["hash"])
+                problems.append(f"block {row['hash'][:12]}: {exc} (dropped)")
+        return checked, problems
 
 
 def _layer(block: dict[str, mx.array], index: int) -> dict[str, mx.array]:

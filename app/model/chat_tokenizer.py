@@ -97,7 +97,8 @@ class TextStream:
 
     @property
     def text(self) -> str:
-        return self._tokenizer.decode_reply(self._ids)
+        """The whole reply; a character cut off by the end of generation is dropped, as when streaming."""
+        return self._tokenizer.decode_reply(self._ids).rstrip("\ufffd")
 
 
 _DEFAULT_TEMPLATE = (
