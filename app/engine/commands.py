@@ -93,3 +93,13 @@ class RefreshCacheStates(Command):
 @dataclass(frozen=True)
 class Shutdown(Command):
     """Finish the current step, save, and stop the thread."""
+
+
+@dataclass(frozen=True)
+class SceneRound(Command):
+    """One round in a scene: the user's message (optional), then the chosen personas reply, batched."""
+
+    conversation_id: int
+    text: str = ""
+    speakers: tuple[str, ...] = ()  # persona ids to reply this round; empty = every member
+    sampling: Sampling | None = None

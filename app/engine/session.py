@@ -139,6 +139,11 @@ class Session:
         self.manager.evict(conversation_key(c.conversation_id))
         self.emit_states()
 
+    def _on_SceneRound(self, c: cmd.SceneRound) -> None:
+        from app.engine.scene import run_scene_round
+
+        run_scene_round(self, c)
+
     def _on_RefreshCacheStates(self, c: cmd.RefreshCacheStates) -> None:
         self.emit_states()
 
