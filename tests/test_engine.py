@@ -182,3 +182,24 @@ def test_corrupted_cache_is_rebuilt_and_the_chat_goes_on(tiny_model_dir, persona
     assert isinstance(final, ev.ReplyFinished) and final.stats.cache in ("none", "disk", "ram")
     with Catalog() as catalog:
         assert [m.role for m in catalog.current_path(cid)] == ["user", "assistant", "user", "assistant"]
+
+
+def test_editing_a_persona_preamble_drops_only_its_caches(runner, personas_dir):
+    a, b = new_conversation("tester"), new_conversation("talker")
+    runner.run(cmd.Generate(a, "hi"))
+    runner.run(cmd.Generate(b, "hi", cmd.Sampling(temperature=0, max_tokens=4)))
+    toml = personas_dir / "tester.toml"
+    toml.write_text(toml.read_text().replace("a terse test persona", "a chatty test persona"))
+    final, _ = runner.run(cmd.Generate(a, "again"))
+    assert final.stats.cache == "none" and final.stats.reused_tokens == 0
+    other, _ = runner.run(cmd.Generate(b, "again", cmd.Sampling(temperature=0, max_tokens=4)))
+    assert other.stats.cache == "ram" and other.stats.reused_tokens > 0
+
+
+def test_sampling_only_edits_keep_the_cache(runner, personas_dir):
+    a = new_conversation("tester")
+    runner.run(cmd.Generate(a, "hi"))
+    toml = personas_dir / "tester.toml"
+    toml.write_text(toml.read_text().replace("max_tokens = 6", "max_tokens = 5"))
+    final, _ = runner.run(cmd.Generate(a, "again"))
+    assert final.stats.cache == "ram" and final.stats.generated_tokens == 5

@@ -67,7 +67,22 @@ class Session:
         pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype)
         pool.reconcile()
         manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
-        return cls(emit, cancelled, lm, catalog, manager, personas_dirs)
+        session = cls(emit, cancelled, lm, catalog, manager, personas_dirs)
+        session.drop_caches_of_edited_personas()
+        return session
+
+    def drop_caches_of_edited_personas(self) -> None:
+        """A persona whose preamble changed since its caches were made: those caches are useless now."""
+        from app.personas import load_personas
+
+        for persona_id in self.catalog.sync_personas(load_personas(self.personas_dirs).personas.values()):
+            self._forget_caches_of(persona_id)
+
+    def _forget_caches_of(self, persona_id: str) -> None:
+        for row in self.catalog.query("SELECT key FROM caches WHERE persona_id = ?", (persona_id,)):
+            self.manager.forget(row["key"])
+        for key in [k for k, e in self.manager.entries.items() if e.persona_id == persona_id]:
+            self.manager.forget(key)
 
     def close(self) -> None:
         for key, entry in list(self.manager.entries.items()):
@@ -160,7 +175,17 @@ class Session:
         result = load_personas(self.personas_dirs)
         if persona_id not in result.personas:
             raise ParleyError(f"Persona {persona_id!r} was not found: check its file in personas/ or {paths.user_personas_dir()}.")
-        return result.personas[persona_id]
+        persona = result.personas[persona_id]
+        self._invalidate_if_edited(persona)
+        return persona
+
+    def _invalidate_if_edited(self, persona) -> None:
+        """Files are re-read every turn; an edit to the preamble drops only this persona's caches."""
+        from app.personas import preamble_hash
+
+        old = self.catalog.upsert_persona(persona, preamble_hash=preamble_hash(persona))
+        if old is not None and old != preamble_hash(persona):
+            self._forget_caches_of(persona.id)
 
     def _turn(self, conv, persona, override: cmd.Sampling | None, parent_id, speaker=None, key=None) -> Turn:
         sampling = cmd.Sampling(temperature=persona.temperature, top_p=persona.top_p, max_tokens=persona.max_tokens)
