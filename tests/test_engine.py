@@ -203,3 +203,27 @@ def test_sampling_only_edits_keep_the_cache(runner, personas_dir):
     toml.write_text(toml.read_text().replace("max_tokens = 6", "max_tokens = 5"))
     final, _ = runner.run(cmd.Generate(a, "again"))
     assert final.stats.cache == "ram" and final.stats.generated_tokens == 5
+
+
+def test_context_window_overflow_keeps_chatting_without_re_prefilling_every_turn(tmp_path, personas_dir):
+    from app.model.tiny import build_tiny_model
+
+    small = build_tiny_model(tmp_path / "small-context", context=400)
+    runner = EngineRunner(small, personas_dir)
+    cid = new_conversation()
+    try:
+        trimmed_at = None
+        for turn in range(12):
+            final, events = runner.run(cmd.Generate(cid, f"turn {turn} " + "word " * 12))
+            assert isinstance(final, ev.ReplyFinished), final
+            if any(isinstance(e, ev.ContextTrimmed) for e in events):
+                trimmed_at = turn
+                break
+        assert trimmed_at is not None, "the conversation never outgrew the window"
+        after, events = runner.run(cmd.Generate(cid, "and one more"))
+        assert not any(isinstance(e, ev.ContextTrimmed) for e in events)
+        assert after.stats.reused_tokens > after.stats.prefilled_tokens  # back to appending, not re-reading
+    finally:
+        runner.close()
+    with Catalog() as catalog:
+        assert len(catalog.current_path(cid)) == 2 * (trimmed_at + 2)  # the transcript keeps everything

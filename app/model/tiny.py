@@ -30,7 +30,8 @@ def add(a, b):\n    return a + b\nThe quick brown fox jumps over the lazy dog 01
 """
 
 
-def tiny_config(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 384) -> dict:
+def tiny_config(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, vocab: int = 384,
+                context: int = 2048) -> dict:
     return {
         "model_type": "llama",
         "hidden_size": hidden,
@@ -41,7 +42,7 @@ def tiny_config(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int
         "head_dim": hidden // heads,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": context,
         "vocab_size": vocab,
         "tie_word_embeddings": True,
         "bos_token_id": 1,
