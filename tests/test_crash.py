@@ -86,3 +86,27 @@ def test_sigkill_never_corrupts_a_cache_or_loses_a_message(tiny_model_dir, tmp_p
 
 def _all_messages(catalog, cid):
     return [catalog.get_message(r["id"]) for r in catalog.query("SELECT id FROM messages WHERE conversation_id = ?", (cid,))]
+
+
+def test_two_processes_on_one_home_never_corrupt_each_other(tiny_model_dir, tmp_path):
+    personas_dir = tmp_path / "personas"
+    write_persona(personas_dir, "tester", max_tokens=24)
+    with Catalog() as catalog:
+        a, b = catalog.create_conversation("tester"), catalog.create_conversation("tester")
+    results: list[list[int]] = []
+
+    def chat(cid):
+        results.append(run_child_and_kill(tiny_model_dir, personas_dir, cid, delay=2.0))
+
+    threads = [threading.Thread(target=chat, args=(cid,)) for cid in (a, a, b)]  # two writers on one conversation too
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lm = load_model(str(tiny_model_dir))
+    pool = make_pool(lm)
+    checked, problems = pool.verify()
+    assert problems == [] and checked > 0
+    with Catalog() as catalog:
+        stored = {r["id"] for r in catalog.query("SELECT id FROM messages")}
+    assert len(results) == 3 and all(saved and set(saved) <= stored for saved in results)
