@@ -257,6 +257,7 @@ class KVScheme:
     keys: TensorQuant
     values: TensorQuant
     description: str = ""
+    version: int = 1  # bump when the encoding changes: stored caches of another version become misses
     bits_per_element: float = field(init=False)
 
     def __post_init__(self):
