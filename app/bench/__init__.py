@@ -18,9 +18,21 @@ from typing import Callable
 PARTS: dict[str, str] = {
     "speed": "app.bench.speed:run",
     "quality": "app.bench.quality:run",
+    "ttft": "app.bench.ttft:run",
+    "restore": "app.bench.restore:run",
+    "capacity": "app.bench.capacity:run",
+    "save": "app.bench.save:run",
+    "agents": "app.bench.agents:run",
+    "peer": "app.bench.peer:run",
 }
 
 
 def get_part(name: str) -> Callable:
     module, func = PARTS[name].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def get_table(name: str) -> Callable | None:
+    """The part's own `report(result) -> str` table, if its module has one."""
+    module = importlib.import_module(PARTS[name].split(":")[0])
+    return getattr(module, "report", None)

@@ -1,8 +1,12 @@
 """`parley bench [PART ...] [--quick] [--json PATH]`: measure Parley on this machine.
 
-Parts are the keys of `app.bench.PARTS` (today: `speed`); `--quick` runs
-`speed` (prefill tokens/s at 1K context, decode tokens/s). Prints one table per
-part; `--json PATH` also writes {part: results} as JSON.
+Parts are the keys of `app.bench.PARTS`; without a PART every part runs.
+`--quick` alone runs `speed` (prefill tokens/s at 1K context, decode tokens/s)
+and the reduced forms of the cache parts (ttft/restore at 1K-2K, save at 1K and
+4K, agents with 2 rounds); with PARTs it reduces those parts. Prints one table
+per part; `--json PATH` also writes {part: results} as JSON, `--plot PATH` a
+PNG of the cache parts (needs matplotlib: pip install 'parley[bench]').
+Cache benchmarks work in a temporary PARLEY_HOME.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from app.bench import PARTS, get_part
+from app.bench import PARTS, get_part, get_table
 
-QUICK = ["speed"]
+QUICK = ["speed", "ttft", "restore", "capacity", "save", "agents", "peer"]
 
 
 def register(subparsers) -> None:
@@ -22,19 +26,23 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("parts", nargs="*", metavar="PART",
                    help=f"what to measure: {', '.join(sorted(PARTS))}")
-    p.add_argument("--quick", action="store_true", help="prefill and decode tokens/s only (same as `bench speed`)")
+    p.add_argument("--quick", action="store_true", help="reduced forms: speed plus the cache parts at small contexts (see above)")
     p.add_argument("--json", metavar="PATH", nargs="?", const="-", default=None,
                    help="also write the results as JSON to PATH; without PATH (or '-'), print only the JSON on stdout")
+    p.add_argument("--plot", metavar="PATH", default=None, help="also draw the cache parts' results as a PNG at PATH")
     p.add_argument("--text", metavar="PATH", default=None, help="quality: measure perplexity on this text file instead of the shipped one")
     p.add_argument("--max-tokens", type=int, default=8192, help="quality with --text: tokens of the text to read (default 8192)")
     p.add_argument("--context", type=int, default=1024, help="prompt length for prefill (default 1024)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512)")
-    p.add_argument("--repeats", type=int, default=3, help="prefill runs, median taken (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement, median taken (default 3)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
     p.set_defaults(handler=run)
 
 
 def _table(part: str, result: dict) -> str:
+    own = get_table(part)
+    if own is not None:
+        return f"== {part} ==\n{own(result)}"
     width = max(len(k) for k in result)
     lines = [f"== {part} =="]
     lines += [f"{k:<{width}}  {v}" for k, v in result.items()]
@@ -44,7 +52,7 @@ def _table(part: str, result: dict) -> str:
 def run(args) -> int:
     from app.model.loader import load_model
 
-    parts = list(dict.fromkeys(args.parts or QUICK))
+    parts = list(dict.fromkeys(args.parts or (QUICK if args.quick else list(PARTS))))
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         print(f"parley bench: unknown part {unknown[0]!r}; choose from {', '.join(sorted(PARTS))}", file=sys.stderr)
@@ -57,6 +65,13 @@ def run(args) -> int:
     if args.json == "-":
         print(json.dumps(results[parts[0]] if len(parts) == 1 else results))
     elif args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from app.bench.common import machine
+
+        Path(args.json).write_text(json.dumps({**results, "machine": machine()}, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from app.bench.plot import write
+
+        if write(results, args.plot):
+            print(f"wrote {args.plot}", file=sys.stderr)
     return 0

@@ -1,0 +1,131 @@
+"""`parley bench restore`: restoring a cache from disk against reading its bytes, and against re-prefill.
+
+For each context (1K-8K tokens of the shipped text) a q4 cache is prefilled by
+the engine's `prefill` and saved by the block pool. Then, median of `repeats`:
+
+* raw read: every block file and the tail file read whole with plain Python
+  `open().read()` - once with the files dropped from the OS page cache first
+  (posix_fadvise DONTNEED, so the bytes come from the disk) and once with them
+  in the page cache (memory bandwidth only).
+* restore: `BlockPool.load` - safetensors header checks, checksum of every
+  block, token-chain verification, decode of the 4-bit blocks into the
+  full-precision working copy the model attends over - again from disk and
+  from the page cache. Split into its two halves: read+verify
+  (`read_cache_file` of every file) and decode (`SealingKVCache.restore`).
+* re-prefill: the engine's prefill of the same tokens (what a miss costs): one run,
+  the one that makes the cache (`parley bench ttft` has medians of cold prefills).
+
+The issue's target is restore <= 1.5x raw read of the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from app.bench import common
+
+CONTEXTS = (1024, 2048, 4096, 8192)
+QUICK_CONTEXTS = (1024, 2048)
+TAIL_SHORT = 40  # the cache holds context - 40 tokens: 40 short of a block boundary
+
+
+def run(lm, args) -> dict:
+    contexts = getattr(args, "restore_contexts", None) or (QUICK_CONTEXTS if common.quick(args) else CONTEXTS)
+    with common.temp_home() as home:
+        return measure(lm, home, contexts, common.repeats(args), say=lambda m: common.log(args, m))
+
+
+def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
+    import json
+
+    import mlx.core as mx
+
+    from app.kvstore.blockfile import chain_root, read_cache_file
+    from app.kvstore.conversation_cache import ConversationCache
+    from app.kvstore.live_cache import SealingKVCache
+
+    pool = common.make_pool(lm, home, "q4")
+    ids_all = common.text_tokens(lm, max(contexts))
+    rows = []
+    common.fill(lm, pool, ids_all[:256])  # warm-up
+    for context in contexts:
+        # A stored cache as a turn leaves it: sealed blocks plus a partial tail block (and never an
+        # empty tail: `blockfile.checksum` cannot hash a zero-length array, so such a save fails today).
+        n = context - TAIL_SHORT
+        ids = ids_all[:n]
+        # One prefill (it makes the cache); `parley bench ttft` has the medians of cold prefills.
+        (cache, _), s = common.timed(common.fill, lm, pool, ids)
+        prefill_s = [s]
+        key = f"bench:{n}"
+        pool.save(key, cache, None, "bench")
+        files = common.cache_files(pool, key)
+        nbytes = sum(p.stat().st_size for p in files)
+        working_bytes = sum(layer.keys[..., : layer.offset, :].nbytes + layer.values[..., : layer.offset, :].nbytes
+                            for layer in cache.layers)
+        del cache
+
+        def load():
+            c = pool.load(key)
+            assert isinstance(c, ConversationCache) and c.n_tokens == n, c
+            return c
+
+        def parts():
+            """load() in two halves: read+verify every file, then decode into the working copy."""
+            row = pool._row(key)
+            hashes = json.loads(row["chain"])
+            expect = pool._expect()
+            t0 = time.perf_counter()
+            blocks, parent = [], chain_root(pool.fingerprint, pool.scheme_id)
+            for h in hashes:
+                f = read_cache_file(pool.block_path(h), {**expect, "kind": "block", "hash": h, "parent": parent})
+                blocks.append(f.arrays)
+                parent = h
+            tail = read_cache_file(files[-1], {**expect, "kind": "tail", "key": key, "parent": parent})
+            t1 = time.perf_counter()
+            layers = [SealingKVCache.restore(pool.scheme, [{k: a[i] for k, a in b.items()} for b in blocks],
+                                             tail.arrays["k"][i], tail.arrays["v"][i], pool.dtype)
+                      for i in range(pool.n_layers)]
+            mx.eval([l.keys for l in layers] + [l.values for l in layers])
+            return t1 - t0, time.perf_counter() - t1
+
+        load()
+        runs = {k: [] for k in ("raw_disk", "raw_cached", "restore_disk", "restore_cached", "read_verify", "decode")}
+        dropped = True
+        for _ in range(repeats):
+            dropped &= common.drop_page_cache(files)
+            runs["raw_disk"].append(common.raw_read(files)[1])
+            runs["raw_cached"].append(common.raw_read(files)[1])
+            dropped &= common.drop_page_cache(files)
+            runs["restore_disk"].append(common.timed(load)[1])
+            runs["restore_cached"].append(common.timed(load)[1])
+            rv, dec = parts()
+            runs["read_verify"].append(rv)
+            runs["decode"].append(dec)
+        med = {k: common.median(v) for k, v in runs.items()}
+        pf = common.median(prefill_s)
+        row = {
+            "context": context, "context_tokens": n, "stored_bytes": nbytes, "files": len(files), "working_copy_bytes": working_bytes,
+            "raw_read_disk_ms": common.ms(med["raw_disk"]), "raw_read_cached_ms": common.ms(med["raw_cached"]),
+            "restore_disk_ms": common.ms(med["restore_disk"]), "restore_cached_ms": common.ms(med["restore_cached"]),
+            "read_verify_ms": common.ms(med["read_verify"]), "decode_ms": common.ms(med["decode"]),
+            "reprefill_ms": common.ms(pf),
+            "restore_over_raw_disk": round(med["restore_disk"] / med["raw_disk"], 2),
+            "restore_over_raw_cached": round(med["restore_cached"] / med["raw_cached"], 2),
+            "reprefill_over_restore_disk": round(pf / med["restore_disk"], 1),
+            "raw_read_disk_MBps": round(nbytes / med["raw_disk"] / 1e6, 1),
+            "page_cache_dropped": dropped,
+            "runs_ms": {k: [common.ms(x) for x in v] for k, v in runs.items()},
+        }
+        rows.append(row)
+        say(f"  restore {n} tokens: restore {row['restore_disk_ms']} ms from disk, raw read {row['raw_read_disk_ms']} ms, re-prefill {row['reprefill_ms']} ms")
+    return {"scheme": "q4", "repeats": repeats, "target_restore_over_raw": 1.5, "rows": rows}
+
+
+def report(result: dict) -> str:
+    head = ["context", "stored MB", "raw read disk ms", "restore disk ms", "ratio", "raw read cached ms",
+            "restore cached ms", "ratio", "read+verify ms", "decode ms", "re-prefill ms", "prefill/restore"]
+    rows = [[r["context_tokens"], r["stored_bytes"] / 1e6, r["raw_read_disk_ms"], r["restore_disk_ms"],
+             f"{r['restore_over_raw_disk']}x", r["raw_read_cached_ms"], r["restore_cached_ms"],
+             f"{r['restore_over_raw_cached']}x", r["read_verify_ms"], r["decode_ms"], r["reprefill_ms"],
+             f"{r['reprefill_over_restore_disk']}x"] for r in result["rows"]]
+    return common.table(head, rows, f"restore vs raw read (q4; median of {result.get('repeats', '?')} runs; target ratio <= 1.5x)")
