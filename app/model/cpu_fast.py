@@ -63,6 +63,98 @@ void causal_softmax(float *s, long rows, long L, long T, long offset, int causal
     }
 }
 
+/* y[O] = W x for one row x[K], W in MLX's 4-bit layout (group 32, two weights a byte, low nibble
+   first): w = q * scale + bias per group. Reads 8x fewer bytes than fp32 gemv (decode is
+   memory-bound). AVX-512 path; q4_fast() says whether it was compiled in. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+int q4_fast(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void q4_gemv(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K) {
+    long G = K / 32;
+    float xe[K / 2], xo[K / 2], xs[G];
+    for (long g = 0; g < G; g++) {
+        float t = 0.f;
+        for (int j = 0; j < 16; j++) {
+            xe[g * 16 + j] = x[g * 32 + 2 * j];
+            xo[g * 16 + j] = x[g * 32 + 2 * j + 1];
+            t += x[g * 32 + 2 * j] + x[g * 32 + 2 * j + 1];
+        }
+        xs[g] = t;
+    }
+    for (long o = 0; o < O; o++) {
+        const unsigned char *p = w + o * (K / 2);
+        const float *so = s + o * G, *bo = b + o * G;
+        float bias = 0.f;
+        for (long g = 0; g < G; g++) bias += bo[g] * xs[g];
+#ifdef __AVX512F__
+        __m512 acc = _mm512_setzero_ps();
+        const __m512i m15 = _mm512_set1_epi32(15);
+        for (long g = 0; g < G; g++) {
+            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + g * 16)));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, m15));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
+            __m512 d = _mm512_mul_ps(_mm512_loadu_ps(xe + g * 16), lo);
+            d = _mm512_fmadd_ps(_mm512_loadu_ps(xo + g * 16), hi, d);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(so[g]), d, acc);
+        }
+        y[o] = _mm512_reduce_add_ps(acc) + bias;
+#else
+        float acc = 0.f;
+        for (long g = 0; g < G; g++) {
+            float d = 0.f;
+            const unsigned char *pg = p + g * 16;
+            for (int j = 0; j < 16; j++) d += xe[g * 16 + j] * (float)(pg[j] & 15) + xo[g * 16 + j] * (float)(pg[j] >> 4);
+            acc += so[g] * d;
+        }
+        y[o] = acc + bias;
+#endif
+    }
+}
+
+/* The same for MLX's 8-bit layout (group 32, one weight a byte). */
+void q8_gemv(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K) {
+    long G = K / 32;
+    float xs[G];
+    for (long g = 0; g < G; g++) {
+        float t = 0.f;
+        for (int j = 0; j < 32; j++) t += x[g * 32 + j];
+        xs[g] = t;
+    }
+    for (long o = 0; o < O; o++) {
+        const unsigned char *p = w + o * K;
+        const float *so = s + o * G, *bo = b + o * G;
+        float bias = 0.f;
+        for (long g = 0; g < G; g++) bias += bo[g] * xs[g];
+#ifdef __AVX512F__
+        __m512 acc = _mm512_setzero_ps();
+        for (long g = 0; g < G; g++) {
+            __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + g * 32))));
+            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + g * 32 + 16))));
+            __m512 d = _mm512_mul_ps(_mm512_loadu_ps(x + g * 32), a);
+            d = _mm512_fmadd_ps(_mm512_loadu_ps(x + g * 32 + 16), c, d);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(so[g]), d, acc);
+        }
+        y[o] = _mm512_reduce_add_ps(acc) + bias;
+#else
+        float acc = 0.f;
+        for (long g = 0; g < G; g++) {
+            float d = 0.f;
+            for (int j = 0; j < 32; j++) d += x[g * 32 + j] * (float)p[g * 32 + j];
+            acc += so[g] * d;
+        }
+        y[o] = acc + bias;
+#endif
+    }
+}
+
 /* g[i] = silu(g[i]) * u[i], in place over g. */
 void silu_mul(float *g, const float *u, long n) {
     #pragma omp simd
@@ -116,6 +208,11 @@ def kernels() -> ctypes.CDLL | None:
         k.causal_softmax.restype = None
         k.silu_mul.argtypes = [P, P, L]
         k.silu_mul.restype = None
+        k.q4_gemv.argtypes = [P, P, P, P, P, L, L]
+        k.q4_gemv.restype = None
+        k.q8_gemv.argtypes = [P, P, P, P, P, L, L]
+        k.q8_gemv.restype = None
+        k.q4_fast.restype = ctypes.c_int
         _kernels = k
         break
     return _kernels
@@ -152,6 +249,7 @@ class _CpuAttention(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        object.__setattr__(self, "_qkv", _stack_q4([inner.q_proj, inner.k_proj, inner.v_proj]))
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         a = self.inner
@@ -160,9 +258,16 @@ class _CpuAttention(nn.Module):
         B, L, _ = x.shape
         H, Hkv = a.n_heads, a.n_kv_heads
         G = H // Hkv
-        q = a.q_proj(x).reshape(B, L, H, -1).transpose(0, 2, 1, 3)
-        k = a.k_proj(x).reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
-        v = a.v_proj(x).reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        qkv = self.__dict__.get("_qkv")
+        if qkv is not None and B * L == 1:  # decode step: one 4-bit gemv for q, k and v
+            y = qkv(x)
+            nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+            q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+        else:
+            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+        q = q.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
@@ -193,9 +298,18 @@ class _CpuMLP(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        object.__setattr__(self, "_gate_up", _stack_q4([inner.gate_proj, inner.up_proj]))
+        object.__setattr__(self, "_down", _stack_q4([inner.down_proj]))
 
     def __call__(self, x: mx.array) -> mx.array:
         m = self.inner
+        gate_up, down = self.__dict__.get("_gate_up"), self.__dict__.get("_down")
+        if x.size == x.shape[-1] and gate_up is not None and down is not None:
+            # decode step: gate/up gemv, SiLU*up and down gemv all on the host buffers
+            y = gate_up.numpy(_host(x))
+            n = y.shape[0] // 2
+            kernels().silu_mul(y.ctypes.data, y[n:].ctypes.data, n)
+            return mx.array(down.numpy(y[:n])).reshape(x.shape)
         if x.shape[-2] == 1:
             return m(x)
         g = _fresh(m.gate_proj(x))
@@ -204,8 +318,91 @@ class _CpuMLP(nn.Module):
         return m.down_proj(g)
 
 
+class _Q4:
+    """A quantized layer's 4-bit weights kept (as numpy, outside the parameter tree) for `q4_gemv`."""
+
+    def __init__(self, w, s, b, bits: int):
+        import numpy as np
+
+        self.w, self.s, self.b, self.bits = w, s, b, bits
+        self.O, self.K = s.shape[0], w.shape[1] * 8 // bits
+        self.ptrs = (w.ctypes.data, s.ctypes.data, b.ctypes.data)
+        self.gemv = kernels().q4_gemv if bits == 4 else kernels().q8_gemv
+
+    @classmethod
+    def of(cls, m) -> "_Q4":
+        import numpy as np
+
+        return cls(np.ascontiguousarray(np.asarray(m.weight).view(np.uint8)),
+                   np.ascontiguousarray(np.asarray(m.scales.astype(mx.float32))),
+                   np.ascontiguousarray(np.asarray(m.biases.astype(mx.float32))), m.bits)
+
+    @classmethod
+    def stacked(cls, parts: list["_Q4"]) -> "_Q4":
+        """One gemv for several layers with the same input (q/k/v, gate/up): outputs concatenated."""
+        import numpy as np
+
+        return cls(*(np.ascontiguousarray(np.concatenate([getattr(p, a) for p in parts])) for a in "wsb"), parts[0].bits)
+
+    @staticmethod
+    def usable(m) -> bool:
+        k = kernels()
+        return (k is not None and k.q4_fast() == 1 and getattr(m, "bits", 0) in (4, 8)
+                and getattr(m, "group_size", 0) == 32
+                and getattr(m, "mode", "affine") == "affine" and "biases" in m)
+
+    def numpy(self, xa):
+        """y = W xa for a contiguous fp32 numpy vector of K values."""
+        import numpy as np
+
+        y = np.empty(self.O, np.float32)
+        self.gemv(*self.ptrs, xa.ctypes.data, y.ctypes.data, self.O, self.K)
+        return y
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.array(self.numpy(_host(x))).reshape(*x.shape[:-1], self.O)
+
+
+def _host(x: mx.array):
+    """Evaluate `x` and view it as a contiguous fp32 numpy array (copied only if strided)."""
+    import numpy as np
+
+    mx.eval(x)
+    return np.ascontiguousarray(np.asarray(memoryview(x)), dtype=np.float32).reshape(-1)
+
+
+def _stack_q4(layers) -> "_Q4 | None":
+    q4s = [layer.__dict__.get("_q4") for layer in layers]
+    if any(q is None or "bias" in layer for q, layer in zip(q4s, layers)) or len({q.bits for q in q4s}) != 1:
+        return None
+    return _Q4.stacked(q4s)
+
+
+class _CpuLinear(nn.Linear):
+    """fp32 Linear (BLAS) that, for a single input row, uses the 4-bit weights with `q4_gemv` instead."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        q4 = self.__dict__.get("_q4")
+        if q4 is not None and x.size == q4.K:
+            y = q4(x)
+            return y + self.bias if "bias" in self else y
+        return super().__call__(x)
+
+
+class _CpuEmbedding(nn.Embedding):
+    """fp32 Embedding whose tied head (`as_linear`) uses `q4_gemv` for a single row."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        q4 = self.__dict__.get("_q4")
+        if q4 is not None and x.size == q4.K:
+            return q4(x)
+        return super().as_linear(x)
+
+
 def _dequantized(m) -> mx.array:
-    return mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32)
+    # fp32 scales/biases: dequantizing in fp16 would round every weight to fp16 (~0.2% off in the logits).
+    f32 = lambda a: a.astype(mx.float32)  # noqa: E731
+    return mx.dequantize(m.weight, f32(m.scales), f32(m.biases), m.group_size, m.bits).astype(mx.float32)
 
 
 def _is_llama_attention(m) -> bool:
@@ -230,15 +427,19 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
             w = _dequantized(module)
-            linear = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+            linear = _CpuLinear(w.shape[1], w.shape[0], bias="bias" in module)
             linear.weight = w
+            if _Q4.usable(module):
+                object.__setattr__(linear, "_q4", _Q4.of(module))
             if "bias" in module:
                 linear.bias = module.bias.astype(mx.float32)
             replacements.append((name, linear))
         elif isinstance(module, nn.QuantizedEmbedding):
             w = _dequantized(module)
-            embedding = nn.Embedding(w.shape[0], w.shape[1])
+            embedding = _CpuEmbedding(w.shape[0], w.shape[1])
             embedding.weight = w
+            if _Q4.usable(module):
+                object.__setattr__(embedding, "_q4", _Q4.of(module))
             replacements.append((name, embedding))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
