@@ -1,0 +1,142 @@
+"""The Parley app: persona tabs, streaming chat, visible cache state.
+
+All model work happens on the engine thread (`app.engine.worker.Engine`); this
+module only sends commands and turns engine events into Textual messages.
+The UI thread reads conversations through its own `Catalog`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from textual.app import App
+from textual.binding import Binding
+
+from app import paths
+from app.catalog import Catalog
+from app.engine import commands as cmd
+from app.engine import events as ev
+from app.engine.worker import Engine
+from app.ui.messages import message_for
+from app.ui.palette import ParleyCommands
+from app.ui.screens import ChatScreen, HelpScreen
+
+log = logging.getLogger(__name__)
+
+DARK, LIGHT = "textual-dark", "textual-light"
+
+
+class ParleyApp(App):
+    """`ParleyApp(model=..., personas_dirs=[...])`; tests may pass `sampling` to override every persona's."""
+
+    CSS_PATH = "parley.tcss"
+    TITLE = "Parley"
+    COMMANDS = App.COMMANDS | {ParleyCommands}
+    BINDINGS = [
+        Binding("f1", "help", "Help", priority=True),
+        Binding("question_mark", "help", "Help", show=False),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
+    ]
+
+    def __init__(self, model: str | None = None, scheme: str = "q4", budget_mb: float = 512.0,
+                 personas_dirs=None, catalog_path=None, sampling: cmd.Sampling | None = None,
+                 theme: str = DARK, start_engine: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.scheme = scheme
+        self.budget_mb = budget_mb
+        self.personas_dirs = [Path(d) for d in personas_dirs] if personas_dirs else None
+        self.catalog_path = catalog_path
+        self.sampling = sampling
+        self.start_theme = theme
+        self.start_engine = start_engine
+        self.engine: Engine | None = None
+        self.catalog: Catalog | None = None
+        self.personas: dict = {}
+        self.persona_problems: list[str] = []
+        self.model_name = ""
+        self.chat_screen: ChatScreen | None = None
+        self.events_seen: list[ev.Event] = []  # the last engine events, newest last (tests read them)
+
+    # -- start and stop ----------------------------------------------------------
+    def on_mount(self) -> None:
+        self.theme = self.start_theme
+        self.catalog = Catalog(self.catalog_path)
+        self.reload_personas()
+        for problem in self.persona_problems:
+            self.notify(problem, title="Persona file", severity="warning", timeout=8)
+        self.chat_screen = ChatScreen(int(self.budget_mb * 1024 * 1024))
+        self.push_screen(self.chat_screen)
+        if self.start_engine:
+            self.engine = Engine(self._engine_event, model=self.model, scheme=self.scheme, budget_mb=self.budget_mb,
+                                 personas_dirs=self.personas_dirs, catalog_path=self.catalog_path).start()
+
+    def _engine_event(self, event: ev.Event) -> None:
+        """Called on the engine thread: hand the event to the UI thread as a message (post_message is thread-safe)."""
+        self.events_seen.append(event)
+        del self.events_seen[:-500]
+        screen = self.chat_screen
+        if screen is not None:
+            screen.post_message(message_for(event))
+
+    async def on_unmount(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await self.run_in_thread(engine.shutdown, 20.0)
+        if self.catalog is not None:
+            self.catalog.close()
+
+    async def run_in_thread(self, fn, *args):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    # -- what screens use ----------------------------------------------------------
+    def submit(self, command: cmd.Command) -> None:
+        if self.engine is not None:
+            self.engine.submit(command)
+
+    def persona_dirs(self) -> list[Path]:
+        if self.personas_dirs is not None:
+            return list(self.personas_dirs)
+        from app.personas import default_dirs
+
+        return default_dirs()
+
+    def user_persona_dir(self) -> Path:
+        return self.personas_dirs[-1] if self.personas_dirs else paths.user_personas_dir()
+
+    def reload_personas(self) -> None:
+        from app.personas import load_personas
+
+        result = load_personas(self.personas_dirs)
+        self.personas = result.personas
+        self.persona_problems = result.problems
+        if self.chat_screen is not None and self.chat_screen.is_mounted:
+            self.chat_screen.refresh_personas()
+
+    def disk_caches(self) -> list[dict]:
+        """Conversation caches on disk, from the catalog's cache records (empty before that table exists)."""
+        try:
+            cursor = self.catalog.db.execute(
+                "SELECT conversation_id, persona_id, tokens, bytes FROM caches WHERE conversation_id IS NOT NULL")
+            return [dict(zip(("conversation_id", "persona_id", "tokens", "bytes"), row)) for row in cursor.fetchall()]
+        except Exception:  # no cache table yet, or a locked moment: show no disk state this time
+            return []
+
+    # -- app actions -----------------------------------------------------------------
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_toggle_theme(self) -> None:
+        self.theme = LIGHT if self.theme != LIGHT else DARK
+
+
+def run_app(args) -> int:
+    """`parley` with no subcommand: run the app until the user quits."""
+    app = ParleyApp(model=getattr(args, "model", None), scheme=getattr(args, "kv_scheme", "q4"),
+                    budget_mb=getattr(args, "budget_mb", 512.0))
+    app.run()
+    return int(app.return_code or 0)

@@ -1,0 +1,56 @@
+"""The command palette (ctrl+p): every action of the app, plus 'Chat with <persona>' for each persona."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+ACTIONS = [
+    ("Stop the reply", "Stop the reply being written (escape)", "stop"),
+    ("Regenerate the last reply", "Reply again; the old reply stays as an alternative (ctrl+r)", "regenerate"),
+    ("Edit my last message and resend", "Branch the conversation from an edited message (e on a message)", "edit_last"),
+    ("Copy the last reply", "Copy the last reply to the clipboard (ctrl+y)", "copy_last"),
+    ("New conversation", "Start a new conversation with this persona (ctrl+n)", "new_conversation"),
+    ("Conversations…", "List, reopen and delete old conversations (ctrl+o)", "conversations"),
+    ("Next tab", "Go to the next persona tab (ctrl+pagedown)", "tab(1)"),
+    ("Previous tab", "Go to the previous persona tab (ctrl+pageup)", "tab(-1)"),
+    ("Close tab", "Close this persona's tab (alt+w)", "close_tab"),
+    ("Find a persona", "Filter the persona list (ctrl+f)", "filter_personas"),
+    ("New persona…", "Create a persona (F3)", "new_persona"),
+    ("Edit persona…", "Edit this persona's name, prompt, greetings and sampling (F2)", "edit_persona"),
+    ("Import a character card…", "Import a V2/V3 card from JSON, PNG or CHARX (F4)", "import_card"),
+    ("Export persona as a card…", "Write this persona as a V2 card, JSON or PNG (F5)", "export_card"),
+]
+APP_ACTIONS = [
+    ("Toggle light / dark theme", "Switch between the light and the dark theme (ctrl+t)", "toggle_theme"),
+    ("Help: keys", "Show every key (F1 or ?)", "help"),
+]
+
+
+class ParleyCommands(Provider):
+    def _commands(self):
+        app = self.app
+        screen = app.chat_screen
+        out = []
+        if screen is not None:
+            for title, help_text, action in ACTIONS:
+                out.append((title, help_text, partial(screen.run_action, action)))
+        for title, help_text, action in APP_ACTIONS:
+            out.append((title, help_text, partial(app.run_action, action)))
+        if screen is not None:
+            for persona in sorted(app.personas.values(), key=lambda p: p.name.lower()):
+                out.append((f"Chat with {persona.name}", persona.description or persona.id,
+                            partial(screen.open_persona, persona.id)))
+        return out
+
+    async def discover(self) -> Hits:
+        for title, help_text, callback in self._commands():
+            yield DiscoveryHit(title, callback, help=help_text)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for title, help_text, callback in self._commands():
+            score = matcher.match(title)
+            if score > 0:
+                yield Hit(score, matcher.highlight(title), callback, help=help_text)

@@ -1,0 +1,707 @@
+"""Screens, named after what the user sees: the chat, help, persona editor, conversations, card import/export."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import (Button, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static,
+                             TabbedContent, TabPane, TextArea)
+from textual.widgets.option_list import Option
+
+from app.engine import commands as cmd
+from app.errors import ParleyError
+from app.ui import messages as msg
+from app.ui.widgets import CacheSummary, ChatPane, MessageView, PersonaList, RamGauge
+
+TAB_PREFIX = "tab-"
+
+HELP = """\
+# Parley keys
+
+| Key | What it does |
+|---|---|
+| **enter** | send the message |
+| **shift+enter**, **ctrl+j** | new line in the message |
+| **escape** | stop the reply · cancel an edit · back to the message box |
+| **↑** (in an empty message box) | select the last message; **↑/↓** move between messages |
+| **← / →** (on a message) | browse its alternatives (regenerations, edits) |
+| **e** (on your message) | edit it and resend (a new branch) |
+| **c** (on a message) | copy it |
+| **ctrl+r** | regenerate the last reply (the old one stays as an alternative) |
+| **ctrl+y** | copy the last reply |
+| **ctrl+n** | new conversation with this persona |
+| **ctrl+o** | list, reopen and delete conversations |
+| **ctrl+pageup / ctrl+pagedown** | previous / next tab |
+| **alt+1 … alt+9** | go to tab 1 … 9 |
+| **alt+w** | close the tab |
+| **ctrl+f** | filter the persona list (enter opens, ↓ goes to the list) |
+| **F2** | edit this persona · **F3** new persona |
+| **F4** | import a character card · **F5** export this persona as a card |
+| **ctrl+t** | light / dark theme |
+| **ctrl+p** | command palette: every action |
+| **F1**, **?** | this help |
+| **ctrl+q** | quit |
+
+Persona list: **ram** = cache in memory (instant), **disk** = on disk (loads in a moment), **none** = built on the first reply.
+"""
+
+
+class ChatScreen(Screen):
+    """The main screen: persona sidebar with cache states and RAM gauge; persona tabs with the chat."""
+
+    BINDINGS = [
+        Binding("ctrl+pageup", "tab(-1)", "Prev tab", show=False, priority=True),
+        Binding("ctrl+pagedown", "tab(1)", "Next tab", show=False, priority=True),
+        *[Binding(f"alt+{n}", f"show_tab({n})", f"Tab {n}", show=False, priority=True) for n in range(1, 10)],
+        Binding("escape", "stop", "Stop / back"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+n", "new_conversation", "New chat"),
+        Binding("ctrl+o", "conversations", "Conversations"),
+        Binding("ctrl+y", "copy_last", "Copy reply", show=False),
+        Binding("alt+w", "close_tab", "Close tab", show=False),
+        Binding("ctrl+f", "filter_personas", "Find persona", show=False, priority=True),
+        Binding("f2", "edit_persona", "Edit persona", show=False),
+        Binding("f3", "new_persona", "New persona", show=False),
+        Binding("f4", "import_card", "Import card", show=False),
+        Binding("f5", "export_card", "Export card", show=False),
+    ]
+
+    def __init__(self, budget_bytes: int) -> None:
+        super().__init__()
+        self.budget_bytes = budget_bytes
+        self.ram_states: dict[int, object] = {}
+        self._last_open: int | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header(icon="❖")
+        with Horizontal(id="main"):
+            with Vertical(id="sidebar"):
+                yield PersonaList(id="personas")
+                yield RamGauge(self.budget_bytes, id="ram")
+            with Vertical(id="chat-area"):
+                with Vertical(id="model-progress"):
+                    yield Label("Preparing the model…", id="model-label")
+                    yield ProgressBar(total=1, show_eta=False, id="model-bar")
+                yield Static("Choose a persona on the left and press enter to start a chat.\n"
+                             "F1 lists the keys; ctrl+p finds any action.", id="empty-hint")
+                yield TabbedContent(id="tabs")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.refresh_personas()
+        self.query_one("#persona-filter").focus()
+        self._update_empty()
+
+    # -- helpers ---------------------------------------------------------------
+    @property
+    def tabs(self) -> TabbedContent:
+        return self.query_one("#tabs", TabbedContent)
+
+    def panes(self) -> list[ChatPane]:
+        return list(self.query(ChatPane))
+
+    def pane_ids(self) -> list[str]:
+        return [pane.id for pane in self.tabs.query(TabPane) if pane.id]
+
+    def active_pane(self) -> ChatPane | None:
+        active = self.tabs.active
+        if not active:
+            return None
+        try:
+            return self.tabs.get_pane(active).query_one(ChatPane)
+        except Exception:
+            return None
+
+    def pane_for_conversation(self, conversation_id: int | None) -> ChatPane | None:
+        return next((p for p in self.panes() if p.conversation_id == conversation_id), None)
+
+    def pane_for_persona(self, persona_id: str) -> ChatPane | None:
+        return next((p for p in self.panes() if p.persona.id == persona_id), None)
+
+    def _update_empty(self) -> None:
+        self.set_class(not self.pane_ids(), "-empty")
+
+    def refresh_personas(self) -> None:
+        self.query_one(PersonaList).set_personas(self.app.personas)
+        self.refresh_caches()
+
+    def refresh_caches(self) -> None:
+        """Cache state per persona: RAM (from the engine's last report) beats disk (from the catalog) beats none."""
+        summary: dict[str, CacheSummary] = {}
+        ram_convs = set()
+        for state in self.ram_states.values():
+            s = summary.setdefault(state.persona_id, CacheSummary("ram"))
+            if s.where != "ram":
+                summary[state.persona_id] = s = CacheSummary("ram")
+            s.tokens += state.tokens
+            s.bytes += state.bytes
+            ram_convs.add(state.conversation_id)
+        for row in self.app.disk_caches():
+            pid = row["persona_id"]
+            if row["conversation_id"] in ram_convs or pid is None:
+                continue
+            s = summary.get(pid)
+            if s is None:
+                s = summary[pid] = CacheSummary("disk")
+            if s.where == "disk":
+                s.tokens += int(row["tokens"] or 0)
+                s.bytes += int(row["bytes"] or 0)
+        self.query_one(PersonaList).set_caches(summary)
+
+    # -- tabs ------------------------------------------------------------------
+    async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False) -> ChatPane | None:
+        persona = self.app.personas.get(persona_id)
+        if persona is None:
+            self.app.notify(f"Persona {persona_id!r} is not loaded.", severity="error")
+            return None
+        catalog = self.app.catalog
+        if new:
+            conversation_id = catalog.create_conversation(persona_id)
+        pane = self.pane_for_persona(persona_id)
+        if pane is None:
+            if conversation_id is None:
+                latest = catalog.latest_conversation(persona_id)
+                conversation_id = latest.id if latest else catalog.create_conversation(persona_id)
+            pane = ChatPane(persona, conversation_id)
+            await self.tabs.add_pane(TabPane(persona.name, pane, id=f"{TAB_PREFIX}{persona_id}"))
+        elif conversation_id is not None:
+            await pane.switch_conversation(conversation_id)
+        self._update_empty()
+        tab_id = f"{TAB_PREFIX}{persona_id}"
+        if self.tabs.active != tab_id:
+            self.tabs.active = tab_id
+        else:
+            self._tab_shown()
+        pane.composer.focus()
+        return pane
+
+    def _tab_shown(self) -> None:
+        pane = self.active_pane()
+        if pane is None:
+            return
+        self.request_open(pane.conversation_id)
+        ids = self.pane_ids()
+        if pane.parent and pane.parent.id in ids:
+            i = ids.index(pane.parent.id)
+            for j in (i + 1, i - 1):
+                if 0 <= j < len(ids) and j != i:
+                    neighbour = self.tabs.get_pane(ids[j]).query_one(ChatPane)
+                    self.app.submit(cmd.Prefetch(neighbour.conversation_id))
+        self.sub_title = f"{pane.persona.name}"
+
+    def request_open(self, conversation_id: int) -> None:
+        """Tell the engine which conversation is on screen (once per change: a repeat would report "ram")."""
+        if conversation_id != self._last_open:
+            self._last_open = conversation_id
+            self.app.submit(cmd.Open(conversation_id))
+
+    @on(TabbedContent.TabActivated, "#tabs")
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self._tab_shown()
+        pane = self.active_pane()
+        if pane is not None and not isinstance(self.app.focused, (TextArea,)):
+            pane.composer.focus()
+
+    def action_tab(self, step: int) -> None:
+        ids = self.pane_ids()
+        if not ids:
+            return
+        i = ids.index(self.tabs.active) if self.tabs.active in ids else 0
+        self.tabs.active = ids[(i + step) % len(ids)]
+        self.active_pane().composer.focus()
+
+    def action_show_tab(self, number: int) -> None:
+        ids = self.pane_ids()
+        if 1 <= number <= len(ids):
+            self.tabs.active = ids[number - 1]
+            self.active_pane().composer.focus()
+
+    async def action_close_tab(self) -> None:
+        pane = self.active_pane()
+        if pane is None:
+            return
+        if pane.generating:
+            pane.stop()
+        await self.tabs.remove_pane(self.tabs.active)
+        self._update_empty()
+        if self.active_pane() is not None:
+            self._tab_shown()
+            self.active_pane().composer.focus()
+        else:
+            self.query_one("#persona-filter").focus()
+
+    # -- sidebar -----------------------------------------------------------------
+    async def on_persona_chosen(self, message: msg.PersonaChosen) -> None:
+        await self.open_persona(message.persona_id)
+
+    def on_persona_highlighted(self, message: msg.PersonaHighlighted) -> None:
+        latest = self.app.catalog.latest_conversation(message.persona_id)
+        if latest is not None:
+            self.app.submit(cmd.Prefetch(latest.id))
+
+    def action_filter_personas(self) -> None:
+        self.query_one("#persona-filter", Input).focus()
+
+    # -- chat actions --------------------------------------------------------------
+    async def on_composer_submitted(self, message: msg.ComposerSubmitted) -> None:
+        pane = self.active_pane()
+        if pane is not None and await pane.send(message.text):
+            pane.composer.text = ""
+
+    async def on_alternative_requested(self, message: msg.AlternativeRequested) -> None:
+        pane = self.active_pane()
+        if pane is not None:
+            await pane.browse(message.message_id, message.step)
+
+    def on_edit_requested(self, message: msg.EditRequested) -> None:
+        pane = self.active_pane()
+        if pane is not None:
+            pane.begin_edit(message.message_id, message.text)
+
+    def on_copy_requested(self, message: msg.CopyRequested) -> None:
+        self.app.copy_to_clipboard(message.text)
+        self.app.notify("Copied the message.", timeout=2)
+
+    def action_stop(self) -> None:
+        pane = self.active_pane()
+        if pane is None:
+            return
+        if pane.stop():
+            return
+        if pane.cancel_edit():
+            return
+        pane.composer.focus()
+
+    async def action_regenerate(self) -> None:
+        pane = self.active_pane()
+        if pane is None:
+            self.app.notify("Open a persona first.", severity="warning")
+            return
+        await pane.regenerate()
+
+    def action_copy_last(self) -> None:
+        pane = self.active_pane()
+        reply = pane.last_reply() if pane else None
+        if reply is None:
+            self.app.notify("There is no reply to copy yet.", severity="warning")
+            return
+        self.on_copy_requested(msg.CopyRequested(reply.text))
+
+    def action_edit_last(self) -> None:
+        pane = self.active_pane()
+        target = (pane.focused_message() or pane.last_user()) if pane else None
+        if target is None or target.role != "user":
+            target = pane.last_user() if pane else None
+        if target is None:
+            self.app.notify("There is no message of yours to edit yet.", severity="warning")
+            return
+        pane.begin_edit(target.message_id, target.text)
+
+    async def action_new_conversation(self) -> None:
+        pane = self.active_pane()
+        persona_id = pane.persona.id if pane else self.query_one(PersonaList).highlighted_id
+        if persona_id is None:
+            self.app.notify("Choose a persona first.", severity="warning")
+            return
+        if pane is not None and pane.generating:
+            self.app.notify("Wait for the reply (or press escape) first.", severity="warning")
+            return
+        await self.open_persona(persona_id, new=True)
+        self.app.notify(f"New conversation with {self.app.personas[persona_id].name}.", timeout=2)
+
+    def action_conversations(self) -> None:
+        pane = self.active_pane()
+        persona_id = pane.persona.id if pane else None
+
+        async def chosen(result) -> None:
+            if result is None:
+                return
+            conv = self.app.catalog.get_conversation(result)
+            if conv is not None and conv.persona_id in self.app.personas:
+                await self.open_persona(conv.persona_id, conversation_id=conv.id)
+
+        self.app.push_screen(ConversationsScreen(persona_id), chosen)
+
+    async def conversation_deleted(self, conversation_id: int) -> None:
+        pane = self.pane_for_conversation(conversation_id)
+        if pane is not None:
+            latest = self.app.catalog.latest_conversation(pane.persona.id)
+            target = latest.id if latest else self.app.catalog.create_conversation(pane.persona.id)
+            await pane.switch_conversation(target)
+        self.refresh_caches()
+
+    # -- personas ------------------------------------------------------------------
+    def _current_persona(self):
+        pane = self.active_pane()
+        if pane is not None:
+            return self.app.personas.get(pane.persona.id, pane.persona)
+        pid = self.query_one(PersonaList).highlighted_id
+        return self.app.personas.get(pid) if pid else None
+
+    def action_edit_persona(self) -> None:
+        persona = self._current_persona()
+        if persona is None:
+            self.app.notify("Choose a persona to edit.", severity="warning")
+            return
+        self.app.push_screen(PersonaEditorScreen(persona), self._persona_saved)
+
+    def action_new_persona(self) -> None:
+        self.app.push_screen(PersonaEditorScreen(None), self._persona_saved)
+
+    async def _persona_saved(self, persona) -> None:
+        if persona is None:
+            return
+        self.app.reload_personas()
+        for pane in self.panes():
+            if pane.persona.id == persona.id:
+                pane.persona = self.app.personas.get(persona.id, persona)
+                pane.refresh_chrome()
+                try:
+                    self.tabs.get_tab(f"{TAB_PREFIX}{persona.id}").label = pane.persona.name
+                except Exception:
+                    pass
+        self.app.notify(f"Saved persona {persona.name} ({persona.id}).", timeout=3)
+        if persona.id in self.app.personas:
+            await self.open_persona(persona.id)
+
+    def action_import_card(self) -> None:
+        self.app.push_screen(ImportCardScreen(), self._persona_saved)
+
+    def action_export_card(self) -> None:
+        persona = self._current_persona()
+        if persona is None:
+            self.app.notify("Choose a persona to export.", severity="warning")
+            return
+        self.app.push_screen(ExportCardScreen(persona))
+
+    # -- engine events ---------------------------------------------------------------
+    def on_model_load_progressed(self, message: msg.ModelLoadProgressed) -> None:
+        event = message.event
+        self.add_class("-loading")
+        self.query_one("#model-label", Label).update(f"Preparing the model: {event.label}")
+        self.query_one("#model-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
+
+    def on_model_loaded(self, message: msg.ModelLoaded) -> None:
+        self.remove_class("-loading")
+        event = message.event
+        self.app.model_name = event.name
+        self.title = f"Parley · {event.name}"
+
+    def on_conversation_opened(self, message: msg.ConversationOpened) -> None:
+        pane = self.pane_for_conversation(message.conversation_id)
+        if pane is not None:
+            pane.on_engine_opened(message.event)
+
+    async def on_message_saved(self, message: msg.MessageSaved) -> None:
+        pane = self.pane_for_conversation(message.conversation_id)
+        if pane is not None:
+            await pane.on_engine_saved(message.event)
+
+    def on_prefill_progressed(self, message: msg.PrefillProgressed) -> None:
+        pane = self.pane_for_conversation(message.conversation_id)
+        if pane is not None:
+            pane.on_engine_prefill(message.event)
+
+    async def on_tokens_generated(self, message: msg.TokensGenerated) -> None:
+        pane = self.pane_for_conversation(message.conversation_id)
+        if pane is not None:
+            await pane.on_engine_tokens(message.event)
+
+    async def on_reply_finished(self, message: msg.ReplyFinished) -> None:
+        pane = self.pane_for_conversation(message.conversation_id)
+        if pane is not None:
+            await pane.on_engine_finished(message.event)
+        self.refresh_caches()
+
+    def on_context_trimmed(self, message: msg.ContextTrimmed) -> None:
+        self.app.notify(f"The conversation outgrew the model's context: its {message.event.dropped_messages} oldest "
+                        "messages are no longer seen by the model (the transcript keeps them).", timeout=6)
+
+    def on_cache_states_changed(self, message: msg.CacheStatesChanged) -> None:
+        event = message.event
+        self.ram_states = {s.conversation_id: s for s in event.states}
+        self.query_one(RamGauge).update_usage(event.ram_bytes, event.budget_bytes)
+        self.refresh_caches()
+
+    def on_cache_discarded(self, message: msg.CacheDiscarded) -> None:
+        self.app.notify(f"A stored cache was dropped ({message.event.reason}); it is rebuilt from the transcript.",
+                        title="Cache discarded", severity="warning", timeout=6)
+
+    async def on_engine_failed(self, message: msg.EngineFailed) -> None:
+        self.app.notify(message.event.message, title="Engine", severity="error", timeout=10)
+        pane = self.pane_for_conversation(message.conversation_id)
+        if pane is not None:
+            await pane.on_engine_failed(message.event)
+
+
+class HelpScreen(ModalScreen):
+    """The keys, one table."""
+
+    BINDINGS = [Binding("escape,f1,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-box", classes="dialog"):
+            yield Markdown(HELP, id="help-text")
+            yield Static("escape closes", classes="dialog-hint")
+
+
+class PersonaEditorScreen(ModalScreen):
+    """Create or edit a persona; saving writes `<id>.toml` into the user's persona folder."""
+
+    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, persona=None) -> None:
+        super().__init__()
+        self.persona = persona
+
+    def compose(self) -> ComposeResult:
+        p = self.persona
+        title = f"Edit persona {p.name} ({p.id})" if p else "New persona"
+        with VerticalScroll(id="editor-box", classes="dialog"):
+            yield Label(title, classes="dialog-title")
+            yield Label("Name")
+            yield Input(p.name if p else "", placeholder="Captain Mara Vell", id="ed-name")
+            yield Label("Short description")
+            yield Input(p.description if p else "", placeholder="What this persona is for", id="ed-description")
+            yield Label("System prompt")
+            yield TextArea(p.system_prompt if p else "", id="ed-system", soft_wrap=True)
+            yield Label("Greetings (separate several with a line holding only ---)")
+            yield TextArea("\n---\n".join(p.greetings) if p else "", id="ed-greetings", soft_wrap=True)
+            yield Label("Scenario")
+            yield TextArea(p.scenario if p else "", id="ed-scenario", soft_wrap=True)
+            with Horizontal(classes="editor-row"):
+                with Vertical():
+                    yield Label("Colour")
+                    yield Input(p.color if p else "#5b8def", id="ed-color")
+                with Vertical():
+                    yield Label("Temperature")
+                    yield Input(str(p.temperature) if p else "0.7", id="ed-temperature")
+                with Vertical():
+                    yield Label("Top p")
+                    yield Input(str(p.top_p) if p else "0.95", id="ed-top-p")
+                with Vertical():
+                    yield Label("Max tokens")
+                    yield Input(str(p.max_tokens) if p else "512", id="ed-max-tokens")
+            yield Static("", id="ed-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Save (ctrl+s)", variant="primary", id="ed-save")
+                yield Button("Cancel (esc)", id="ed-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#ed-name").focus()
+
+    def _number(self, widget_id: str, kind):
+        raw = self.query_one(widget_id, Input).value.strip()
+        try:
+            return kind(raw)
+        except ValueError:
+            return raw  # build_persona reports it, naming the field
+
+    def build(self):
+        from app.personas import build_persona, new_persona_id
+
+        p = self.persona
+        fields = {}
+        if p is not None:
+            fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "source"}
+        greetings = [g.strip() for g in self.query_one("#ed-greetings", TextArea).text.split("\n---\n")]
+        name = self.query_one("#ed-name", Input).value.strip()
+        fields.update(
+            name=name,
+            description=self.query_one("#ed-description", Input).value,
+            system_prompt=self.query_one("#ed-system", TextArea).text,
+            greetings=[g for g in greetings if g],
+            scenario=self.query_one("#ed-scenario", TextArea).text,
+            color=self.query_one("#ed-color", Input).value.strip(),
+            temperature=self._number("#ed-temperature", float),
+            top_p=self._number("#ed-top-p", float),
+            max_tokens=self._number("#ed-max-tokens", int),
+        )
+        if p is None:
+            if not name:
+                raise ParleyError("The persona editor: field 'name' is empty. Give the persona a name.")
+            fields["id"] = new_persona_id(name, self.app.persona_dirs())
+        return build_persona(fields, "the persona editor")
+
+    def action_save(self) -> None:
+        from app.personas import save_persona
+
+        try:
+            persona = self.build()
+            path = save_persona(persona, self.app.user_persona_dir())
+        except ParleyError as exc:
+            self.query_one("#ed-error", Static).update(Text(str(exc), style="bold red"))
+            return
+        self.dismiss(dataclasses.replace(persona, source=path))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#ed-save")
+    def _save_pressed(self) -> None:
+        self.action_save()
+
+    @on(Button.Pressed, "#ed-cancel")
+    def _cancel_pressed(self) -> None:
+        self.dismiss(None)
+
+
+class ConversationsScreen(ModalScreen):
+    """Old conversations: enter reopens, d deletes (after a yes), a shows every persona's."""
+
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Close"),
+        Binding("d,delete", "delete", "Delete"),
+        Binding("a", "toggle_all", "All personas"),
+    ]
+
+    def __init__(self, persona_id: str | None) -> None:
+        super().__init__()
+        self.persona_id = persona_id
+        self.show_all = persona_id is None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="conversations-box", classes="dialog"):
+            yield Label("", id="conv-title", classes="dialog-title")
+            yield OptionList(id="conversation-list")
+            yield Static("enter reopen · d delete · a all personas / this one · escape close", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.refresh_list()
+        self.query_one(OptionList).focus()
+
+    def refresh_list(self) -> None:
+        catalog = self.app.catalog
+        pid = None if self.show_all else self.persona_id
+        convs = [c for c in catalog.list_conversations(persona_id=pid, kind="chat")]
+        who = "all personas" if pid is None else self.app.personas.get(pid).name if pid in self.app.personas else pid
+        self.query_one("#conv-title", Label).update(f"Conversations — {who}")
+        options = self.query_one(OptionList)
+        options.clear_options()
+        for conv in convs:
+            persona = self.app.personas.get(conv.persona_id)
+            text = Text()
+            text.append(f"{conv.title or 'New conversation'}", style="bold")
+            text.append(f"\n  {persona.name if persona else conv.persona_id} · {catalog.message_count(conv.id)} "
+                        f"messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
+            options.add_option(Option(text, id=str(conv.id)))
+        if convs:
+            options.highlighted = 0
+
+    def action_toggle_all(self) -> None:
+        if self.persona_id is not None:
+            self.show_all = not self.show_all
+            self.refresh_list()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(int(event.option.id))
+
+    def action_delete(self) -> None:
+        option = self.query_one(OptionList).highlighted_option
+        if option is None:
+            return
+        conversation_id = int(option.id)
+
+        async def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            self.app.submit(cmd.Evict(conversation_id))
+            self.app.catalog.delete_conversation(conversation_id)
+            self.refresh_list()
+            self.app.notify("Conversation deleted.", timeout=2)
+            screen = self.app.chat_screen
+            if screen is not None:
+                await screen.conversation_deleted(conversation_id)
+
+        self.app.push_screen(ConfirmScreen("Delete this conversation and all its messages?"), confirmed)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box", classes="dialog"):
+            yield Label(self.question)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Yes (y)", variant="error", id="yes")
+                yield Button("No (n)", id="no")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+
+class ImportCardScreen(ModalScreen):
+    """Import a character card (V2/V3 JSON, PNG, CHARX) from a path."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="import-box", classes="dialog"):
+            yield Label("Import a character card (.json, .png or .charx)", classes="dialog-title")
+            yield Input(placeholder="/path/to/card.png", id="card-path")
+            yield Static("", id="card-error")
+            yield Static("enter imports · escape cancels", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    @on(Input.Submitted, "#card-path")
+    def _import(self, event: Input.Submitted) -> None:
+        from app.personas.cards import import_card
+
+        raw = event.value.strip()
+        if not raw:
+            return
+        try:
+            persona = import_card(Path(raw).expanduser(), self.app.user_persona_dir())
+        except ParleyError as exc:
+            self.query_one("#card-error", Static).update(Text(str(exc), style="bold red"))
+            return
+        self.dismiss(persona)
+
+
+class ExportCardScreen(ModalScreen):
+    """Export a persona as a Character Card V2 (.json or .png, by the name)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, persona) -> None:
+        super().__init__()
+        self.persona = persona
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="export-box", classes="dialog"):
+            yield Label(f"Export {self.persona.name} as a character card (.json or .png)", classes="dialog-title")
+            yield Input(str(Path.cwd() / f"{self.persona.id}.json"), id="export-path")
+            yield Static("", id="export-error")
+            yield Static("enter exports · escape cancels", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+
+    @on(Input.Submitted, "#export-path")
+    def _export(self, event: Input.Submitted) -> None:
+        from app.personas.cards import export_card
+
+        try:
+            path = export_card(self.persona, Path(event.value.strip()).expanduser())
+        except ParleyError as exc:
+            self.query_one("#export-error", Static).update(Text(str(exc), style="bold red"))
+            return
+        self.app.notify(f"Exported {self.persona.name} to {path}.", timeout=4)
+        self.dismiss(path)
