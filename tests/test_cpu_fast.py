@@ -75,3 +75,37 @@ def test_embedded_model_sped_up_matches_the_4bit_reference(embedded_model_dir):
     assert (mx.argmax(a, axis=-1) == mx.argmax(b, axis=-1)).all().item()
     last = prefill_logits(fast.model, ids, make_prompt_cache(fast.model))
     _close(last, a[:, -1:], tol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_gemv_kernel_matches_mlx(bits):
+    from app.model import cpu_fast
+
+    k = cpu_fast.kernels()
+    if k is None or k.q4_fast() != 1:
+        pytest.skip("no C compiler or no AVX-512 here: decode stays on the fp32 path")
+    import mlx.nn as nn
+
+    mx.random.seed(0)
+    layer = nn.QuantizedLinear(96, 80, bias=False, group_size=32, bits=bits)
+    x = mx.random.normal((1, 1, 96))
+    _close(cpu_fast._Q4.of(layer)(x), layer(x), tol=1e-5)
+
+
+def test_decode_steps_use_the_quantized_kernels_when_available(tiny_model_dir):
+    from app.model import cpu_fast
+
+    lm = load_model(str(tiny_model_dir))
+    layer = lm.model.model.layers[0]
+    assert isinstance(layer.self_attn, cpu_fast._CpuAttention) == (cpu_fast.kernels() is not None)
+    if cpu_fast.kernels() is not None and cpu_fast.kernels().q4_fast() == 1:
+        assert layer.self_attn.__dict__["_qkv"] is not None
+        assert layer.mlp.__dict__["_gate_up"] is not None
+    # parameters stay plain fp32 arrays: nothing extra leaks into the parameter tree
+    from mlx.utils import tree_flatten
+
+    params = dict(tree_flatten(lm.model.parameters()))
+    assert all(v.dtype == mx.float32 for v in params.values())
+    ref = load_model(str(tiny_model_dir), fast_cpu=False)
+    assert {k.rsplit(".", 1)[0] for k in params} >= {k.rsplit(".", 1)[0] for k in dict(tree_flatten(ref.model.parameters()))
+                                                      if not k.endswith(("scales", "biases"))}

@@ -238,23 +238,21 @@ def _fresh(a: mx.array) -> mx.array:
     return a
 
 
-class _CpuAttention(nn.Module):
+class _CpuAttention:
     """llama-style attention for the CPU: BLAS matmuls for QK^T and PV, softmax in the C kernel.
 
-    Wraps the model's own attention module (its projections and rope are reused as they are).
-    Falls back to the wrapped module for masks other than None/"causal" and for caches that
+    Mixed into the model's own attention class by `_retype` (projections and rope used as they are).
+    Falls back to the original __call__ for masks other than None/"causal" and for caches that
     do not hand back plain fp32 keys/values (e.g. mlx-lm's QuantizedKVCache).
     """
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        object.__setattr__(self, "_qkv", _stack_q4([inner.q_proj, inner.k_proj, inner.v_proj]))
+    def _cpu_prepare(self) -> None:
+        object.__setattr__(self, "_qkv", _stack_q4([self.q_proj, self.k_proj, self.v_proj]))
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        a = self.inner
+        a = self
         if (mask is not None and not (isinstance(mask, str) and mask == "causal")) or hasattr(cache, "bits"):
-            return a(x, mask, cache)
+            return super().__call__(x, mask, cache)
         B, L, _ = x.shape
         H, Hkv = a.n_heads, a.n_kv_heads
         G = H // Hkv
@@ -274,7 +272,7 @@ class _CpuAttention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         if k.dtype != mx.float32:
-            return a(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+            return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
         D = q.shape[-1]
         T = k.shape[2]
         # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
@@ -287,22 +285,20 @@ class _CpuAttention(nn.Module):
     def _mlx_tail(self, q, k, v, mask, B, L):
         from mlx_lm.models.base import scaled_dot_product_attention
 
-        a = self.inner
+        a = self
         out = scaled_dot_product_attention(q, k, v, cache=None, scale=a.scale, mask=mask)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-class _CpuMLP(nn.Module):
+class _CpuMLP:
     """SwiGLU MLP with silu(gate)*up in the C kernel (prefill only; one-token steps stay in MLX)."""
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        object.__setattr__(self, "_gate_up", _stack_q4([inner.gate_proj, inner.up_proj]))
-        object.__setattr__(self, "_down", _stack_q4([inner.down_proj]))
+    def _cpu_prepare(self) -> None:
+        object.__setattr__(self, "_gate_up", _stack_q4([self.gate_proj, self.up_proj]))
+        object.__setattr__(self, "_down", _stack_q4([self.down_proj]))
 
     def __call__(self, x: mx.array) -> mx.array:
-        m = self.inner
+        m = self
         gate_up, down = self.__dict__.get("_gate_up"), self.__dict__.get("_down")
         if x.size == x.shape[-1] and gate_up is not None and down is not None:
             # decode step: gate/up gemv, SiLU*up and down gemv all on the host buffers
@@ -311,7 +307,7 @@ class _CpuMLP(nn.Module):
             kernels().silu_mul(y.ctypes.data, y[n:].ctypes.data, n)
             return mx.array(down.numpy(y[:n])).reshape(x.shape)
         if x.shape[-2] == 1:
-            return m(x)
+            return super().__call__(x)
         g = _fresh(m.gate_proj(x))
         u = _fresh(m.up_proj(x))
         kernels().silu_mul(_ptr(g), _ptr(u), g.size)
@@ -419,7 +415,7 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     """Rewrite `model` in place for MLX's CPU backend.
 
     Quantized layers become fp32 ones (all weights fp32); on llama-family models whose
-    attention/MLP match mlx-lm's llama modules, attention and MLP are wrapped with the
+    attention/MLP match mlx-lm's llama modules, attention and MLP get the
     C-kernel versions above when the kernels compile. Outputs stay equal to the original
     within fp32 rounding (tests/test_cpu_fast.py).
     """
@@ -450,9 +446,26 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     for layer in getattr(getattr(model, "model", model), "layers", []):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is not None and _is_llama_attention(attn) and not isinstance(attn, _CpuAttention):
-            layer.self_attn = _CpuAttention(attn)
-        if mlp is not None and _is_swiglu_mlp(mlp):
-            layer.mlp = _CpuMLP(mlp)
+            _retype(attn, _CpuAttention)
+        if mlp is not None and _is_swiglu_mlp(mlp) and not isinstance(mlp, _CpuMLP):
+            _retype(mlp, _CpuMLP)
+
+
+_retyped: dict = {}
+
+
+def _retype(module: nn.Module, mixin: type) -> None:
+    """Give `module` a subclass of its own class with `mixin`'s __call__ in front.
+
+    The module keeps its attributes and parameter names (nothing is wrapped), so weights,
+    `named_modules()` and code that reads e.g. `layer.self_attn.n_kv_heads` see no difference.
+    """
+    cls = type(module)
+    key = (cls, mixin)
+    if key not in _retyped:
+        _retyped[key] = type(f"Cpu{cls.__name__}", (mixin, cls), {})
+    module.__class__ = _retyped[key]
+    module._cpu_prepare()
 
 
 def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
