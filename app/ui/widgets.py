@@ -45,7 +45,7 @@ def stats_line(stats: dict | ev.ReplyStats | None, cancelled: bool = False) -> s
         line = (
             f"ttft {float(stats.get('ttft_ms', 0)):.0f} ms · reused {int(stats.get('reused_tokens', 0))}"
             f" · prefilled {int(stats.get('prefilled_tokens', 0))} · {int(stats.get('generated_tokens', 0))} tok"
-            f" at {float(stats.get('decode_tps', 0)):.1f} tok/s · cache {stats.get('cache', 'none')}"
+            f" @ {float(stats.get('decode_tps', 0)):.1f} tok/s · cache {stats.get('cache', 'none')}"
         )
     except (TypeError, ValueError):
         return ""
@@ -60,7 +60,7 @@ class CacheSummary:
 
     def label(self) -> str:
         if self.where == "none":
-            return "none"
+            return "no cache"
         return f"{self.where} {self.tokens} tok {human_bytes(self.bytes)}"
 
 
@@ -246,7 +246,9 @@ class MessageView(Vertical, can_focus=True):
     def compose(self) -> ComposeResult:
         yield Static(self._head(), classes="msg-head")
         yield Markdown(clean(self.text), classes="msg-body")
-        yield Static(self.stats, classes="msg-stats")
+        stats = Static(self.stats, classes="msg-stats")
+        stats.display = bool(self.stats)
+        yield stats
 
     def _head(self) -> Text:
         text = Text()
@@ -268,7 +270,9 @@ class MessageView(Vertical, can_focus=True):
 
     def set_stats(self, stats: str) -> None:
         self.stats = stats
-        self.query_one(".msg-stats", Static).update(stats)
+        line = self.query_one(".msg-stats", Static)
+        line.update(stats)
+        line.display = bool(stats)
 
     # streaming ---------------------------------------------------------------
     async def write(self, delta: str) -> None:
@@ -368,7 +372,7 @@ class ChatPane(Vertical):
             return "Editing a past message: enter resends it as a new branch · escape cancels"
         if self.generating:
             return "Replying… escape stops"
-        return "enter send · ctrl+j new line · ↑ select a message · ctrl+r regenerate · F1 help"
+        return "enter send · ctrl+j new line · ↑ pick a message · F1 keys"
 
     def refresh_chrome(self) -> None:
         self.query_one(".chat-header", Static).update(self._header())

@@ -1,0 +1,92 @@
+"""Snapshot tests of the main screens (pytest-textual-snapshot).
+
+Deterministic: fixed terminal size and theme, the model's name replaced in the title,
+snapshots taken once the engine has answered, and the one chat shown is written to the
+catalog beforehand with fixed figures (the tiny model's replies and timings vary).
+Update after a deliberate change: pytest tests/test_ui_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_textual_snapshot
+
+from app.catalog import Catalog
+from app.engine import events as ev
+from app.ui.app import DARK, ParleyApp
+from tests.ui_helpers import events_of, wait_until, write_personas
+
+SIZE = (110, 34)
+STATS = {"ttft_ms": 42.0, "reused_tokens": 80, "prefilled_tokens": 12, "generated_tokens": 57,
+         "decode_tps": 31.5, "cache": "disk"}
+
+
+class ParleySnapshots(pytest_textual_snapshot.SVGImageExtension):
+    """The SVGs live in tests/snapshots/<test file>/ (not syrupy's __snapshots__)."""
+
+    @classmethod
+    def dirname(cls, *, test_location) -> str:
+        return str(Path(test_location.filepath).parent / "snapshots" / test_location.basename)
+
+
+@pytest.fixture(autouse=True)
+def snapshots_in_tests_snapshots(monkeypatch):
+    monkeypatch.setattr(pytest_textual_snapshot, "SVGImageExtension", ParleySnapshots)
+
+
+@pytest.fixture
+def app(tiny_model_dir, tmp_path) -> ParleyApp:
+    return ParleyApp(model=str(tiny_model_dir), personas_dirs=[write_personas(tmp_path / "personas")], theme=DARK)
+
+
+async def settle(pilot) -> None:
+    app = pilot.app
+    await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+    await pilot.pause(0.1)
+    app.chat_screen.title = "Parley · tiny"
+    await pilot.pause(0.1)
+
+
+async def open_tester(pilot) -> None:
+    app = pilot.app
+    await pilot.press(*"tester", "enter")
+    await wait_until(pilot, lambda: events_of(app, ev.ConversationOpened) and events_of(app, ev.CacheStatesChanged),
+                     what="the conversation to open")
+    await settle(pilot)
+
+
+def test_empty_start(app, snap_compare):
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle)
+
+
+def test_chat_with_messages(app, snap_compare):
+    with Catalog() as catalog:
+        conversation = catalog.create_conversation("tester")
+        catalog.add_message(conversation, "user", "How do I boil an egg?")
+        catalog.add_message(conversation, "assistant", "Like this:\n\n1. Bring water to a **boil**.\n"
+                            "2. Lower the egg in for `7` minutes.\n3. Cool it in cold water.",
+                            meta={"stats": STATS})
+        catalog.add_message(conversation, "user", "And a soft one?")
+        catalog.add_message(conversation, "assistant", "Six minutes, then straight into *cold* water.",
+                            meta={"stats": STATS})
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_tester)
+
+
+def test_help_screen(app, snap_compare):
+    async def run_before(pilot):
+        await settle(pilot)
+        await pilot.press("f1")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_persona_editor(app, snap_compare):
+    async def run_before(pilot):
+        await open_tester(pilot)
+        await pilot.press("f2")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
