@@ -67,7 +67,7 @@ def checksum(arrays: dict[str, mx.array]) -> str:
         a = arrays[name]
         raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
         digest.update(f"{name}|{a.dtype}|{tuple(a.shape)}|".encode())
-        digest.update(memoryview(np.ascontiguousarray(np.asarray(raw))).cast("B"))
+        digest.update(np.ascontiguousarray(np.asarray(raw)).reshape(-1).view(np.uint8))  # empty arrays too (an empty tail)
     return digest.hexdigest()
 
 
