@@ -155,6 +155,36 @@ void q8_gemv(const unsigned char *w, const float *s, const float *b, const float
     }
 }
 
+/* One query row per head against a KV cache (decode step): out[h][D] = softmax(scale q_h K^T) V
+   for the kv head h / (H / Hkv). Rows of K/V are contiguous (D floats); heads are k_hs/v_hs
+   floats apart (the cache buffer may be longer than T). */
+void attn_decode(const float *q, const float *k, const float *v, float *out, float *s,
+                 long H, long Hkv, long T, long D, long k_hs, long v_hs, float scale) {
+    long G = H / Hkv;
+    for (long h = 0; h < H; h++) {
+        const float *qh = q + h * D, *kh = k + (h / G) * k_hs, *vh = v + (h / G) * v_hs;
+        float m = -FLT_MAX;
+        for (long t = 0; t < T; t++) {
+            float d = 0.f;
+            #pragma omp simd reduction(+:d)
+            for (long i = 0; i < D; i++) d += qh[i] * kh[t * D + i];
+            d *= scale;
+            s[t] = d;
+            m = d > m ? d : m;
+        }
+        float sum = 0.f;
+        #pragma omp simd reduction(+:sum)
+        for (long t = 0; t < T; t++) { float e = expf(s[t] - m); s[t] = e; sum += e; }
+        float *oh = out + h * D;
+        for (long i = 0; i < D; i++) oh[i] = 0.f;
+        for (long t = 0; t < T; t++) {
+            float p = s[t] / sum;
+            #pragma omp simd
+            for (long i = 0; i < D; i++) oh[i] += p * vh[t * D + i];
+        }
+    }
+}
+
 /* g[i] = silu(g[i]) * u[i], in place over g. */
 void silu_mul(float *g, const float *u, long n) {
     #pragma omp simd
@@ -212,6 +242,8 @@ def kernels() -> ctypes.CDLL | None:
         k.q4_gemv.restype = None
         k.q8_gemv.argtypes = [P, P, P, P, P, L, L]
         k.q8_gemv.restype = None
+        k.attn_decode.argtypes = [P, P, P, P, P, L, L, L, L, L, L, ctypes.c_float]
+        k.attn_decode.restype = None
         k.q4_fast.restype = ctypes.c_int
         _kernels = k
         break
@@ -275,6 +307,8 @@ class _CpuAttention:
             return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
         D = q.shape[-1]
         T = k.shape[2]
+        if B * L == 1:
+            return a.o_proj(_attn_decode(q, k, v, a.scale).reshape(1, 1, H * D))
         # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
         qg = (q * a.scale).reshape(B, Hkv, G * L, D)
         scores = _fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
@@ -365,6 +399,33 @@ def _host(x: mx.array):
 
     mx.eval(x)
     return np.ascontiguousarray(np.asarray(memoryview(x)), dtype=np.float32).reshape(-1)
+
+
+def _attn_strided(x: mx.array):
+    """Host view of an evaluated [1, heads, T, D] fp32 array with contiguous rows; returns (array, head stride)."""
+    import numpy as np
+
+    a = np.asarray(memoryview(x))
+    if a.dtype != np.float32 or a.strides[-1] != 4 or a.strides[-2] != 4 * a.shape[-1] or a.strides[1] % 4:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    return a, a.strides[1] // 4
+
+
+def _attn_decode(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(scale q K^T) V for one query position ([1, H, 1, D]) in the C kernel, no BLAS calls."""
+    import numpy as np
+
+    mx.eval(q, k, v)
+    qa = np.ascontiguousarray(np.asarray(memoryview(q)), dtype=np.float32)
+    ka, k_hs = _attn_strided(k)
+    va, v_hs = _attn_strided(v)
+    _, H, _, D = qa.shape
+    Hkv, T = ka.shape[1], ka.shape[2]
+    out = np.empty(H * D, np.float32)
+    scratch = np.empty(T, np.float32)
+    kernels().attn_decode(qa.ctypes.data, ka.ctypes.data, va.ctypes.data, out.ctypes.data, scratch.ctypes.data,
+                          H, Hkv, T, D, k_hs, v_hs, float(scale))
+    return mx.array(out)
 
 
 def _stack_q4(layers) -> "_Q4 | None":
