@@ -30,12 +30,17 @@ def make_app(tiny_model_dir, personas_dir):
     return make
 
 
-async def open_persona(pilot, name: str) -> ChatPane:
-    """Type into the persona filter and press enter, as a user would."""
+async def open_persona(pilot, name: str, type_it: bool = False) -> ChatPane:
+    """Filter the persona list (typed key by key, or pasted) and press enter, as a user would."""
     app = pilot.app
     await pilot.press("ctrl+f")
-    app.chat_screen.query_one("#persona-filter").value = ""
-    await pilot.press(*name.lower(), "enter")
+    box = app.chat_screen.query_one("#persona-filter")
+    box.value = ""
+    if type_it:
+        await pilot.press(*name.lower())
+    else:
+        box.value = name.lower()
+    await pilot.press("enter")
     await wait_until(pilot, lambda: (p := app.chat_screen.active_pane()) is not None and p.persona.name == name,
                      what=f"the {name} tab")
     return app.chat_screen.active_pane()
@@ -45,10 +50,15 @@ def replies(app, conversation_id: int) -> list[ev.ReplyFinished]:
     return [e for e in events_of(app, ev.ReplyFinished) if e.conversation_id == conversation_id]
 
 
-async def send(pilot, pane: ChatPane, text: str) -> ev.ReplyFinished:
+async def send(pilot, pane: ChatPane, text: str, type_it: bool = False) -> ev.ReplyFinished:
+    """Send a message (typed key by key, or pasted into the box) and wait for the finished reply."""
     before = len(replies(pilot.app, pane.conversation_id))
     pane.composer.focus()
-    await pilot.press(*text, "enter")
+    if type_it:
+        await pilot.press(*text)
+    else:
+        pane.composer.text = text
+    await pilot.press("enter")
     await wait_until(pilot, lambda: len(replies(pilot.app, pane.conversation_id)) > before and not pane.generating,
                      what="the reply")
     await pilot.pause(0.05)
@@ -58,9 +68,9 @@ async def send(pilot, pane: ChatPane, text: str) -> ev.ReplyFinished:
 async def test_open_send_stream_and_finish_with_stats(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        pane = await open_persona(pilot, "Tester")
+        pane = await open_persona(pilot, "Tester", type_it=True)
         assert pane.query(".greeting"), "the persona's greeting opens the chat"
-        finished = await send(pilot, pane, "hello there")
+        finished = await send(pilot, pane, "hello there", type_it=True)
         streamed = [e for e in events_of(app, ev.TokensGenerated) if e.conversation_id == pane.conversation_id]
         assert streamed, "tokens streamed before the reply finished"
         assert "".join(e.text for e in streamed) == finished.text
@@ -129,6 +139,10 @@ async def test_regenerate_and_browse_alternatives(make_app):
         await pilot.press("right")
         await pilot.pause()
         assert pane.message_views()[-1].message_id == second.message_id
+        # copy the selected reply
+        assert app.focused is pane.message_views()[-1]
+        await pilot.press("c")
+        assert app.clipboard == second.text
 
 
 async def test_edit_a_past_message_and_resend(make_app):
@@ -213,6 +227,14 @@ async def test_restart_resumes_the_conversation_from_disk(make_app):
         assert "cache disk" in str(pane.query_one(".chat-header").render())
         second = await send(pilot, pane, "and again")
         assert second.stats.reused_tokens > 0
+    # a third start: moving the list's cursor onto the persona prefetches its conversation into RAM
+    third = make_app()
+    async with third.run_test(size=SIZE) as pilot:
+        persona_list = third.chat_screen.query_one(PersonaList)
+        await wait_until(pilot, lambda: persona_list.cache_of("tester").where == "disk", what="the cache on disk")
+        third.chat_screen.query_one("#persona-filter").value = "test"
+        await wait_until(pilot, lambda: persona_list.cache_of("tester").where == "ram", what="the prefetch")
+        assert third.chat_screen.active_pane() is None
 
 
 async def test_new_conversation_list_reopen_and_delete(make_app):
