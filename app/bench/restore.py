@@ -67,6 +67,9 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
         def load():
             c = pool.load(key)
             assert isinstance(c, ConversationCache) and c.n_tokens == n, c
+            # BlockPool.load evaluates the keys only; the values would be decoded at the first forward pass:
+            # count them here, so restore is the whole cost of getting the working copy.
+            mx.eval([layer.values for layer in c.layers])
             return c
 
         def parts():
