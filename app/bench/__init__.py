@@ -24,6 +24,7 @@ PARTS: dict[str, str] = {
     "save": "app.bench.save:run",
     "agents": "app.bench.agents:run",
     "peer": "app.bench.peer:run",
+    "scene": "app.bench.scene:run",
 }
 
 

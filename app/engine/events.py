@@ -117,3 +117,46 @@ class EngineFailed(Event):
 
     message: str
     conversation_id: int | None = None
+
+
+# -- scenes (several personas in one room; app.engine.scene) -----------------
+
+
+@dataclass(frozen=True)
+class SceneRoundStarted(Event):
+    """A scene round began: these personas will reply, in this order (after the user's message, if any)."""
+
+    conversation_id: int
+    speakers: tuple[str, ...]
+    user_message_id: int | None = None
+
+
+@dataclass(frozen=True)
+class SceneTokensGenerated(Event):
+    """New text of one persona's reply in a scene round (several personas stream at once)."""
+
+    conversation_id: int
+    persona_id: str
+    text: str  # the new text since this persona's previous event
+
+
+@dataclass(frozen=True)
+class SceneReplyFinished(Event):
+    """One persona's reply of a scene round is done and saved (message_id 0: nothing was saved)."""
+
+    conversation_id: int
+    persona_id: str
+    message_id: int
+    text: str
+    stats: ReplyStats
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class SceneRoundFinished(Event):
+    """The round is over: every reply is saved and every speaker's cache persisted."""
+
+    conversation_id: int
+    speakers: tuple[str, ...] = ()
+    batch_tps: float = 0.0  # tokens/s of all speakers together while they decoded as one batch
+    cancelled: bool = False
