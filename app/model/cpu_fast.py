@@ -7,17 +7,32 @@ SmolLM2-135M, `parley bench --quick`:
   prefill ~11 tokens/s. Dequantized to fp32 they go through BLAS sgemm
   (~230 GFLOP/s) -> ~240 tokens/s. fp16/bf16 have no BLAS path (10x slower)
   and 4/8-bit `quantized_matmul` gemv is 2x slower than fp32 gemv even at
-  M=1, so fp32 is the fastest format for both prefill and decode.
+  M=1, so among MLX's own kernels fp32 is the fastest for prefill and decode.
 * With fp32 matmuls, ~75% of prefill time went to `exp`: MLX's CPU backend
   evaluates exp/sigmoid one scalar at a time (~28 ns each here, also inside
   `mx.compile`d kernels), i.e. the softmax of SDPA and the SiLU of the MLP.
   `speed_up_for_cpu` therefore swaps the llama-style attention and MLP for
   versions that keep the matmuls in MLX/BLAS and run softmax and SiLU*up in a
-  small C kernel (vectorized `expf`, OpenMP), compiled once with the system C
+  small C kernel (vectorized `expf`; no OpenMP: its spinning threads fought
+  OpenBLAS on 2 cores), compiled once with the system C
   compiler and cached (`kernels()`); without a compiler they stay pure MLX.
-  The kernels work in place on freshly evaluated MLX buffers, so the swapped
-  modules evaluate at each attention/MLP (fine on CPU: no queue to keep full).
+  The kernels work in place on freshly evaluated MLX buffers, so these paths
+  evaluate at each attention/MLP (fine on CPU: no GPU queue to keep full).
+* Decode (one token) is memory-bound: fp32 gemv streams 540 MB a token
+  (~14-18 GB/s here). Decode steps instead use the original 4-bit (layers)
+  and 8-bit (tied embedding/head) weights, kept outside the parameter tree,
+  through AVX-512 gemv kernels that read 4-8x fewer bytes (q/k/v and
+  gate/up fused into one call each; SiLU*up and the down projection stay on
+  the host buffer), and the decode attention runs in C over the KV cache
+  buffers (no tiny BLAS calls, whose thread wake-ups cost more than the math).
+  The quantized kernels compute exactly q*scale+bias in fp32, so decode logits
+  match MLX's 4-bit reference to ~1e-5; prefill uses the same weights
+  dequantized exactly to fp32 (fp32 scales: no fp16 rounding).
+* Modules are not wrapped: their classes get a CPU mixin (`_retype`), so
+  parameter names and attributes stay those of mlx-lm.
 
+Without a C compiler everything stays pure MLX (fp32 weights); without
+AVX-512 the quantized decode kernels are off (fp32 gemv instead).
 Apple silicon never calls this: on Metal the quantized kernels are fast.
 `PARLEY_CPU_KERNELS=0` turns the C kernels off.
 """
