@@ -360,3 +360,49 @@ async def test_engine_failure_is_a_notification(tiny_model_dir, personas_dir, tm
         await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the engine to fail")
         await pilot.pause(0.1)
         assert any(n.severity == "error" for n in app._notifications)
+
+
+async def test_progress_bars_for_model_preparation_and_long_prefills(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.chat_screen
+        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await pilot.pause(0.05)
+        assert not screen.query_one("#model-progress").display or not screen.has_class("-loading")
+        # first-run preparation reports progress through the same path as the engine thread
+        app._engine_event(ev.ModelLoadProgressed(3, 10, "converting the model"))
+        await wait_until(pilot, lambda: screen.has_class("-loading"), what="the model bar")
+        bar = screen.query_one("#model-bar")
+        assert bar.total == 10 and bar.progress == 3
+        assert "converting the model" in str(screen.query_one("#model-label").render())
+        app._engine_event(ev.ModelLoaded("tiny", "f" * 64, 2048, "cpu"))
+        await wait_until(pilot, lambda: not screen.has_class("-loading"), what="the model bar to go")
+        # a long message: the prefill reports progress, the pane shows a bar, then the reply streams
+        pane = await open_persona(pilot, "Tester")
+        long_text = " ".join(f"word{i}" for i in range(100))
+        await send(pilot, pane, long_text)
+        progressed = [e for e in events_of(app, ev.PrefillProgressed) if e.conversation_id == pane.conversation_id]
+        assert progressed and progressed[-1].done == progressed[-1].total
+        prefill_bar = pane.query_one(".prefill-bar")
+        assert prefill_bar.total == progressed[-1].total
+        assert not pane.has_class("-prefilling")
+        # a message too long for the context window: the engine refuses, the app says so and keeps the text
+        too_long = " ".join(f"word{i}" for i in range(400))
+        pane.composer.text = too_long
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
+        await wait_until(pilot, lambda: not pane.generating, what="the pane to settle")
+        assert pane.composer.text == too_long
+        assert any("context window" in n.message for n in app._notifications)
+        assert [v.role for v in pane.message_views()] == ["user", "assistant"]
+
+
+async def test_cache_discarded_and_trimmed_context_are_notified(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        app._engine_event(ev.CacheDiscarded(1, "checksum mismatch"))
+        app._engine_event(ev.ContextTrimmed(1, 4))
+        await wait_until(pilot, lambda: len(app._notifications) >= 2, what="the notifications")
+        texts = " ".join(n.message for n in app._notifications)
+        assert "checksum mismatch" in texts and "4 oldest" in texts

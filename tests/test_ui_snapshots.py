@@ -41,12 +41,23 @@ def app(tiny_model_dir, tmp_path) -> ParleyApp:
     return ParleyApp(model=str(tiny_model_dir), personas_dirs=[write_personas(tmp_path / "personas")], theme=DARK)
 
 
+async def still(pilot) -> None:
+    """No blinking cursors: a snapshot must not depend on when in the blink it is taken."""
+    from textual.widgets import Input, TextArea
+
+    for screen in pilot.app.screen_stack:
+        for widget in screen.query("Input, TextArea"):
+            if isinstance(widget, (Input, TextArea)):
+                widget.cursor_blink = False
+    await pilot.pause(0.1)
+
+
 async def settle(pilot) -> None:
     app = pilot.app
     await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
     await pilot.pause(0.1)
     app.chat_screen.title = "Parley · tiny"
-    await pilot.pause(0.1)
+    await still(pilot)
 
 
 async def open_tester(pilot) -> None:
@@ -79,6 +90,7 @@ def test_help_screen(app, snap_compare):
         await settle(pilot)
         await pilot.press("f1")
         await pilot.pause(0.2)
+        await still(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
@@ -88,5 +100,6 @@ def test_persona_editor(app, snap_compare):
         await open_tester(pilot)
         await pilot.press("f2")
         await pilot.pause(0.2)
+        await still(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

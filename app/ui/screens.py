@@ -46,7 +46,7 @@ HELP = """\
 | **F4** | import a character card · **F5** export this persona as a card |
 | **ctrl+t** | light / dark theme |
 | **ctrl+p** | command palette: every action |
-| **F1**, **?** | this help |
+| **F1** (or **?** outside a text box) | this help |
 | **ctrl+q** | quit |
 
 Persona list: **ram** = cache in memory (instant), **disk** = on disk (loads in a moment), **none** = built on the first reply.

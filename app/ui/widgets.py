@@ -333,6 +333,7 @@ class ChatPane(Vertical):
         self.editing: int | None = None  # the user message being edited
         self.cache_source = ""
         self.cache_tokens = 0
+        self.last_sent = ""  # given back to the message box when the engine refuses it
 
     # layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -464,6 +465,7 @@ class ChatPane(Vertical):
     async def send(self, text: str) -> bool:
         if not text.strip():
             return False
+        self.last_sent = text
         if self.generating:
             self.app.notify("A reply is still coming: wait, or press escape to stop it.", severity="warning")
             return False
@@ -619,6 +621,7 @@ class ChatPane(Vertical):
                 await live.stop_stream()
                 await live.remove()
         self.generating = False
+        self.last_sent = ""
         await self.reload()
         self.title_changed()
 
@@ -630,6 +633,10 @@ class ChatPane(Vertical):
         self.generating = False
         self.remove_class("-prefilling")
         await self.reload()
+        if self.last_sent and not self.composer.text and not any(
+                v.message_id is not None and v.text == self.last_sent for v in self.message_views()):
+            self.composer.text = self.last_sent  # nothing was saved: let the user shorten or fix it
+        self.last_sent = ""
 
     def title_changed(self) -> None:
         self.refresh_chrome()
