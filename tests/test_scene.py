@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -322,3 +321,17 @@ def test_cli_bad_input_fails_clearly(cli, capsys):
     assert "cat" in capsys.readouterr().err
     with Catalog() as catalog:
         assert all(not catalog.current_path(c.id) for c in catalog.list_conversations(kind="scene"))
+
+
+def test_bench_part_runs_on_the_tiny_model(tiny_model_dir):
+    from app.bench import PARTS, get_table
+    from app.bench.scene import measure, report
+    from app.model.loader import load_model
+
+    assert PARTS["scene"] == "app.bench.scene:run" and get_table("scene") is report
+    result = measure(load_model(str(tiny_model_dir)), n_tokens=5, repeats=1, say=lambda m: None)
+    assert result["same_tokens"] is True
+    for b in (2, 4, 6):
+        assert result[f"batch{b}_tps"] > 0 and result[f"batch{b}_solo_tps"] > 0
+    json.dumps(result)
+    assert "batch" in report(result)

@@ -29,7 +29,9 @@ def register(subparsers) -> None:
         "scene", help="several personas in one room: create a scene, or run one round",
         usage="parley scene new NAME PERSONA... | parley scene SCENE [MESSAGE] [--speakers a,b] [--json]",
         description="`parley scene new NAME PERSONA...` creates a scene of 2 to 6 personas and prints its id. "
-                    "`parley scene SCENE MESSAGE` runs one round (SCENE: id or name) and prints each reply.",
+                    "`parley scene SCENE MESSAGE` runs one round (SCENE: id or name) and prints each reply. "
+                    "Sampling options apply to every speaker of the round; what they leave out comes from the "
+                    "first speaker's persona (without any, each persona samples as it is set up).",
     )
     p.add_argument("words", nargs="+", metavar="ARG", help="`new NAME PERSONA...`, or `SCENE [MESSAGE]`")
     p.add_argument("--speakers", default=None, help="comma-separated persona ids to reply this round (default: every member)")

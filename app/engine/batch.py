@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 MAX_ROWS = 8  # rows per kernel call (accumulators kept in registers)
 
@@ -301,9 +302,12 @@ class RaggedDecoder:
         q = q.reshape(B, 1, H, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, 1, Hkv, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, 1, Hkv, -1).transpose(0, 2, 1, 3)
-        # rope row by row at each row's own position: an array of offsets is not bitwise the same
-        q = mx.concatenate([a.rope(q[b : b + 1], offset=c.offset) for b, c in enumerate(layer_caches)])
-        k = mx.concatenate([a.rope(k[b : b + 1], offset=c.offset) for b, c in enumerate(layer_caches)])
+        if type(a.rope) is nn.RoPE:  # one rope for all rows, each at its own position (bitwise the same)
+            offsets = mx.array([c.offset for c in layer_caches])
+            q, k = a.rope(q, offset=offsets), a.rope(k, offset=offsets)
+        else:
+            q = mx.concatenate([a.rope(q[b : b + 1], offset=c.offset) for b, c in enumerate(layer_caches)])
+            k = mx.concatenate([a.rope(k[b : b + 1], offset=c.offset) for b, c in enumerate(layer_caches)])
         rows = []
         for b, cache in enumerate(layer_caches):
             kk, vv = cache.update_and_fetch(k[b : b + 1], v[b : b + 1])

@@ -44,7 +44,7 @@ not depend on who else speaks in the round.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
@@ -232,8 +232,6 @@ def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
 
 def _decode_together(session, cid: int, seats: list[_Speaker]) -> tuple[float, float] | None:
     """Sample every speaker's next token, then feed all of them in one batch step, until all are done."""
-    from app.engine.batch import RaggedDecoder
-
     decoder = _decoder(session)
     eos = session.lm.tokenizer.eos_ids
     active = list(seats)
