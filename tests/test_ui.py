@@ -224,7 +224,8 @@ async def test_restart_resumes_the_conversation_from_disk(make_app):
         await wait_until(pilot, lambda: pane.cache_source != "", what="the conversation to open")
         assert pane.cache_source == "disk"
         assert pane.cache_tokens > 0
-        assert "cache disk" in str(pane.query_one(".chat-header").render())
+        await wait_until(pilot, lambda: "opened from disk" in str(pane.query_one(".chat-header").render()),
+                         what="the header to say where the cache came from")
         second = await send(pilot, pane, "and again")
         assert second.stats.reused_tokens > 0
     # a third start: moving the list's cursor onto the persona prefetches its conversation into RAM

@@ -78,6 +78,7 @@ class ChatScreen(Screen):
         self.budget_bytes = budget_bytes
         self.ram_states: dict[int, object] = {}
         self._last_open: int | None = None
+        self._disk_rows: list[dict] = []
 
     def compose(self) -> ComposeResult:
         yield Header(icon="❖")
@@ -143,7 +144,8 @@ class ChatScreen(Screen):
             s.tokens += state.tokens
             s.bytes += state.bytes
             ram_convs.add(state.conversation_id)
-        for row in self.app.disk_caches():
+        self._disk_rows = self.app.disk_caches()
+        for row in self._disk_rows:
             pid = row["persona_id"]
             if row["conversation_id"] in ram_convs or pid is None:
                 continue
@@ -154,6 +156,16 @@ class ChatScreen(Screen):
                 s.tokens += int(row["tokens"] or 0)
                 s.bytes += int(row["bytes"] or 0)
         self.query_one(PersonaList).set_caches(summary)
+        disk = {row["conversation_id"]: row for row in self._disk_rows}
+        for pane in self.panes():
+            state = self.ram_states.get(pane.conversation_id)
+            if state is not None:
+                pane.set_live_cache(CacheSummary("ram", state.tokens, state.bytes))
+            elif pane.conversation_id in disk:
+                row = disk[pane.conversation_id]
+                pane.set_live_cache(CacheSummary("disk", int(row["tokens"] or 0), int(row["bytes"] or 0)))
+            else:
+                pane.set_live_cache(None)
 
     # -- tabs ------------------------------------------------------------------
     async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False) -> ChatPane | None:
@@ -313,6 +325,10 @@ class ChatScreen(Screen):
         if pane is not None and pane.generating:
             self.app.notify("Wait for the reply (or press escape) first.", severity="warning")
             return
+        if pane is not None and not self.app.catalog.message_count(pane.conversation_id):
+            self.app.notify("This conversation is new already: type a message.", timeout=2)
+            pane.composer.focus()
+            return
         await self.open_persona(persona_id, new=True)
         self.app.notify(f"New conversation with {self.app.personas[persona_id].name}.", timeout=2)
 
@@ -466,6 +482,7 @@ class PersonaEditorScreen(ModalScreen):
         title = f"Edit persona {p.name} ({p.id})" if p else "New persona"
         with VerticalScroll(id="editor-box", classes="dialog"):
             yield Label(title, classes="dialog-title")
+            yield Static("ctrl+s saves to your persona folder · escape cancels", classes="dialog-hint")
             yield Label("Name")
             yield Input(p.name if p else "", placeholder="Captain Mara Vell", id="ed-name")
             yield Label("Short description")

@@ -44,8 +44,8 @@ def stats_line(stats: dict | ev.ReplyStats | None, cancelled: bool = False) -> s
     try:
         line = (
             f"ttft {float(stats.get('ttft_ms', 0)):.0f} ms · reused {int(stats.get('reused_tokens', 0))}"
-            f" · prefilled {int(stats.get('prefilled_tokens', 0))} · {int(stats.get('generated_tokens', 0))} tok"
-            f" @ {float(stats.get('decode_tps', 0)):.1f} tok/s · cache {stats.get('cache', 'none')}"
+            f" · prefilled {int(stats.get('prefilled_tokens', 0))} · {float(stats.get('decode_tps', 0)):.0f} tok/s"
+            f" · cache {stats.get('cache', 'none')}"
         )
     except (TypeError, ValueError):
         return ""
@@ -239,6 +239,7 @@ class MessageView(Vertical, can_focus=True):
         self.stats = stats
         self.alternatives = alternatives
         self.greeting = greeting
+        self.alternatives_known = message_id is not None and not streaming
         self._stream = None
         if greeting:
             self.can_focus = False
@@ -333,6 +334,7 @@ class ChatPane(Vertical):
         self.editing: int | None = None  # the user message being edited
         self.cache_source = ""
         self.cache_tokens = 0
+        self.live_cache: CacheSummary | None = None  # this conversation's cache now (from the engine's reports)
         self.last_sent = ""  # given back to the message box when the engine refuses it
 
     # layout ------------------------------------------------------------------
@@ -362,11 +364,21 @@ class ChatPane(Vertical):
         text = Text()
         text.append(self.persona.name, style=f"bold {self.persona.color}")
         text.append(f" — {title}")
-        if self.cache_source:
+        live = self.live_cache
+        if live is not None and live.where != "none":
+            text.append(f"   cache {live.where} {live.tokens} tok", style="dim")
+            if self.cache_source and self.cache_source != live.where:
+                text.append(f" (opened from {self.cache_source})", style="dim")
+        elif self.cache_source:
             text.append(f"   cache {self.cache_source}", style="dim")
             if self.cache_tokens:
-                text.append(f" ({self.cache_tokens} tokens)", style="dim")
+                text.append(f" {self.cache_tokens} tok", style="dim")
         return text
+
+    def set_live_cache(self, summary: "CacheSummary | None") -> None:
+        if summary != self.live_cache:
+            self.live_cache = summary
+            self.refresh_chrome()
 
     def _hint(self) -> str:
         if self.editing is not None:
@@ -417,7 +429,9 @@ class ChatPane(Vertical):
                 if not same_text:
                     break
                 view.message_id = message.id
-                view.set_alternatives(self._alternatives(message))
+                if not view.alternatives_known:  # a view of a message the engine just saved
+                    view.set_alternatives(self._alternatives(message))
+                    view.alternatives_known = True
                 keep += 1
             else:
                 break
@@ -582,6 +596,7 @@ class ChatPane(Vertical):
         self.editing = None
         self.conversation_id = conversation_id
         self.cache_source, self.cache_tokens = "", 0
+        self.live_cache = None
         await self.transcript.remove_children()
         await self.reload()
         if self.parent is not None and self.app.chat_screen.active_pane() is self:
