@@ -361,6 +361,8 @@ async def test_engine_failure_is_a_notification(tiny_model_dir, personas_dir, tm
         await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the engine to fail")
         await pilot.pause(0.1)
         assert any(n.severity == "error" for n in app._notifications)
+        assert app.chat_screen.has_class("-failed")
+        assert "no-such-model" in str(app.chat_screen.query_one("#model-label").render())
 
 
 async def test_progress_bars_for_model_preparation_and_long_prefills(make_app):

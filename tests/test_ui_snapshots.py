@@ -15,7 +15,7 @@ import pytest_textual_snapshot
 
 from app.catalog import Catalog
 from app.engine import events as ev
-from app.ui.app import DARK, ParleyApp
+from app.ui.app import DARK, LIGHT, ParleyApp
 from tests.ui_helpers import events_of, wait_until, write_personas
 
 SIZE = (110, 34)
@@ -82,6 +82,15 @@ def test_chat_with_messages(app, snap_compare):
         catalog.add_message(conversation, "user", "And a soft one?")
         catalog.add_message(conversation, "assistant", "Six minutes, then straight into *cold* water.",
                             meta={"stats": STATS})
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_tester)
+
+
+def test_chat_in_the_light_theme(tiny_model_dir, tmp_path, snap_compare):
+    with Catalog() as catalog:
+        conversation = catalog.create_conversation("tester")
+        catalog.add_message(conversation, "user", "Light or dark?")
+        catalog.add_message(conversation, "assistant", "Both: **ctrl+t** switches.", meta={"stats": STATS})
+    app = ParleyApp(model=str(tiny_model_dir), personas_dirs=[write_personas(tmp_path / "personas")], theme=LIGHT)
     assert snap_compare(app, terminal_size=SIZE, run_before=open_tester)
 
 

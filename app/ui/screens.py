@@ -79,6 +79,8 @@ class ChatScreen(Screen):
         self.ram_states: dict[int, object] = {}
         self._last_open: int | None = None
         self._disk_rows: list[dict] = []
+        self.running: int | None = None  # the conversation the engine is replying in now, if known
+        self.model_ready = False
 
     def compose(self) -> ComposeResult:
         yield Header(icon="❖")
@@ -285,6 +287,11 @@ class ChatScreen(Screen):
         pane = self.active_pane()
         if pane is None:
             return
+        if pane.generating and self.running is not None and self.running != pane.conversation_id:
+            other = self.pane_for_conversation(self.running)
+            who = other.persona.name if other else "another conversation"
+            self.app.notify(f"This reply waits for {who} to finish; stop that one first.", severity="warning")
+            return
         if pane.stop():
             return
         if pane.cancel_edit():
@@ -405,7 +412,8 @@ class ChatScreen(Screen):
         self.query_one("#model-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
 
     def on_model_loaded(self, message: msg.ModelLoaded) -> None:
-        self.remove_class("-loading")
+        self.model_ready = True
+        self.remove_class("-loading", "-failed")
         event = message.event
         self.app.model_name = event.name
         self.title = f"Parley · {event.name}"
@@ -421,19 +429,25 @@ class ChatScreen(Screen):
             await pane.on_engine_saved(message.event)
 
     def on_prefill_progressed(self, message: msg.PrefillProgressed) -> None:
+        self.running = message.conversation_id
         pane = self.pane_for_conversation(message.conversation_id)
         if pane is not None:
             pane.on_engine_prefill(message.event)
 
     async def on_tokens_generated(self, message: msg.TokensGenerated) -> None:
+        self.running = message.conversation_id
         pane = self.pane_for_conversation(message.conversation_id)
         if pane is not None:
             await pane.on_engine_tokens(message.event)
 
     async def on_reply_finished(self, message: msg.ReplyFinished) -> None:
+        if self.running == message.conversation_id:
+            self.running = None
         pane = self.pane_for_conversation(message.conversation_id)
         if pane is not None:
             await pane.on_engine_finished(message.event)
+            if pane is not self.active_pane() and not message.event.cancelled:
+                self.app.notify(f"{pane.persona.name} replied.", timeout=3)
         self.refresh_caches()
 
     def on_context_trimmed(self, message: msg.ContextTrimmed) -> None:
@@ -452,6 +466,12 @@ class ChatScreen(Screen):
 
     async def on_engine_failed(self, message: msg.EngineFailed) -> None:
         self.app.notify(message.event.message, title="Engine", severity="error", timeout=10)
+        if self.running == message.conversation_id:
+            self.running = None
+        if not self.model_ready and message.conversation_id is None:
+            # the model could not start: say so where the progress bar would be, for good
+            self.add_class("-loading", "-failed")
+            self.query_one("#model-label", Label).update(Text(message.event.message, style="bold red"))
         pane = self.pane_for_conversation(message.conversation_id)
         if pane is not None:
             await pane.on_engine_failed(message.event)

@@ -112,7 +112,7 @@ class PersonaList(Vertical):
         text.append("● ", style=persona.color)
         text.append(persona.name, style="bold")
         text.append("\n  ")
-        style = {"ram": "green", "disk": "yellow"}.get(cache.where, "dim")
+        style = {"ram": "#3fa34d", "disk": "#c98a00"}.get(cache.where, "dim")
         text.append(cache.label(), style=style)
         return text
 
