@@ -335,3 +335,16 @@ def test_bench_part_runs_on_the_tiny_model(tiny_model_dir):
         assert result[f"batch{b}_tps"] > 0 and result[f"batch{b}_solo_tps"] > 0
     json.dumps(result)
     assert "batch" in report(result)
+
+
+def test_row_kernels_leave_the_process_fp_state_alone():
+    """Linking with -ffast-math would turn on flush-to-zero for the whole process when the library loads."""
+    import subprocess
+    import sys
+
+    code = ("from app import fastblas; fastblas.preload()\n"
+            "from app.engine.batch import row_kernels\n"
+            "row_kernels()\n"
+            "print(5e-324 * 1.0 > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "True", out.stderr

@@ -21,7 +21,6 @@ import sys
 from app.cli.chat import add_sampling_options, find_persona, start_engine
 from app.errors import ParleyError
 
-MIN_MEMBERS, MAX_MEMBERS = 2, 6
 
 
 def register(subparsers) -> None:
@@ -50,29 +49,19 @@ def run(args) -> int:
 
 
 # -- parley scene new ---------------------------------------------------------------
-def validate_members(persona_ids: list[str]) -> list[str]:
-    ids = list(persona_ids)
-    if len(set(ids)) != len(ids):
-        raise ParleyError(f"A persona can sit in a scene only once: {', '.join(ids)}.")
-    if not MIN_MEMBERS <= len(ids) <= MAX_MEMBERS:
-        raise ParleyError(f"A scene has {MIN_MEMBERS} to {MAX_MEMBERS} personas, not {len(ids)}.")
-    for pid in ids:
-        find_persona(pid)
-    return ids
-
-
 def create(args) -> int:
     from app.catalog import Catalog
+    from app.engine.scene import create_scene
+    from app.personas import load_personas
 
     if len(args.words) < 2:
         raise ParleyError("Usage: parley scene new NAME PERSONA... (2 to 6 personas).")
-    name, members = args.words[1].strip(), validate_members(args.words[2:])
-    if not name:
-        raise ParleyError("A scene needs a name.")
+    name, members = args.words[1].strip(), args.words[2:]
     if name == "new" or name.isdigit():
         raise ParleyError(f"{name!r} cannot name a scene (it reads as a command or an id); pick another name.")
+    known = load_personas().personas
     with Catalog() as catalog:
-        scene_id = catalog.create_conversation(None, kind="scene", title=name, members=members)
+        scene_id = create_scene(catalog, name, members, known)
     if args.json:
         print(json.dumps({"scene": scene_id, "name": name, "members": members}))
     else:

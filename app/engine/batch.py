@@ -165,7 +165,10 @@ void q8_rows(const unsigned char *w, const float *s, const float *b, const float
     }
 }
 """
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC"]
+# Compiled with cpu_fast's flags (same code generation: rows bitwise equal to its gemv), but linked
+# without -ffast-math: linking with it pulls in crtfastmath.o, whose constructor turns on flush-to-zero
+# and denormals-are-zero for the whole process when the library is loaded.
+_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
@@ -185,7 +188,7 @@ def row_kernels() -> ctypes.CDLL | None:
     _lib = None
     if os.environ.get("PARLEY_CPU_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
         return None
-    key = hashlib.sha256((_C_SOURCE + " ".join(_CFLAGS) + _cpu_id()).encode()).hexdigest()[:16]
+    key = hashlib.sha256((_C_SOURCE + " ".join(_CFLAGS) + " -c; -shared" + _cpu_id()).encode()).hexdigest()[:16]
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parley" / "kernels"
     for folder in (base, Path(tempfile.gettempdir()) / f"parley-kernels-{os.getuid()}"):
         lib = folder / f"batch_kernels-{key}.so"
@@ -193,10 +196,11 @@ def row_kernels() -> ctypes.CDLL | None:
             if not lib.is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+                    src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
                     src.write_text(_C_SOURCE)
-                    subprocess.run([os.environ.get("CC", "cc"), *_CFLAGS, "-o", str(out), str(src), "-lm"],
-                                   check=True, capture_output=True, timeout=120)
+                    cc = os.environ.get("CC", "cc")
+                    subprocess.run([cc, *_CFLAGS, "-c", "-o", str(obj), str(src)], check=True, capture_output=True, timeout=120)
+                    subprocess.run([cc, "-shared", "-o", str(out), str(obj), "-lm"], check=True, capture_output=True, timeout=120)
                     os.replace(out, lib)  # atomic: a half-built library is never loaded
             k = ctypes.CDLL(str(lib))
         except (OSError, subprocess.SubprocessError):

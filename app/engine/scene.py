@@ -46,17 +46,35 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import mlx.core as mx
-
 from app.catalog.context import context_start, set_context_start
 from app.engine import commands as cmd
 from app.engine import events as ev
-from app.engine.generation import prefill
 from app.engine.prompt import build_prompt, common_prefix
 from app.errors import ParleyError
 
 MIN_MEMBERS, MAX_MEMBERS = 2, 6
 USER_NAME = "User"
+
+
+def check_members(members, known) -> list[str]:
+    """A scene's members, validated: 2 to 6 distinct persona ids, each one of `known`. No MLX needed."""
+    ids = list(members)
+    if len(set(ids)) != len(ids):
+        raise ParleyError(f"A persona can sit in a scene only once: {', '.join(ids)}.")
+    if not MIN_MEMBERS <= len(ids) <= MAX_MEMBERS:
+        raise ParleyError(f"A scene has {MIN_MEMBERS} to {MAX_MEMBERS} personas, not {len(ids)}.")
+    unknown = [pid for pid in ids if pid not in set(known)]
+    if unknown:
+        raise ParleyError(f"Unknown persona {unknown[0]!r}. Known personas: {', '.join(sorted(known)) or 'none'}.")
+    return ids
+
+
+def create_scene(catalog, title: str, members, known) -> int:
+    """A new scene conversation (kind "scene") with these members in speaking order; returns its id."""
+    title = title.strip()
+    if not title:
+        raise ParleyError("A scene needs a name.")
+    return catalog.create_conversation(None, kind="scene", title=title, members=check_members(members, known))
 
 
 def scene_view(path, speaker: str, names: dict[str, str]) -> list[dict]:
@@ -103,7 +121,7 @@ class _Speaker:
     source: str = "none"
     reused: int = 0
     prefilled: int = 0
-    logits: mx.array | None = None
+    logits: object = None  # next-token logits (mx.array)
     generated: list[int] = field(default_factory=list)
     stream: object = None
     first_at: float | None = None
@@ -119,11 +137,15 @@ class _Sampler:
     """Greedy, or temperature + top-p from the speaker's own random stream."""
 
     def __init__(self, sampling: cmd.Sampling, seed: int | None):
+        import mlx.core as mx
+
         self.temperature = sampling.temperature
         self.top_p = sampling.top_p
         self.key = mx.random.key(seed) if seed is not None else mx.random.key(int(time.time_ns() % (1 << 62)))
 
-    def __call__(self, logits: mx.array) -> int:
+    def __call__(self, logits) -> int:
+        import mlx.core as mx
+
         logits = logits.reshape(1, -1)
         if self.temperature <= 0:
             return int(mx.argmax(logits, axis=-1).item())
@@ -199,6 +221,7 @@ def run_scene_round(session, c: cmd.SceneRound) -> None:
 
 def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
     """Build the speaker's prompt and feed its cache what it lacks; False if cancelled on the way."""
+    from app.engine.generation import prefill
     from app.engine.session import PROGRESS_MIN_TOKENS, preamble_key
     from app.personas import post_history, preamble_hash, preamble_messages
 
