@@ -301,6 +301,14 @@ async def test_persona_editor_creates_and_edits(make_app, personas_dir):
         await pilot.pause()
         assert app.personas["ship-cook"].color == "#112233"
         assert app.personas["ship-cook"].description == "Feeds everyone."
+        # a new greeting shows at the top of the open chat
+        await pilot.press("f2")
+        await pilot.pause()
+        app.screen.query_one("#ed-greetings").text = "Soup is on!"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        greeting = pane.query(".greeting").first()
+        assert greeting.text == "Soup is on!" and pane.transcript.children[0] is greeting
 
 
 async def test_export_and_import_a_character_card(make_app, tmp_path):
@@ -342,6 +350,11 @@ async def test_help_theme_filter_and_palette(make_app):
         await pilot.press("escape")
         await pilot.pause()
         assert app.screen is screen
+        # the message box: ctrl+j (or shift+enter) starts a new line, enter would send
+        pane = await open_persona(pilot, "Tester")
+        await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
+        assert pane.composer.text == "a\nb\nc" and pane.message_views() == []
+        pane.composer.text = ""
         await pilot.press("ctrl+t")
         assert app.theme == LIGHT
         await pilot.press("ctrl+t")

@@ -1,4 +1,5 @@
-"""app/ui talks to the engine only through commands, events and the worker; it never imports MLX."""
+"""Static checks of app/ui: it talks to the engine only through commands, events and the worker (never MLX),
+and every key action is also in the command palette."""
 
 import ast
 from pathlib import Path
@@ -21,3 +22,13 @@ def test_ui_imports_only_the_allowed_layers():
                                                                 and not name.startswith(allowed)):
                     bad.append(f"{path.name}: {name}")
     assert not bad, bad
+
+
+def test_every_key_action_is_in_the_command_palette():
+    from app.ui.palette import ACTIONS, APP_ACTIONS
+    from app.ui.app import ParleyApp
+    from app.ui.screens import ChatScreen
+
+    in_palette = {action for _, _, action in ACTIONS + APP_ACTIONS}
+    keyed = {b.action for b in ChatScreen.BINDINGS + ParleyApp.BINDINGS if not b.action.startswith("show_tab")}
+    assert keyed <= in_palette, keyed - in_palette

@@ -136,6 +136,7 @@ class ParleyApp(App):
 
 def run_app(args) -> int:
     """`parley` with no subcommand: run the app until the user quits."""
+    Catalog().close()  # a catalog that cannot be opened is reported by the command line, before the screen changes
     app = ParleyApp(model=getattr(args, "model", None), scheme=getattr(args, "kv_scheme", "q4"),
                     budget_mb=getattr(args, "budget_mb", 512.0))
     app.run()

@@ -385,7 +385,7 @@ class ChatScreen(Screen):
         for pane in self.panes():
             if pane.persona.id == persona.id:
                 pane.persona = self.app.personas.get(persona.id, persona)
-                pane.refresh_chrome()
+                await pane.refresh_greeting()
                 try:
                     self.tabs.get_tab(f"{TAB_PREFIX}{persona.id}").label = pane.persona.name
                 except Exception:

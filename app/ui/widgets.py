@@ -447,6 +447,17 @@ class ChatPane(Vertical):
         self.refresh_chrome()
         transcript.scroll_end(animate=False)
 
+    async def refresh_greeting(self) -> None:
+        """The persona changed (edited): show its greeting and colours as they are now."""
+        await self.transcript.query(".greeting").remove()
+        greeting = self._greeting()
+        if greeting:
+            first = self.transcript.children[0] if self.transcript.children else None
+            view = MessageView("assistant", greeting, speaker=self.persona.name, color=self.persona.color,
+                               greeting=True)
+            await self.transcript.mount(view, before=first) if first is not None else await self.transcript.mount(view)
+        self.refresh_chrome()
+
     def _greeting(self) -> str:
         try:
             from app.personas import preamble_messages
