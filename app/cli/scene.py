@@ -5,7 +5,7 @@
     parley scene SCENE                    one round without a message (the personas go on)
 
 SCENE is a scene id or name (the newest scene of that name). Replies print as
-"Name: text" lines in speaking order; `--json` prints exactly one JSON object:
+"Name: text" in speaking order (a reply's further lines indented by two spaces); `--json` prints exactly one JSON object:
 {"scene": id, "replies": [{"persona", "reply", "ttft_ms", "reused_tokens",
 "prefilled_tokens", "generated_tokens", "decode_tps", "cache"}], "batch_tps"}.
 `--speakers a,b` picks who replies this round. A later run in a new process
@@ -122,7 +122,8 @@ def play_round(args, ref: str, message: str | None) -> int:
     else:
         for r in replies:
             name = personas[r.persona_id].name if r.persona_id in personas else r.persona_id
-            print(f"{name}: {r.text.strip()}")
+            text = "\n  ".join(line for line in r.text.strip().splitlines())  # continuation lines indented
+            print(f"{name}: {text}")
     return 0
 
 

@@ -299,10 +299,11 @@ def _decoder(session):
 
 def _finish(session, cid: int, seats, prepared, started: float, round_id: int, cancelled: bool, decode_span) -> None:
     """Save the replies in speaking order, persist every cache, report."""
-    total = 0
+    total, any_stopped = 0, False
     for seat in seats:
         n = len(seat.generated)
         if seat.stream is None:  # cancelled before this speaker's prefill finished: nothing to say
+            any_stopped = True
             stats = ev.ReplyStats(0.0, seat.reused, seat.prefilled, 0, 0.0, seat.source)
             session.emit(ev.SceneReplyFinished(cid, seat.pid, 0, "", stats, True))
             continue
@@ -316,6 +317,7 @@ def _finish(session, cid: int, seats, prepared, started: float, round_id: int, c
         total += max(n - 1, 0)
         text = seat.stream.text
         stopped = cancelled and not seat.done
+        any_stopped = any_stopped or stopped
         message_id = 0
         if text.strip() or not stopped:
             meta = {"stats": stats.__dict__, "round": round_id, **({"cancelled": True} if stopped else {})}
@@ -328,7 +330,7 @@ def _finish(session, cid: int, seats, prepared, started: float, round_id: int, c
         batch_tps = total / (decode_span[1] - decode_span[0])
     session.manager.enforce_budget()
     session.emit_states()
-    session.emit(ev.SceneRoundFinished(cid, tuple(s.pid for s in seats), batch_tps, cancelled))
+    session.emit(ev.SceneRoundFinished(cid, tuple(s.pid for s in seats), batch_tps, any_stopped))
 
 
 def _persist(session, cid: int, seats) -> None:
