@@ -355,6 +355,10 @@ async def test_help_theme_filter_and_palette(make_app):
         await pilot.press("a", "ctrl+j", "b", "shift+enter", "c")
         assert pane.composer.text == "a\nb\nc" and pane.message_views() == []
         pane.composer.text = ""
+        await pilot.press("ctrl+b")
+        assert not screen.query_one("#sidebar").display and app.focused is pane.composer
+        await pilot.press("ctrl+b")
+        assert screen.query_one("#sidebar").display
         await pilot.press("ctrl+t")
         assert app.theme == LIGHT
         await pilot.press("ctrl+t")

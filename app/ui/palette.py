@@ -17,6 +17,7 @@ ACTIONS = [
     ("Previous tab", "Go to the previous persona tab (ctrl+pageup)", "tab(-1)"),
     ("Close tab", "Close this persona's tab (alt+w)", "close_tab"),
     ("Find a persona", "Filter the persona list (ctrl+f)", "filter_personas"),
+    ("Hide / show the persona list", "More room for the chat (ctrl+b)", "toggle_sidebar"),
     ("New persona…", "Create a persona (F3)", "new_persona"),
     ("Edit persona…", "Edit this persona's name, prompt, greetings and sampling (F2)", "edit_persona"),
     ("Import a character card…", "Import a V2/V3 card from JSON, PNG or CHARX (F4)", "import_card"),

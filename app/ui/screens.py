@@ -42,6 +42,7 @@ HELP = """\
 | **alt+1 … alt+9** | go to tab 1 … 9 |
 | **alt+w** | close the tab |
 | **ctrl+f** | filter the persona list (enter opens, ↓ goes to the list) |
+| **ctrl+b** | hide / show the persona list |
 | **F2** | edit this persona · **F3** new persona |
 | **F4** | import a character card · **F5** export this persona as a card |
 | **ctrl+t** | light / dark theme |
@@ -66,6 +67,7 @@ class ChatScreen(Screen):
         Binding("ctrl+o", "conversations", "Conversations"),
         Binding("ctrl+y", "copy_last", "Copy reply", show=False),
         Binding("alt+w", "close_tab", "Close tab", show=False),
+        Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
         Binding("ctrl+f", "filter_personas", "Find persona", show=False, priority=True),
         Binding("f2", "edit_persona", "Edit persona", show=False),
         Binding("f3", "new_persona", "New persona", show=False),
@@ -261,7 +263,16 @@ class ChatScreen(Screen):
             self.app.submit(cmd.Prefetch(latest.id))
 
     def action_filter_personas(self) -> None:
+        self.query_one("#sidebar").display = True
         self.query_one("#persona-filter", Input).focus()
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one("#sidebar")
+        sidebar.display = not sidebar.display
+        if not sidebar.display and self.focused is not None and sidebar in self.focused.ancestors:
+            pane = self.active_pane()
+            if pane is not None:
+                pane.composer.focus()
 
     # -- chat actions --------------------------------------------------------------
     async def on_composer_submitted(self, message: msg.ComposerSubmitted) -> None:

@@ -634,8 +634,11 @@ class ChatPane(Vertical):
         if live is None:
             await self._start_reply(None)
             live = self.streaming_view()
+        transcript = self.transcript
+        following = transcript.scroll_y >= transcript.max_scroll_y - 2  # a reader who scrolled up stays put
         await live.write(event.text)
-        self.transcript.scroll_end(animate=False)
+        if following:
+            transcript.scroll_end(animate=False)
 
     async def on_engine_finished(self, event: ev.ReplyFinished) -> None:
         self.remove_class("-prefilling")
