@@ -157,7 +157,7 @@ async def test_edit_a_past_message_and_resend(make_app):
         target = app.focused
         assert isinstance(target, MessageView) and target.text == "first question"
         await pilot.press("e")
-        assert pane.editing == target.message_id
+        assert pane.editing == target.message_id and target.has_class("editing")
         assert pane.composer.text == "first question"
         pane.composer.text = "an edited question"
         before = len(replies(app, pane.conversation_id))

@@ -368,7 +368,8 @@ class ChatPane(Vertical):
         if live is not None and live.where != "none":
             text.append(f"   cache {live.where} {live.tokens} tok", style="dim")
             if self.cache_source and self.cache_source != live.where:
-                text.append(f" (opened from {self.cache_source})", style="dim")
+                origin = "new" if self.cache_source == "none" else f"opened from {self.cache_source}"
+                text.append(f" ({origin})", style="dim")
         elif self.cache_source:
             text.append(f"   cache {self.cache_source}", style="dim")
             if self.cache_tokens:
@@ -382,7 +383,7 @@ class ChatPane(Vertical):
 
     def _hint(self) -> str:
         if self.editing is not None:
-            return "Editing a past message: enter resends it as a new branch · escape cancels"
+            return "Editing: enter resends it as a new branch · escape cancels"
         if self.generating:
             return "Replying… escape stops"
         return "enter send · ctrl+j new line · ↑ pick a message · F1 keys"
@@ -496,6 +497,7 @@ class ChatPane(Vertical):
             return False
         if self.editing is not None:
             message_id = self.editing
+            self._mark_editing(None)
             self.editing = None
             target = next((v for v in self.message_views() if v.message_id == message_id), None)
             await self._truncate_from(target)
@@ -532,15 +534,22 @@ class ChatPane(Vertical):
         if self.generating:
             self.app.notify("Wait for the reply (or press escape) before editing.", severity="warning")
             return
+        self._mark_editing(None)
         self.editing = message_id
+        self._mark_editing(message_id)
         self.composer.text = text
         self.composer.move_cursor(self.composer.document.end)
         self.composer.focus()
         self.refresh_chrome()
 
+    def _mark_editing(self, message_id: int | None) -> None:
+        for view in self.message_views():
+            view.set_class(message_id is not None and view.message_id == message_id, "editing")
+
     def cancel_edit(self) -> bool:
         if self.editing is None:
             return False
+        self._mark_editing(None)
         self.editing = None
         self.composer.text = ""
         self.refresh_chrome()
