@@ -1,1 +1,13 @@
-"""ui"""
+"""The Textual app (`parley` with no subcommand).
+
+- `app.py`: `ParleyApp` and `run_app(args)`; starts the engine thread and turns its events into messages.
+- `messages.py`: one Textual message per engine event, plus the app's own (past-tense facts).
+- `screens.py`: ChatScreen (main), HelpScreen, PersonaEditorScreen, ConversationsScreen, ConfirmScreen,
+  ImportCardScreen, ExportCardScreen.
+- `widgets.py`: PersonaList, RamGauge, ChatPane, MessageView, ChatInput.
+- `palette.py`: the command palette provider (every action).
+- `parley.tcss`: the one stylesheet.
+
+The UI imports only app.engine.commands/events/worker, app.catalog, app.personas, app.paths and
+app.errors (tests/test_ui_layers.py); it never imports MLX.
+"""

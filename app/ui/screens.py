@@ -9,7 +9,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (Button, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static,
                              TabbedContent, TabPane, TextArea)
@@ -18,7 +18,7 @@ from textual.widgets.option_list import Option
 from app.engine import commands as cmd
 from app.errors import ParleyError
 from app.ui import messages as msg
-from app.ui.widgets import CacheSummary, ChatPane, MessageView, PersonaList, RamGauge
+from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
 
 TAB_PREFIX = "tab-"
 

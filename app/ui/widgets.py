@@ -10,7 +10,6 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widget import Widget
 from textual.widgets import Input, Label, Markdown, OptionList, ProgressBar, Static, TextArea
 from textual.widgets.option_list import Option
 
@@ -27,10 +26,13 @@ def clean(text: str) -> str:
 
 
 def human_bytes(n: int) -> str:
+    """1536 -> '2 KB', 13.4 MiB -> '13.4 MB', 512 MiB -> '512 MB'."""
     value = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit in ("B", "KB") else f"{value:.1f} {unit}"
+            if unit in ("B", "KB") or value >= 100 or value == int(value):
+                return f"{value:.0f} {unit}"
+            return f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
 
@@ -176,7 +178,7 @@ class RamGauge(Vertical):
         yield ProgressBar(total=self.budget, show_eta=False, show_percentage=True, id="ram-bar")
 
     def _label(self) -> str:
-        return f"Cache RAM {human_bytes(self.used)} of {human_bytes(self.budget)}"
+        return f"Cache RAM {human_bytes(self.used)} / {human_bytes(self.budget)}"
 
     def update_usage(self, used: int, budget: int) -> None:
         self.used, self.budget = int(used), max(1, int(budget or self.budget))
