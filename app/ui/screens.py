@@ -657,6 +657,11 @@ class ConversationsScreen(ModalScreen):
         if option is None:
             return
         conversation_id = int(option.id)
+        open_pane = self.app.chat_screen.pane_for_conversation(conversation_id) if self.app.chat_screen else None
+        if open_pane is not None and open_pane.generating:
+            self.app.notify("A reply is being written in this conversation: stop it first (escape).",
+                            severity="warning")
+            return
 
         async def confirmed(yes: bool | None) -> None:
             if not yes:
