@@ -11,7 +11,7 @@ from app.engine import events as ev
 from app.ui.app import DARK, LIGHT, ParleyApp
 from app.ui.screens import (TAB_PREFIX, ConversationsScreen, HelpScreen, ImportCardScreen, PersonaEditorScreen)
 from app.ui.widgets import ChatPane, MessageView, PersonaList
-from tests.ui_helpers import events_of, wait_until, write_personas
+from tests.test_ui_helpers import events_of, wait_until, write_personas
 
 pytestmark = pytest.mark.asyncio
 SIZE = (120, 40)

@@ -16,7 +16,7 @@ import pytest_textual_snapshot
 from app.catalog import Catalog
 from app.engine import events as ev
 from app.ui.app import DARK, LIGHT, ParleyApp
-from tests.ui_helpers import events_of, wait_until, write_personas
+from tests.test_ui_helpers import events_of, wait_until, write_personas
 
 SIZE = (110, 34)
 STATS = {"ttft_ms": 42.0, "reused_tokens": 80, "prefilled_tokens": 12, "generated_tokens": 57,

@@ -1,4 +1,4 @@
-"""Shared helpers for the UI tests: test personas, waiting on engine events under Pilot."""
+"""Shared helpers for the UI tests (no tests here): test personas, waiting on engine events under Pilot."""
 
 from __future__ import annotations
 
