@@ -14,7 +14,6 @@ fastblas.preload()
 
 from pathlib import Path  # noqa: E402
 
-from app.catalog import Catalog  # noqa: E402
 from app.engine import commands as cmd  # noqa: E402
 from app.engine import events as ev  # noqa: E402
 from tests.engine_helpers import EngineRunner  # noqa: E402

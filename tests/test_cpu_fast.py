@@ -109,3 +109,12 @@ def test_decode_steps_use_the_quantized_kernels_when_available(tiny_model_dir):
     ref = load_model(str(tiny_model_dir), fast_cpu=False)
     assert {k.rsplit(".", 1)[0] for k in params} >= {k.rsplit(".", 1)[0] for k in dict(tree_flatten(ref.model.parameters()))
                                                       if not k.endswith(("scales", "biases"))}
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """Linking with -ffast-math would turn on flush-to-zero for the whole process."""
+    from app.model import cpu_fast
+
+    cpu_fast.kernels()
+    tiny = 5e-324
+    assert tiny * 1.0 != 0.0

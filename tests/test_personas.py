@@ -6,7 +6,6 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -87,11 +87,9 @@ def run(args) -> int:
 
 
 def start_engine(args, on_event):
-    from app.engine import events as ev
     from app.engine.worker import Engine
 
-    engine = Engine(on_event, model=args.model, scheme=args.kv_scheme, budget_mb=args.budget_mb).start()
-    return engine
+    return Engine(on_event, model=args.model, scheme=args.kv_scheme, budget_mb=args.budget_mb).start()
 
 
 def create_conversation(persona_id: str) -> int:

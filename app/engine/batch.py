@@ -27,16 +27,11 @@ Paths, fastest first:
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from app.model import ckernels
 
 MAX_ROWS = 8  # rows per kernel call (accumulators kept in registers)
 
@@ -165,53 +160,23 @@ void q8_rows(const unsigned char *w, const float *s, const float *b, const float
     }
 }
 """
-# Compiled with cpu_fast's flags (same code generation: rows bitwise equal to its gemv), but linked
-# without -ffast-math: linking with it pulls in crtfastmath.o, whose constructor turns on flush-to-zero
-# and denormals-are-zero for the whole process when the library is loaded.
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
-    except OSError:
-        return platform.machine()
-
-
 def row_kernels() -> ctypes.CDLL | None:
-    """The compiled row-batched kernels (built once into ~/.cache/parley/kernels), or None."""
+    """The compiled row-batched kernels (same flags as cpu_fast's, so rows are bitwise its gemv), or None."""
     global _lib
     if _lib is not False:
         return _lib
     _lib = None
-    if os.environ.get("PARLEY_CPU_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
-        return None
-    key = hashlib.sha256((_C_SOURCE + " ".join(_CFLAGS) + " -c; -shared" + _cpu_id()).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parley" / "kernels"
-    for folder in (base, Path(tempfile.gettempdir()) / f"parley-kernels-{os.getuid()}"):
-        lib = folder / f"batch_kernels-{key}.so"
-        try:
-            if not lib.is_file():
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
-                    src.write_text(_C_SOURCE)
-                    cc = os.environ.get("CC", "cc")
-                    subprocess.run([cc, *_CFLAGS, "-c", "-o", str(obj), str(src)], check=True, capture_output=True, timeout=120)
-                    subprocess.run([cc, "-shared", "-o", str(out), str(obj), "-lm"], check=True, capture_output=True, timeout=120)
-                    os.replace(out, lib)  # atomic: a half-built library is never loaded
-            k = ctypes.CDLL(str(lib))
-        except (OSError, subprocess.SubprocessError):
-            continue
+    k = ckernels.build("batch_kernels", _C_SOURCE)
+    if k is not None:
         L, P = ctypes.c_long, ctypes.c_void_p
         for name in ("q4_rows", "q8_rows"):
             getattr(k, name).argtypes = [P, P, P, P, P, L, L, L]
             getattr(k, name).restype = None
         k.q4_rows_fast.restype = ctypes.c_int
         _lib = k
-        break
     return _lib
 
 

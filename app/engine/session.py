@@ -6,7 +6,7 @@ Only the engine thread creates or calls a Session.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from app import paths

@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 import traceback
-from dataclasses import replace
 from typing import Callable
 
 from app.engine import commands as cmd

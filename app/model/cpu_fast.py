@@ -40,17 +40,12 @@ Apple silicon never calls this: on Metal the quantized kernels are fast.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+
+from app.model import ckernels
 
 _C_SOURCE = r"""
 #include <math.h>
@@ -206,48 +201,17 @@ void silu_mul(float *g, const float *u, long n) {
     for (long i = 0; i < n; i++) { float x = g[i]; g[i] = x / (1.f + expf(-x)) * u[i]; }
 }
 """
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC"]
 _kernels: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "parley" / "kernels"
-
-
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return next((line for line in info.splitlines() if line.startswith("flags")), "") + platform.processor()
-    except OSError:
-        return platform.machine()
-
-
 def kernels() -> ctypes.CDLL | None:
-    """The compiled C kernels (built on first use into ~/.cache/parley/kernels), or None if unavailable."""
+    """The compiled C kernels (see app.model.ckernels), or None if unavailable."""
     global _kernels
     if _kernels is not False:
         return _kernels
     _kernels = None
-    if os.environ.get("PARLEY_CPU_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
-        return None
-    key = hashlib.sha256((_C_SOURCE + " ".join(_CFLAGS) + _cpu_id()).encode()).hexdigest()[:16]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"parley-kernels-{os.getuid()}"):
-        lib = folder / f"cpu_kernels-{key}.so"
-        try:
-            if not lib.is_file():
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    src = Path(tmp) / "k.c"
-                    src.write_text(_C_SOURCE)
-                    out = Path(tmp) / "k.so"
-                    cc = os.environ.get("CC", "cc")
-                    subprocess.run([cc, *_CFLAGS, "-o", str(out), str(src), "-lm"],
-                                   check=True, capture_output=True, timeout=120)
-                    os.replace(out, lib)  # atomic: a half-built library is never loaded
-            k = ctypes.CDLL(str(lib))
-        except (OSError, subprocess.SubprocessError):
-            continue
+    k = ckernels.build("cpu_kernels", _C_SOURCE)
+    if k is not None:
         L, P = ctypes.c_long, ctypes.c_void_p
         k.causal_softmax.argtypes = [P, L, L, L, L, ctypes.c_int]
         k.causal_softmax.restype = None
@@ -261,7 +225,6 @@ def kernels() -> ctypes.CDLL | None:
         k.attn_decode.restype = None
         k.q4_fast.restype = ctypes.c_int
         _kernels = k
-        break
     return _kernels
 
 
@@ -367,8 +330,6 @@ class _Q4:
     """A quantized layer's 4-bit weights kept (as numpy, outside the parameter tree) for `q4_gemv`."""
 
     def __init__(self, w, s, b, bits: int):
-        import numpy as np
-
         self.w, self.s, self.b, self.bits = w, s, b, bits
         self.O, self.K = s.shape[0], w.shape[1] * 8 // bits
         self.ptrs = (w.ctypes.data, s.ctypes.data, b.ctypes.data)
