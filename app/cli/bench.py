@@ -1,9 +1,10 @@
 """`parley bench [PART ...] [--quick] [--json PATH]`: measure Parley on this machine.
 
 Parts are the keys of `app.bench.PARTS`; without a PART every part runs.
-`--quick` alone runs `speed` (prefill tokens/s at 1K context, decode tokens/s)
-and the reduced forms of the cache parts (ttft/restore at 1K-2K, save at 1K and
-4K, agents with 2 rounds); with PARTs it reduces those parts. Prints one table
+`--quick` alone runs `speed` only (prefill tokens/s at 1K context, decode
+tokens/s: a few seconds); with PARTs it runs their reduced forms (ttft/restore
+at 1K-2K, save at 1K and 4K, agents with 2 rounds). Put `--json` after the
+PARTs (`parley bench quality --json`), since it may take a path. Prints one table
 per part; `--json PATH` also writes {part: results} as JSON, `--plot PATH` a
 PNG of the cache parts (needs matplotlib: pip install 'parley[bench]').
 Cache benchmarks work in a temporary PARLEY_HOME.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from app.bench import PARTS, get_part, get_table
 
-QUICK = ["speed", "ttft", "restore", "capacity", "save", "agents", "peer"]
+QUICK = ["speed"]
 
 
 def register(subparsers) -> None:
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("parts", nargs="*", metavar="PART",
                    help=f"what to measure: {', '.join(sorted(PARTS))}")
-    p.add_argument("--quick", action="store_true", help="reduced forms: speed plus the cache parts at small contexts (see above)")
+    p.add_argument("--quick", action="store_true", help="alone: prefill/decode speed only; with PARTs: their reduced forms")
     p.add_argument("--json", metavar="PATH", nargs="?", const="-", default=None,
                    help="also write the results as JSON to PATH; without PATH (or '-'), print only the JSON on stdout")
     p.add_argument("--plot", metavar="PATH", default=None, help="also draw the cache parts' results as a PNG at PATH")
