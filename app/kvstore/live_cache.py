@@ -5,9 +5,9 @@ Every 256 tokens a block is *sealed*: the scheme encodes its keys and values
 working copy of that block is overwritten with the decoded values. Live and
 restored caches therefore hold bit-identical keys and values: restoring a
 conversation from disk gives exactly the logits the live cache would have.
-The newest, unfinished block stays in full precision until it fills (fp16
-values; on the fp32 CPU path they are rounded to fp16 on the way in, so the
-stored tail is exact at half the size).
+The newest, unfinished block stays in full precision until it fills (stored
+as fp16: on the fp32 CPU path the tail is rounded to fp16 in place when it is
+saved, so the stored tail is exact at half the size).
 
 Subclassing mlx-lm's `KVCache` keeps its growth strategy, masks and `trim`,
 so any mlx-lm model attends over it unchanged.
@@ -35,11 +35,6 @@ class SealingKVCache(KVCache):
         return len(self.sealed) * self.block_tokens
 
     def update_and_fetch(self, keys, values):
-        if keys.dtype == mx.float32:
-            # fp32 models (our CPU path) get fp16-exact keys and values, so the
-            # full-precision tail is stored losslessly at half the bytes.
-            keys = keys.astype(mx.float16).astype(mx.float32)
-            values = values.astype(mx.float16).astype(mx.float32)
         super().update_and_fetch(keys, values)
         while self.offset - self.sealed_tokens >= self.block_tokens:
             self._seal_next_block()
@@ -60,6 +55,18 @@ class SealingKVCache(KVCache):
         keep_blocks = self.offset // self.block_tokens
         del self.sealed[keep_blocks:]  # a cut block becomes the full-precision tail again
         return n
+
+    def round_tail_to_fp16(self) -> None:
+        """Make an fp32 tail hold fp16-exact values, in place, so it is stored losslessly at half the bytes.
+
+        Done when the cache is saved rather than on every token: the decode loop
+        stays free of extra ops, and from the save on, live and stored agree bit for bit.
+        """
+        if self.keys is None or self.keys.dtype != mx.float32 or self.offset == self.sealed_tokens:
+            return
+        start, end = self.sealed_tokens, self.offset
+        for buffer in (self.keys, self.values):
+            buffer[..., start:end, :] = buffer[..., start:end, :].astype(mx.float16).astype(mx.float32)
 
     def tail(self) -> tuple[mx.array, mx.array]:
         """Keys and values after the last sealed block, shape (heads, T, dim)."""

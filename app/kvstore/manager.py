@@ -35,7 +35,10 @@ class CompactCache:
 
     @classmethod
     def of(cls, cache: ConversationCache) -> "CompactCache":
-        tails = [tuple(mx.contiguous(x) for x in layer.tail()) for layer in cache.layers]
+        for layer in cache.layers:
+            layer.round_tail_to_fp16()  # exact: fp32 tails are fp16 values from here on, held at half the RAM
+        tails = [tuple(mx.contiguous(x.astype(mx.float16) if x.dtype == mx.float32 else x) for x in layer.tail())
+                 for layer in cache.layers]
         mx.eval(tails)
         dtype = next((l.keys.dtype for l in cache.layers if l.keys is not None), mx.float32)
         return cls(list(cache.tokens), cache.block_hashes(), [list(l.sealed) for l in cache.layers], tails, dtype)
