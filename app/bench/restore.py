@@ -67,8 +67,8 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
         def load():
             c = pool.load(key)
             assert isinstance(c, ConversationCache) and c.n_tokens == n, c
-            # BlockPool.load evaluates the keys only; the values would be decoded at the first forward pass:
-            # count them here, so restore is the whole cost of getting the working copy.
+            # BlockPool.load evaluates keys and values; make sure of it here, so restore is the whole cost
+            # of getting the working copy.
             mx.eval([layer.values for layer in c.layers])
             return c
 
@@ -85,9 +85,10 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
                 parent = h
             tail = read_cache_file(files[-1], {**expect, "kind": "tail", "key": key, "parent": parent})
             t1 = time.perf_counter()
-            layers = [SealingKVCache.restore(pool.scheme, [{k: a[i] for k, a in b.items()} for b in blocks],
-                                             tail.arrays["k"][i], tail.arrays["v"][i], pool.dtype)
-                      for i in range(pool.n_layers)]
+            # as BlockPool.load does it: every layer at once from the files' stacked arrays
+            layers = SealingKVCache.restore_layers(
+                pool.scheme, blocks, [[{k: a[i] for k, a in b.items()} for b in blocks] for i in range(pool.n_layers)],
+                tail.arrays["k"], tail.arrays["v"], pool.dtype)
             mx.eval([l.keys for l in layers] + [l.values for l in layers])
             return t1 - t0, time.perf_counter() - t1
 

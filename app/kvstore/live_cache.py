@@ -18,6 +18,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from app.kvstore.fast_decode import decode_layers
+
 BLOCK_TOKENS = 256
 
 
@@ -82,6 +84,15 @@ class SealingKVCache(KVCache):
                 dtype: mx.Dtype, block_tokens: int = BLOCK_TOKENS) -> "SealingKVCache":
         """Rebuild the working copy from encoded blocks plus a full-precision tail."""
         cache = cls(scheme, block_tokens)
+        cache.sealed = list(sealed)
+        has_tail = tail_k is not None and tail_k.shape[1] > 0
+        if sealed or has_tail:
+            blocks = [{name: [a] for name, a in encoded.items()} for encoded in sealed]
+            fast = decode_layers(scheme, 1, blocks, [tail_k] if has_tail else None,
+                                 [tail_v] if has_tail else None, dtype, cache.step)
+            if fast is not None:
+                cache.keys, cache.values, cache.offset = fast[0]
+                return cache
         parts_k, parts_v = [], []
         for encoded in sealed:
             k, v = scheme.decode(encoded, dtype)
@@ -98,6 +109,32 @@ class SealingKVCache(KVCache):
             # leave room to grow, as KVCache would after a prefill
             cache.keys, cache.values = _with_headroom(keys, cache.step), _with_headroom(values, cache.step)
         return cache
+
+    @classmethod
+    def restore_layers(cls, scheme, blocks: list[dict], sealed: list[list[dict]], tail_k, tail_v,
+                       dtype: mx.Dtype, block_tokens: int = BLOCK_TOKENS) -> list["SealingKVCache"]:
+        """`restore` for every layer at once, decoding straight into the working copies (C kernels).
+
+        `blocks`: per sealed block, name -> array stacked over layers (a block file's arrays) or name ->
+        list of per-layer arrays; `sealed[i]`: layer i's encoded blocks as the cache keeps them;
+        `tail_k`/`tail_v`: stacked (L, H, T, D) or per-layer lists, or None. Same result as `restore`
+        layer by layer (which it falls back to when the C path does not apply).
+        """
+        n_layers = len(sealed)
+        has_tail = tail_k is not None and (tail_k.shape[2] if isinstance(tail_k, mx.array) else tail_k[0].shape[1]) > 0
+        step = cls(scheme, block_tokens).step
+        fast = decode_layers(scheme, n_layers, blocks, tail_k if has_tail else None,
+                             tail_v if has_tail else None, dtype, step) if n_layers else None
+        if fast is None:
+            return [cls.restore(scheme, sealed[i], None if tail_k is None else tail_k[i],
+                                None if tail_v is None else tail_v[i], dtype, block_tokens) for i in range(n_layers)]
+        caches = []
+        for i, (keys, values, offset) in enumerate(fast):
+            cache = cls(scheme, block_tokens)
+            cache.sealed = list(sealed[i])
+            cache.keys, cache.values, cache.offset = keys, values, offset
+            caches.append(cache)
+        return caches
 
     @property
     def encoded_nbytes(self) -> int:

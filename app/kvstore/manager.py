@@ -44,8 +44,15 @@ class CompactCache:
         return cls(list(cache.tokens), cache.block_hashes(), [list(l.sealed) for l in cache.layers], tails, dtype)
 
     def expand(self, scheme, fingerprint: str) -> ConversationCache:
-        layers = [SealingKVCache.restore(scheme, s, tk, tv, self.dtype) for s, (tk, tv) in zip(self.sealed, self.tails)]
-        mx.eval([l.keys for l in layers if l.keys is not None])
+        n_blocks = {len(s) for s in self.sealed}
+        if len(n_blocks) == 1 and self.sealed:
+            # all layers at once, decoded straight into the working copies (C kernels; MLX without them)
+            blocks = [{name: [s[b][name] for s in self.sealed] for name in self.sealed[0][b]} for b in range(n_blocks.pop())]
+            layers = SealingKVCache.restore_layers(scheme, blocks, self.sealed, [tk for tk, _ in self.tails],
+                                                   [tv for _, tv in self.tails], self.dtype)
+        else:
+            layers = [SealingKVCache.restore(scheme, s, tk, tv, self.dtype) for s, (tk, tv) in zip(self.sealed, self.tails)]
+        mx.eval([x for l in layers for x in (l.keys, l.values) if x is not None])
         return ConversationCache(layers, fingerprint, scheme_id(scheme), list(self.tokens), list(self.hashes))
 
     @property

@@ -127,7 +127,7 @@ class BlockPool:
             return self._miss(key, f"it was made with another model or scheme ({row['scheme']})")
         try:
             hashes = json.loads(row["chain"])
-            blocks, tokens = self._read_chain(hashes, shared or {})
+            blocks, tokens, stacked = self._read_chain(hashes, shared or {}, stacked=[])
             tail = read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": key,
                                    "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
         except BadCacheFile as exc:
@@ -137,20 +137,22 @@ class BlockPool:
             return self._miss(key, f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
         dtype = self.dtype  # the model's activation dtype; fp16 tails widen back exactly
         try:
-            layers = [
-                SealingKVCache.restore(self.scheme, [b[i] for b in blocks],
-                                       tail.arrays["k"][i], tail.arrays["v"][i], dtype)
-                for i in range(self.n_layers)
-            ]
-            mx.eval([layer.keys for layer in layers if layer.keys is not None])
+            # all layers at once, decoded straight into the working copies (keys and values both evaluated)
+            layers = SealingKVCache.restore_layers(self.scheme, stacked, [[b[i] for b in blocks] for i in range(self.n_layers)],
+                                                   tail.arrays["k"], tail.arrays["v"], dtype)
+            mx.eval([x for layer in layers for x in (layer.keys, layer.values) if x is not None])
         except (ValueError, KeyError, IndexError) as exc:  # arrays that do not fit this model or scheme
             return self._miss(key, f"its arrays do not fit this model ({exc})")
         self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
                         [time.time(), *hashes]) if hashes else None
         return ConversationCache(layers, self.fingerprint, self.scheme_id, tokens, list(hashes))
 
-    def _read_chain(self, hashes: list[str], shared: dict) -> tuple[list[list[dict]], list[int]]:
-        """Per block, the encoded arrays of each layer; blocks already in RAM are reused, not re-read."""
+    def _read_chain(self, hashes: list[str], shared: dict, stacked: list | None = None) -> tuple:
+        """Per block, the encoded arrays of each layer; blocks already in RAM are reused, not re-read.
+
+        With `stacked` (a list), also fills it with each block's arrays as name -> (layers, ...) array
+        (a file's own arrays) or name -> per-layer list (a block shared from RAM), and returns it third.
+        """
         parent = chain_root(self.fingerprint, self.scheme_id)
         blocks, tokens = [], []
         from app.kvstore.blockfile import chain_next
@@ -158,6 +160,7 @@ class BlockPool:
         for h in hashes:
             if h in shared:
                 arrays, block_tokens = shared[h]
+                whole = {name: [layer[name] for layer in arrays] for name in arrays[0]} if arrays else {}
             else:
                 try:
                     f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
@@ -170,10 +173,13 @@ class BlockPool:
                     self._drop_block(h)
                     raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
                 shared[h] = (arrays, block_tokens)
+                whole = f.arrays
+            if stacked is not None:
+                stacked.append(whole)
             blocks.append(arrays)
             tokens += block_tokens
             parent = h
-        return blocks, tokens
+        return (blocks, tokens) if stacked is None else (blocks, tokens, stacked)
 
     def _miss(self, key: str, reason: str) -> LoadMiss:
         self.drop(key)
