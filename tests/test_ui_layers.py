@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def test_ui_imports_only_the_allowed_layers():
-    allowed = ("app.engine.commands", "app.engine.events", "app.engine.worker", "app.catalog", "app.personas",
+    allowed = ("app.engine.commands", "app.engine.events", "app.engine.worker", "app.engine.scene", "app.catalog", "app.personas",
                "app.paths", "app.errors", "app.ui")
     ui = Path(__file__).resolve().parent.parent / "app" / "ui"
     bad = []
@@ -32,3 +32,13 @@ def test_every_key_action_is_in_the_command_palette():
     in_palette = {action for _, _, action in ACTIONS + APP_ACTIONS}
     keyed = {b.action for b in ChatScreen.BINDINGS + ParleyApp.BINDINGS if not b.action.startswith("show_tab")}
     assert keyed <= in_palette, keyed - in_palette
+
+
+def test_the_scene_module_the_ui_uses_imports_no_mlx_at_module_level():
+    """app.ui imports app.engine.scene (create_scene, check_members): it must load MLX only inside functions."""
+    import subprocess
+    import sys
+
+    code = "import sys, app.engine.scene; assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')]"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

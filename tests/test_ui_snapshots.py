@@ -112,3 +112,28 @@ def test_persona_editor(app, snap_compare):
         await still(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_scene_with_messages(app, snap_compare):
+    """A scene tab: the user's lines as "You", each persona's in its colour, figures lines, who-replies ticks."""
+    with Catalog() as catalog:
+        scene = catalog.create_conversation(None, kind="scene", title="Egg council", members=["tester", "other"])
+        first = catalog.add_message(scene, "user", "How long for a soft egg?")
+        catalog.add_message(scene, "assistant", "Six minutes, then **cold** water.", persona_id="tester",
+                            meta={"stats": STATS, "round": first})
+        catalog.add_message(scene, "assistant", "Five and a half, if the egg is small.", persona_id="other",
+                            meta={"stats": STATS, "round": first})
+        catalog.add_message(scene, "assistant", "Fine: *five and a half*.", persona_id="tester",
+                            meta={"stats": STATS, "round": 99})
+
+    async def run_before(pilot):
+        app = pilot.app
+        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await pilot.press("f9")
+        await pilot.pause(0.2)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat_screen.active_scene() is not None
+                         and len(app.chat_screen.active_scene().message_views()) == 4, what="the scene tab")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -68,6 +68,22 @@ class EngineFailed(EngineReported):
     pass
 
 
+class SceneRoundStarted(EngineReported):
+    pass
+
+
+class SceneTokensGenerated(EngineReported):
+    pass
+
+
+class SceneReplyFinished(EngineReported):
+    pass
+
+
+class SceneRoundFinished(EngineReported):
+    pass
+
+
 _BY_EVENT: dict[type, type[EngineReported]] = {
     ev.ModelLoadProgressed: ModelLoadProgressed,
     ev.ModelLoaded: ModelLoaded,
@@ -80,6 +96,10 @@ _BY_EVENT: dict[type, type[EngineReported]] = {
     ev.CacheStatesChanged: CacheStatesChanged,
     ev.CacheDiscarded: CacheDiscarded,
     ev.EngineFailed: EngineFailed,
+    ev.SceneRoundStarted: SceneRoundStarted,
+    ev.SceneTokensGenerated: SceneTokensGenerated,
+    ev.SceneReplyFinished: SceneReplyFinished,
+    ev.SceneRoundFinished: SceneRoundFinished,
 }
 
 

@@ -1,4 +1,5 @@
-"""The command palette (ctrl+p): every action of the app, plus 'Chat with <persona>' for each persona."""
+"""The command palette (ctrl+p): every action of the app, 'Chat with <persona>' for each persona, 'Scene: <name>'
+for each scene, and in a scene tab 'Toggle <persona>' for who replies."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ ACTIONS = [
     ("Edit persona…", "Edit this persona's name, prompt, greetings and sampling (F2)", "edit_persona"),
     ("Import a character card…", "Import a V2/V3 card from JSON, PNG or CHARX (F4)", "import_card"),
     ("Export persona as a card…", "Write this persona as a V2 card, JSON or PNG (F5)", "export_card"),
+    ("New scene…", "Put 2 to 6 personas in one room (F8)", "new_scene"),
+    ("Scenes…", "List, reopen and delete scenes (F9)", "scenes"),
 ]
 APP_ACTIONS = [
     ("Toggle light / dark theme", "Switch between the light and the dark theme (ctrl+t)", "toggle_theme"),
@@ -43,6 +46,15 @@ class ParleyCommands(Provider):
             for persona in sorted(app.personas.values(), key=lambda p: p.name.lower()):
                 out.append((f"Chat with {persona.name}", persona.description or persona.id,
                             partial(screen.open_persona, persona.id)))
+            for scene in app.catalog.list_conversations(kind="scene") if app.catalog is not None else []:
+                names = ", ".join(app.personas[p].name if p in app.personas else p for p in scene.members)
+                out.append((f"Scene: {scene.title or scene.id}", names, partial(screen.open_scene, scene.id)))
+            tab = screen.active_scene()
+            if tab is not None:
+                for pid in tab.members:
+                    out.append((f"Toggle {tab.name_of(pid)} in this scene's rounds",
+                                "Tick or untick who replies (or start a message with @name)",
+                                partial(screen.action_toggle_speaker, pid)))
         return out
 
     async def discover(self) -> Hits:

@@ -18,6 +18,7 @@ from textual.widgets.option_list import Option
 from app.engine import commands as cmd
 from app.errors import ParleyError
 from app.ui import messages as msg
+from app.ui.scene import NewSceneScreen, SceneTab, ScenesScreen, scene_caches, scene_tab_id
 from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
 
 TAB_PREFIX = "tab-"
@@ -38,6 +39,8 @@ HELP = """\
 | **ctrl+y** | copy the last reply |
 | **ctrl+n** | new conversation with this persona |
 | **ctrl+o** | list, reopen and delete conversations |
+| **F8** | new scene: a name and 2–6 personas in one room |
+| **F9** | list, reopen and delete scenes |
 | **ctrl+pageup / ctrl+pagedown** | previous / next tab |
 | **alt+1 … alt+9** | go to tab 1 … 9 |
 | **alt+w** | close the tab |
@@ -49,6 +52,10 @@ HELP = """\
 | **ctrl+p** | command palette: every action |
 | **F1** (or **?** outside a text box) | this help |
 | **ctrl+q** | quit |
+
+In a scene: **enter** sends to every persona ticked under the transcript; they all reply at once. Start the
+message with **@name** (e.g. `@ann @bob what now?`) to pick who replies this round; **enter** on an empty box lets
+them go on without you; **escape** stops the round; **tab** reaches the ticks (**space** toggles one).
 
 Persona list: **ram** = cache in memory (instant), **disk** = on disk (loads in a moment), **none** = built on the first reply.
 """
@@ -73,12 +80,15 @@ class ChatScreen(Screen):
         Binding("f3", "new_persona", "New persona", show=False),
         Binding("f4", "import_card", "Import card", show=False),
         Binding("f5", "export_card", "Export card", show=False),
+        Binding("f8", "new_scene", "New scene", show=False),
+        Binding("f9", "scenes", "Scenes", show=False),
     ]
 
     def __init__(self, budget_bytes: int) -> None:
         super().__init__()
         self.budget_bytes = budget_bytes
         self.ram_states: dict[int, object] = {}
+        self.ram_list: list = []  # every cache in RAM (a scene has one per member)
         self._last_open: int | None = None
         self._disk_rows: list[dict] = []
         self.running: int | None = None  # the conversation the engine is replying in now, if known
@@ -94,7 +104,7 @@ class ChatScreen(Screen):
                 with Vertical(id="model-progress"):
                     yield Label("Preparing the model…", id="model-label")
                     yield ProgressBar(total=1, show_eta=False, id="model-bar")
-                yield Static("Choose a persona on the left and press enter to start a chat.\n"
+                yield Static("Choose a persona on the left and press enter to start a chat, or F8 for a scene.\n"
                              "F1 lists the keys; ctrl+p finds any action.", id="empty-hint")
                 yield TabbedContent(id="tabs")
         yield Footer()
@@ -124,6 +134,25 @@ class ChatScreen(Screen):
         except Exception:
             return None
 
+    def scenes(self) -> list[SceneTab]:
+        return list(self.query(SceneTab))
+
+    def scene_for_conversation(self, conversation_id: int | None) -> SceneTab | None:
+        return next((t for t in self.scenes() if t.conversation_id == conversation_id), None)
+
+    def active_scene(self) -> SceneTab | None:
+        active = self.tabs.active
+        if not active:
+            return None
+        try:
+            return self.tabs.get_pane(active).query_one(SceneTab)
+        except Exception:
+            return None
+
+    def active_view(self) -> ChatPane | SceneTab | None:
+        """The tab on screen, a chat or a scene (both have a `composer`)."""
+        return self.active_pane() or self.active_scene()
+
     def pane_for_conversation(self, conversation_id: int | None) -> ChatPane | None:
         return next((p for p in self.panes() if p.conversation_id == conversation_id), None)
 
@@ -141,17 +170,17 @@ class ChatScreen(Screen):
         """Cache state per persona: RAM (from the engine's last report) beats disk (from the catalog) beats none."""
         summary: dict[str, CacheSummary] = {}
         ram_convs = set()
-        for state in self.ram_states.values():
+        for state in self.ram_list or self.ram_states.values():
             s = summary.setdefault(state.persona_id, CacheSummary("ram"))
             if s.where != "ram":
                 summary[state.persona_id] = s = CacheSummary("ram")
             s.tokens += state.tokens
             s.bytes += state.bytes
-            ram_convs.add(state.conversation_id)
+            ram_convs.add((state.conversation_id, state.persona_id))
         self._disk_rows = self.app.disk_caches()
         for row in self._disk_rows:
             pid = row["persona_id"]
-            if row["conversation_id"] in ram_convs or pid is None:
+            if (row["conversation_id"], pid) in ram_convs or pid is None:
                 continue
             s = summary.get(pid)
             if s is None:
@@ -170,6 +199,8 @@ class ChatScreen(Screen):
                 pane.set_live_cache(CacheSummary("disk", int(row["tokens"] or 0), int(row["bytes"] or 0)))
             else:
                 pane.set_live_cache(None)
+        for scene in self.scenes():
+            scene.set_caches(scene_caches(scene.members, self.ram_list, self._disk_rows, scene.conversation_id))
 
     # -- tabs ------------------------------------------------------------------
     async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False) -> ChatPane | None:
@@ -201,6 +232,9 @@ class ChatScreen(Screen):
     def _tab_shown(self) -> None:
         pane = self.active_pane()
         if pane is None:
+            scene = self.active_scene()
+            if scene is not None:
+                self.sub_title = scene.scene_title
             return
         self.request_open(pane.conversation_id)
         ids = self.pane_ids()
@@ -208,8 +242,8 @@ class ChatScreen(Screen):
             i = ids.index(pane.parent.id)
             for j in (i + 1, i - 1):
                 if 0 <= j < len(ids) and j != i:
-                    neighbour = self.tabs.get_pane(ids[j]).query_one(ChatPane)
-                    self.app.submit(cmd.Prefetch(neighbour.conversation_id))
+                    for neighbour in self.tabs.get_pane(ids[j]).query(ChatPane):  # scenes: none to prefetch
+                        self.app.submit(cmd.Prefetch(neighbour.conversation_id))
         self.sub_title = f"{pane.persona.name}"
 
     def request_open(self, conversation_id: int) -> None:
@@ -221,7 +255,7 @@ class ChatScreen(Screen):
     @on(TabbedContent.TabActivated, "#tabs")
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self._tab_shown()
-        pane = self.active_pane()
+        pane = self.active_view()
         if pane is not None and not isinstance(self.app.focused, (TextArea,)):
             pane.composer.focus()
 
@@ -231,25 +265,25 @@ class ChatScreen(Screen):
             return
         i = ids.index(self.tabs.active) if self.tabs.active in ids else 0
         self.tabs.active = ids[(i + step) % len(ids)]
-        self.active_pane().composer.focus()
+        self.active_view().composer.focus()
 
     def action_show_tab(self, number: int) -> None:
         ids = self.pane_ids()
         if 1 <= number <= len(ids):
             self.tabs.active = ids[number - 1]
-            self.active_pane().composer.focus()
+            self.active_view().composer.focus()
 
     async def action_close_tab(self) -> None:
-        pane = self.active_pane()
+        pane = self.active_view()
         if pane is None:
             return
         if pane.generating:
             pane.stop()
         await self.tabs.remove_pane(self.tabs.active)
         self._update_empty()
-        if self.active_pane() is not None:
+        if self.active_view() is not None:
             self._tab_shown()
-            self.active_pane().composer.focus()
+            self.active_view().composer.focus()
         else:
             self.query_one("#persona-filter").focus()
 
@@ -276,7 +310,7 @@ class ChatScreen(Screen):
 
     # -- chat actions --------------------------------------------------------------
     async def on_composer_submitted(self, message: msg.ComposerSubmitted) -> None:
-        pane = self.active_pane()
+        pane = self.active_view()
         if pane is not None and await pane.send(message.text):
             pane.composer.text = ""
 
@@ -295,29 +329,33 @@ class ChatScreen(Screen):
         self.app.notify("Copied the message.", timeout=2)
 
     def action_stop(self) -> None:
-        pane = self.active_pane()
+        pane = self.active_view()
         if pane is None:
             return
         if pane.generating and self.running is not None and self.running != pane.conversation_id:
             other = self.pane_for_conversation(self.running)
-            who = other.persona.name if other else "another conversation"
+            scene = self.scene_for_conversation(self.running)
+            who = other.persona.name if other else scene.scene_title if scene else "another conversation"
             self.app.notify(f"This reply waits for {who} to finish; stop that one first.", severity="warning")
             return
         if pane.stop():
             return
-        if pane.cancel_edit():
+        if isinstance(pane, ChatPane) and pane.cancel_edit():
             return
         pane.composer.focus()
 
     async def action_regenerate(self) -> None:
         pane = self.active_pane()
+        if pane is None and self.active_scene() is not None:
+            self.app.notify("In a scene, enter on an empty box lets the personas go on.", severity="warning")
+            return
         if pane is None:
             self.app.notify("Open a persona first.", severity="warning")
             return
         await pane.regenerate()
 
     def action_copy_last(self) -> None:
-        pane = self.active_pane()
+        pane = self.active_view()
         reply = pane.last_reply() if pane else None
         if reply is None:
             self.app.notify("There is no reply to copy yet.", severity="warning")
@@ -325,6 +363,9 @@ class ChatScreen(Screen):
         self.on_copy_requested(msg.CopyRequested(reply.text))
 
     def action_edit_last(self) -> None:
+        if self.active_scene() is not None:
+            self.app.notify("Scene lines cannot be edited; send a new message instead.", severity="warning")
+            return
         pane = self.active_pane()
         target = (pane.focused_message() or pane.last_user()) if pane else None
         if target is None or target.role != "user":
@@ -335,6 +376,9 @@ class ChatScreen(Screen):
         pane.begin_edit(target.message_id, target.text)
 
     async def action_new_conversation(self) -> None:
+        if self.active_scene() is not None:
+            await self.action_new_scene()
+            return
         pane = self.active_pane()
         persona_id = pane.persona.id if pane else self.query_one(PersonaList).highlighted_id
         if persona_id is None:
@@ -371,6 +415,55 @@ class ChatScreen(Screen):
             await pane.switch_conversation(target)
         self.refresh_caches()
 
+    # -- scenes ----------------------------------------------------------------------
+    async def open_scene(self, conversation_id: int) -> SceneTab | None:
+        conv = self.app.catalog.get_conversation(conversation_id)
+        if conv is None or conv.kind != "scene":
+            self.app.notify(f"Scene {conversation_id} does not exist (deleted?).", severity="error")
+            return None
+        tab = self.scene_for_conversation(conversation_id)
+        tab_id = scene_tab_id(conversation_id)
+        if tab is None:
+            tab = SceneTab(conv)
+            await self.tabs.add_pane(TabPane(f"⁂ {tab.scene_title}", tab, id=tab_id))
+        self._update_empty()
+        if self.tabs.active != tab_id:
+            self.tabs.active = tab_id
+        else:
+            self._tab_shown()
+        self.refresh_caches()
+        tab.composer.focus()
+        return tab
+
+    async def close_scene(self, conversation_id: int) -> None:
+        tab = self.scene_for_conversation(conversation_id)
+        if tab is not None:
+            await self.tabs.remove_pane(scene_tab_id(conversation_id))
+            self._update_empty()
+            if self.active_view() is not None:
+                self._tab_shown()
+
+    async def action_new_scene(self) -> None:
+        async def created(conversation_id) -> None:
+            if conversation_id is not None:
+                await self.open_scene(conversation_id)
+
+        self.app.push_screen(NewSceneScreen(), created)
+
+    def action_scenes(self) -> None:
+        async def chosen(result) -> None:
+            if result == "new":
+                await self.action_new_scene()
+            elif result is not None:
+                await self.open_scene(result)
+
+        self.app.push_screen(ScenesScreen(), chosen)
+
+    def action_toggle_speaker(self, persona_id: str) -> None:
+        scene = self.active_scene()
+        if scene is not None:
+            scene.toggle_speaker(persona_id)
+
     # -- personas ------------------------------------------------------------------
     def _current_persona(self):
         pane = self.active_pane()
@@ -401,6 +494,9 @@ class ChatScreen(Screen):
                     self.tabs.get_tab(f"{TAB_PREFIX}{persona.id}").label = pane.persona.name
                 except Exception:
                     pass
+        for scene in self.scenes():
+            if persona.id in scene.members:
+                scene.persona_changed()
         self.app.notify(f"Saved persona {persona.name} ({persona.id}).", timeout=3)
         if persona.id in self.app.personas:
             await self.open_persona(persona.id)
@@ -435,13 +531,15 @@ class ChatScreen(Screen):
             pane.on_engine_opened(message.event)
 
     async def on_message_saved(self, message: msg.MessageSaved) -> None:
-        pane = self.pane_for_conversation(message.conversation_id)
+        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
+            message.conversation_id)
         if pane is not None:
             await pane.on_engine_saved(message.event)
 
     def on_prefill_progressed(self, message: msg.PrefillProgressed) -> None:
         self.running = message.conversation_id
-        pane = self.pane_for_conversation(message.conversation_id)
+        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
+            message.conversation_id)
         if pane is not None:
             pane.on_engine_prefill(message.event)
 
@@ -468,6 +566,7 @@ class ChatScreen(Screen):
     def on_cache_states_changed(self, message: msg.CacheStatesChanged) -> None:
         event = message.event
         self.ram_states = {s.conversation_id: s for s in event.states}
+        self.ram_list = list(event.states)
         self.query_one(RamGauge).update_usage(event.ram_bytes, event.budget_bytes)
         self.refresh_caches()
 
@@ -483,9 +582,37 @@ class ChatScreen(Screen):
             # the model could not start: say so where the progress bar would be, for good
             self.add_class("-loading", "-failed")
             self.query_one("#model-label", Label).update(Text(message.event.message, style="bold red"))
-        pane = self.pane_for_conversation(message.conversation_id)
+        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
+            message.conversation_id)
         if pane is not None:
             await pane.on_engine_failed(message.event)
+
+    async def on_scene_round_started(self, message: msg.SceneRoundStarted) -> None:
+        self.running = message.conversation_id
+        scene = self.scene_for_conversation(message.conversation_id)
+        if scene is not None:
+            await scene.on_engine_round_started(message.event)
+
+    async def on_scene_tokens_generated(self, message: msg.SceneTokensGenerated) -> None:
+        self.running = message.conversation_id
+        scene = self.scene_for_conversation(message.conversation_id)
+        if scene is not None:
+            await scene.on_engine_tokens(message.event)
+
+    async def on_scene_reply_finished(self, message: msg.SceneReplyFinished) -> None:
+        scene = self.scene_for_conversation(message.conversation_id)
+        if scene is not None:
+            await scene.on_engine_reply_finished(message.event)
+
+    async def on_scene_round_finished(self, message: msg.SceneRoundFinished) -> None:
+        if self.running == message.conversation_id:
+            self.running = None
+        scene = self.scene_for_conversation(message.conversation_id)
+        if scene is not None:
+            await scene.on_engine_round_finished(message.event)
+            if scene is not self.active_scene() and not message.event.cancelled:
+                self.app.notify(f"The scene {scene.scene_title} replied.", timeout=3)
+        self.refresh_caches()
 
 
 class HelpScreen(ModalScreen):

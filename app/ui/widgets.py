@@ -208,7 +208,7 @@ class ChatInput(TextArea):
             self.insert("\n")
             return
         if event.key == "up" and self.cursor_location == (0, 0):
-            pane = next((a for a in self.ancestors if isinstance(a, ChatPane)), None)
+            pane = next((a for a in self.ancestors if hasattr(a, "focus_message")), None)  # a chat or a scene
             if pane is not None and pane.focus_message(-1):
                 event.stop()
                 event.prevent_default()
@@ -316,7 +316,7 @@ class MessageView(Vertical, can_focus=True):
         self.post_message(msg.CopyRequested(self.text))
 
     def action_move(self, step: int) -> None:
-        pane = next((a for a in self.ancestors if isinstance(a, ChatPane)), None)
+        pane = next((a for a in self.ancestors if hasattr(a, "move_focus_from")), None)  # a chat or a scene
         if pane is not None:
             pane.move_focus_from(self, step)
 

@@ -1,0 +1,476 @@
+"""Scenes in the app: a tab where several personas share one room, the dialogs to create and list scenes.
+
+A scene is a catalog conversation of kind "scene" with members (app.engine.scene). Its tab shows the
+transcript (each persona's lines in its accent colour, the user's as "You"), one tick per member for
+who replies this round, and the message box. A round streams every speaker's reply at once into its own
+bubble; `@name` at the start of a message picks the speakers of that round only. Enter on an empty box
+lets the personas go on without the user. The screen routes the scene events here (`on_engine_*`).
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, OptionList, ProgressBar, SelectionList, Static
+from textual.widgets.option_list import Option
+
+from app.engine import commands as cmd
+from app.engine import events as ev
+from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
+from app.errors import ParleyError
+from app.ui.widgets import ChatInput, MessageView, stats_line
+
+SCENE_TAB_PREFIX = "scene-"
+DEFAULT_COLOR = "#8a8a8a"
+
+
+def scene_tab_id(conversation_id: int) -> str:
+    return f"{SCENE_TAB_PREFIX}{conversation_id}"
+
+
+def round_line(speakers: int, batch_tps: float, cancelled: bool = False) -> str:
+    """The figures of a whole round: how many spoke together and their tokens/s as one batch."""
+    line = f"round · {speakers} speaker{'s' if speakers != 1 else ''} · batch {batch_tps:.0f} tok/s"
+    return line + (" · stopped" if cancelled else "")
+
+
+class SceneLine(MessageView):
+    """One line of a scene: the user's ("You") or one persona's, in its colour. No alternatives, no edits."""
+
+    def __init__(self, role: str, text: str, message_id: int | None = None, *, persona_id: str | None = None,
+                 **kwargs) -> None:
+        super().__init__(role, text, message_id, **kwargs)
+        self.persona_id = persona_id
+
+    def action_alternative(self, step: int) -> None:
+        pass
+
+    def action_edit(self) -> None:
+        self.app.notify("Scene lines cannot be edited; send a new message instead.", severity="warning")
+
+
+class SceneTab(Vertical):
+    """One scene's tab: header, transcript, who replies (ticks), prefill progress, the message box."""
+
+    def __init__(self, conversation, **kwargs) -> None:
+        super().__init__(classes="chat-pane scene-pane", **kwargs)
+        self.conversation_id = conversation.id
+        self.scene_title = conversation.title or "Scene"
+        self.members: list[str] = list(conversation.members)
+        self.generating = False
+        self.live: dict[str, SceneLine] = {}  # the replies streaming now, by persona
+        self.last_round = ""  # the last round's figures line
+        self.last_sent = ""  # given back to the message box when the engine refuses the round
+        self.caches: dict[str, str] = {}  # persona -> "ram" | "disk" | "none"
+
+    # who is who ---------------------------------------------------------------
+    def name_of(self, persona_id: str) -> str:
+        persona = self.app.personas.get(persona_id)
+        return persona.name if persona else persona_id
+
+    def color_of(self, persona_id: str) -> str:
+        persona = self.app.personas.get(persona_id)
+        return persona.color if persona and persona.color else DEFAULT_COLOR
+
+    # layout ---------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Static(self._header(), classes="chat-header")
+        yield VerticalScroll(classes="transcript")
+        with Horizontal(classes="prefill"):
+            yield Label("Reading the room", classes="prefill-label")
+            yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
+        with Horizontal(classes="speakers"):
+            yield Label("Replies:", classes="speakers-label")
+            for i, pid in enumerate(self.members):
+                yield Checkbox(Text(self.name_of(pid), style=f"bold {self.color_of(pid)}"), True,
+                               id=f"speaker-{i}", classes="speaker")
+        yield Static(self._hint(), classes="composer-hint")
+        yield ChatInput(classes="composer")
+
+    async def on_mount(self) -> None:
+        await self.reload()
+
+    @property
+    def transcript(self) -> VerticalScroll:
+        return self.query_one(".transcript", VerticalScroll)
+
+    @property
+    def composer(self) -> ChatInput:
+        return self.query_one(ChatInput)
+
+    def _header(self) -> Text:
+        text = Text()
+        text.append(self.scene_title, style="bold")
+        text.append(" — ")
+        for i, pid in enumerate(self.members):
+            if i:
+                text.append(" · ", style="dim")
+            text.append(self.name_of(pid), style=f"bold {self.color_of(pid)}")
+        if self.caches:
+            counts = {w: sum(1 for v in self.caches.values() if v == w) for w in ("ram", "disk")}
+            parts = [f"{w} {n}" for w, n in counts.items() if n]
+            if parts:
+                text.append(f"   caches {' · '.join(parts)}/{len(self.members)}", style="dim")
+        if self.last_round:
+            text.append(f"   last {self.last_round}", style="dim")
+        return text
+
+    def _hint(self) -> str:
+        if self.generating:
+            return "They are replying… escape stops the round"
+        return "enter send (empty: they go on) · @name picks who replies · tab to the ticks · F1 keys"
+
+    def refresh_chrome(self) -> None:
+        self.query_one(".chat-header", Static).update(self._header())
+        self.query_one(".composer-hint", Static).update(self._hint())
+        self.set_class(self.generating, "-generating")
+
+    def set_caches(self, caches: dict[str, str]) -> None:
+        if caches != self.caches:
+            self.caches = caches
+            self.refresh_chrome()
+
+    # speakers ---------------------------------------------------------------------
+    def ticked(self) -> list[str]:
+        """The members ticked to reply, in speaking order."""
+        return [pid for i, pid in enumerate(self.members) if self.query_one(f"#speaker-{i}", Checkbox).value]
+
+    def toggle_speaker(self, persona_id: str) -> None:
+        if persona_id in self.members:
+            box = self.query_one(f"#speaker-{self.members.index(persona_id)}", Checkbox)
+            box.value = not box.value
+
+    def parse(self, text: str) -> tuple[list[str], str]:
+        """`@ann @bob what now?` -> (["ann", "bob"], "what now?"); no @ -> (the ticked members, text).
+
+        An @name matches a member's id, its name, or the first word of its name (any case)."""
+        words = text.strip().split(maxsplit=1) if text.strip() else []
+        picked: list[str] = []
+        rest = text.strip()
+        while words and words[0].startswith("@") and len(words[0]) > 1:
+            wanted = words[0][1:].rstrip(",:").lower()
+            match = next((pid for pid in self.members if wanted in (
+                pid.lower(), self.name_of(pid).lower(), self.name_of(pid).lower().replace(" ", ""),
+                self.name_of(pid).split()[0].lower() if self.name_of(pid).split() else "")), None)
+            if match is None:
+                names = ", ".join(f"@{self.name_of(p).split()[0].lower()}" for p in self.members)
+                raise ParleyError(f"No one called {words[0]} sits in this scene ({names}).")
+            if match not in picked:
+                picked.append(match)
+            rest = words[1] if len(words) > 1 else ""
+            words = rest.split(maxsplit=1)
+        if picked:
+            return [pid for pid in self.members if pid in picked], rest
+        return self.ticked(), text.strip()
+
+    # transcript -------------------------------------------------------------------
+    def message_views(self) -> list[SceneLine]:
+        return [v for v in self.transcript.query(SceneLine) if "streaming" not in v.classes]
+
+    def _view_for(self, message) -> SceneLine:
+        if message.role == "user" or message.persona_id is None:
+            return SceneLine("user", message.content, message.id)
+        stats = stats_line(message.meta.get("stats"), bool(message.meta.get("cancelled")))
+        return SceneLine("assistant", message.content, message.id, persona_id=message.persona_id,
+                         speaker=self.name_of(message.persona_id), color=self.color_of(message.persona_id),
+                         stats=stats)
+
+    async def reload(self) -> None:
+        """Bring the transcript in line with the catalog: keep the views that still match, replace the rest."""
+        path = [m for m in self.app.catalog.current_path(self.conversation_id) if m.role in ("user", "assistant")]
+        views = self.message_views()
+        keep = 0
+        for view, message in zip(views, path):
+            if view.message_id == message.id or (view.message_id is None and view.text == message.content
+                                                 and view.role == message.role):
+                view.message_id = message.id
+                keep += 1
+            else:
+                break
+        for view in views[keep:]:
+            await view.remove()
+        new = [self._view_for(m) for m in path[keep:]]
+        if new:
+            first_live = next(iter(self.live.values()), None)
+            if first_live is not None and first_live.parent is self.transcript:
+                await self.transcript.mount_all(new, before=first_live)
+            else:
+                await self.transcript.mount_all(new)
+        self.refresh_chrome()
+        self.transcript.scroll_end(animate=False)
+
+    async def _start_round(self, text: str, speakers: list[str]) -> None:
+        transcript = self.transcript
+        if text:
+            await transcript.mount(SceneLine("user", text))
+        self.live = {pid: SceneLine("assistant", "", persona_id=pid, speaker=self.name_of(pid),
+                                    color=self.color_of(pid), streaming=True) for pid in speakers}
+        await transcript.mount_all(list(self.live.values()))
+        self.generating = True
+        self.refresh_chrome()
+        transcript.scroll_end(animate=False)
+
+    # user actions -------------------------------------------------------------------
+    async def send(self, text: str) -> bool:
+        """Start a round; False (the text stays in the box) when it cannot start."""
+        if self.generating:
+            self.app.notify("The round is still going: wait, or press escape to stop it.", severity="warning")
+            return False
+        try:
+            speakers, said = self.parse(text)
+        except ParleyError as exc:
+            self.app.notify(str(exc), severity="warning")
+            return False
+        if not speakers:
+            self.app.notify("Tick at least one persona to reply (or start the message with @name).",
+                            severity="warning")
+            return False
+        self.last_sent = text
+        await self._start_round(said, speakers)
+        self.app.submit(cmd.SceneRound(self.conversation_id, said, tuple(speakers), self.app.sampling))
+        return True
+
+    def stop(self) -> bool:
+        if self.generating:
+            self.app.submit(cmd.Cancel())
+            return True
+        return False
+
+    def focus_message(self, index: int) -> bool:
+        views = [v for v in self.message_views() if v.message_id is not None]
+        if not views:
+            return False
+        views[index].focus()
+        views[index].scroll_visible(animate=False)
+        return True
+
+    def move_focus_from(self, view: MessageView, step: int) -> None:
+        views = [v for v in self.message_views() if v.message_id is not None]
+        if view not in views:
+            self.composer.focus()
+            return
+        i = views.index(view) + step
+        if i >= len(views):
+            self.composer.focus()
+        elif i >= 0:
+            views[i].focus()
+            views[i].scroll_visible(animate=False)
+
+    def focused_message(self) -> MessageView | None:
+        focused = self.app.focused
+        return focused if isinstance(focused, SceneLine) and focused in self.message_views() else None
+
+    def last_reply(self) -> MessageView | None:
+        replies = [v for v in self.message_views() if v.role == "assistant"]
+        return replies[-1] if replies else None
+
+    # engine events (routed here by the screen) ------------------------------------------
+    async def on_engine_round_started(self, event: ev.SceneRoundStarted) -> None:
+        if not self.live:  # a round this tab did not start (another client): show it all the same
+            await self.reload()
+            await self._start_round("", list(event.speakers))
+
+    async def on_engine_saved(self, event: ev.MessageSaved) -> None:
+        if event.role == "user":
+            user = next((v for v in reversed(self.message_views()) if v.role == "user" and v.message_id is None), None)
+            if user is not None:
+                user.message_id = event.message_id
+
+    def on_engine_prefill(self, event: ev.PrefillProgressed) -> None:
+        self.add_class("-prefilling")
+        self.query_one(".prefill-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
+        if event.done >= event.total:
+            self.remove_class("-prefilling")
+
+    async def on_engine_tokens(self, event: ev.SceneTokensGenerated) -> None:
+        self.remove_class("-prefilling")
+        live = self.live.get(event.persona_id)
+        if live is None:
+            return
+        transcript = self.transcript
+        following = transcript.scroll_y >= transcript.max_scroll_y - 2  # a reader who scrolled up stays put
+        await live.write(event.text)
+        if following:
+            transcript.scroll_end(animate=False)
+
+    async def on_engine_reply_finished(self, event: ev.SceneReplyFinished) -> None:
+        live = self.live.pop(event.persona_id, None)
+        if live is None:
+            return
+        if event.message_id:
+            await live.finish(event.text, event.message_id, stats_line(event.stats, event.cancelled))
+        else:
+            await live.stop_stream()
+            await live.remove()
+
+    async def on_engine_round_finished(self, event: ev.SceneRoundFinished) -> None:
+        self.remove_class("-prefilling")
+        for live in self.live.values():
+            await live.stop_stream()
+            await live.remove()
+        self.live = {}
+        self.generating = False
+        self.last_sent = ""
+        self.last_round = round_line(len(event.speakers), event.batch_tps, event.cancelled)
+        await self.reload()
+        await self.transcript.mount(Static(self.last_round, classes="round-stats"))
+        self.transcript.scroll_end(animate=False)
+
+    async def on_engine_failed(self, event: ev.EngineFailed) -> None:
+        for live in self.live.values():
+            await live.stop_stream()
+            await live.remove()
+        self.live = {}
+        self.generating = False
+        self.remove_class("-prefilling")
+        await self.reload()
+        if self.last_sent and not self.composer.text:
+            self.composer.text = self.last_sent  # let the user fix it and send again
+        self.last_sent = ""
+
+    def persona_changed(self) -> None:
+        """A member was edited: show its name and colour as they are now (new lines; the ticks too)."""
+        for i, pid in enumerate(self.members):
+            self.query_one(f"#speaker-{i}", Checkbox).label = Text(self.name_of(pid), style=f"bold {self.color_of(pid)}")
+        self.refresh_chrome()
+
+
+def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[str, str]:
+    """Where each member's cache of this scene is: "ram" (engine report), else "disk" (catalog), else "none"."""
+    out = {pid: "none" for pid in members}
+    for row in disk_rows:
+        if row["conversation_id"] == conversation_id and row["persona_id"] in out:
+            out[row["persona_id"]] = "disk"
+    for state in ram_states:
+        if state.conversation_id == conversation_id and state.persona_id in out:
+            out[state.persona_id] = "ram"
+    return out
+
+
+# -- dialogs ------------------------------------------------------------------------------
+
+
+class NewSceneScreen(ModalScreen):
+    """Name a scene and pick 2 to 6 personas (their speaking order is the order they are picked in)."""
+
+    BINDINGS = [Binding("ctrl+s", "create", "Create"), Binding("escape", "dismiss(None)", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        personas = sorted(self.app.personas.values(), key=lambda p: p.name.lower())
+        with Vertical(id="new-scene-box", classes="dialog"):
+            yield Label("New scene", classes="dialog-title")
+            yield Label("Name")
+            yield Input(placeholder="The classroom", id="scene-name")
+            yield Label(f"Personas ({MIN_MEMBERS} to {MAX_MEMBERS}; space picks, in speaking order)")
+            yield SelectionList(*[(Text.assemble(("● ", p.color or DEFAULT_COLOR), (p.name, "bold"),
+                                                 (f"  {p.description}" if p.description else "", "dim")), p.id)
+                                  for p in personas], id="scene-members")
+            yield Static("", id="scene-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Create (ctrl+s)", variant="primary", id="scene-create")
+                yield Button("Cancel (esc)", id="scene-cancel")
+            yield Static("tab moves between the name and the list · enter in the name creates", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.query_one("#scene-name", Input).focus()
+
+    def action_create(self) -> None:
+        name = self.query_one("#scene-name", Input).value
+        members = list(self.query_one("#scene-members", SelectionList).selected)
+        try:
+            conversation_id = create_scene(self.app.catalog, name, members, self.app.personas)
+        except ParleyError as exc:
+            self.query_one("#scene-error", Static).update(Text(str(exc), style="bold red"))
+            return
+        self.dismiss(conversation_id)
+
+    @on(Input.Submitted, "#scene-name")
+    def _name_submitted(self) -> None:
+        self.action_create()
+
+    @on(Button.Pressed, "#scene-create")
+    def _create_pressed(self) -> None:
+        self.action_create()
+
+    @on(Button.Pressed, "#scene-cancel")
+    def _cancel_pressed(self) -> None:
+        self.dismiss(None)
+
+
+class ScenesScreen(ModalScreen):
+    """The scenes: enter reopens one, n makes a new one, d deletes (after a yes)."""
+
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Close"),
+        Binding("n", "new", "New scene"),
+        Binding("d,delete", "delete", "Delete"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="scenes-box", classes="dialog"):
+            yield Label("Scenes", classes="dialog-title")
+            yield OptionList(id="scene-list")
+            yield Static("enter reopen · n new scene · d delete · escape close", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.refresh_list()
+        self.query_one(OptionList).focus()
+
+    def refresh_list(self) -> None:
+        catalog = self.app.catalog
+        options = self.query_one(OptionList)
+        options.clear_options()
+        scenes = catalog.list_conversations(kind="scene")
+        for conv in scenes:
+            text = Text()
+            text.append(conv.title or "Scene", style="bold")
+            text.append("\n  ")
+            for i, pid in enumerate(conv.members):
+                persona = self.app.personas.get(pid)
+                if i:
+                    text.append(" · ", style="dim")
+                text.append(persona.name if persona else pid, style=persona.color if persona else "dim")
+            text.append(f" · {catalog.message_count(conv.id)} messages · {conv.updated_at[:16].replace('T', ' ')}",
+                        style="dim")
+            options.add_option(Option(text, id=str(conv.id)))
+        if not scenes:
+            options.add_option(Option(Text("No scenes yet: press n to make one.", style="dim"), disabled=True))
+        else:
+            options.highlighted = 0
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        if event.option.id:
+            self.dismiss(int(event.option.id))
+
+    def action_new(self) -> None:
+        self.dismiss("new")
+
+    def action_delete(self) -> None:
+        from app.ui.screens import ConfirmScreen
+
+        option = self.query_one(OptionList).highlighted_option
+        if option is None or not option.id:
+            return
+        conversation_id = int(option.id)
+        screen = self.app.chat_screen
+        tab = screen.scene_for_conversation(conversation_id) if screen else None
+        if tab is not None and tab.generating:
+            self.app.notify("A round is going on in this scene: stop it first (escape).", severity="warning")
+            return
+
+        async def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            if screen is not None:
+                await screen.close_scene(conversation_id)
+            self.app.catalog.delete_conversation(conversation_id)
+            self.refresh_list()
+            self.app.notify("Scene deleted.", timeout=2)
+
+        self.app.push_screen(ConfirmScreen("Delete this scene and all its messages?"), confirmed)
+
