@@ -207,3 +207,17 @@ async def test_restart_reopens_the_scene_and_reuses_caches_from_disk(make_app):
         await pilot.pause(0.1)
         assert again.catalog.get_conversation(scene_id) is None
         assert again.chat_screen.active_scene() is None
+
+
+async def test_a_refused_round_gives_the_text_back(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        tab = await create_scene(pilot, "Crowd", ["tester", "other"])
+        too_long = "@tester " + " ".join(f"word{i}" for i in range(400))
+        tab.composer.text = too_long
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
+        await wait_until(pilot, lambda: not tab.generating, what="the tab to settle")
+        assert tab.composer.text == too_long and not tab.live and tab.message_views() == []
+        assert any("context window" in n.message for n in app._notifications)

@@ -65,6 +65,7 @@ class SceneTab(Vertical):
         self.live: dict[str, SceneLine] = {}  # the replies streaming now, by persona
         self.last_round = ""  # the last round's figures line
         self.last_sent = ""  # given back to the message box when the engine refuses the round
+        self.last_said = ""  # the same without its @names: what the transcript would show
         self.caches: dict[str, str] = {}  # persona -> "ram" | "disk" | "none"
 
     # who is who ---------------------------------------------------------------
@@ -229,7 +230,7 @@ class SceneTab(Vertical):
             self.app.notify("Tick at least one persona to reply (or start the message with @name).",
                             severity="warning")
             return False
-        self.last_sent = text
+        self.last_sent, self.last_said = text, said
         await self._start_round(said, speakers)
         self.app.submit(cmd.SceneRound(self.conversation_id, said, tuple(speakers), self.app.sampling))
         return True
@@ -328,8 +329,10 @@ class SceneTab(Vertical):
         self.generating = False
         self.remove_class("-prefilling")
         await self.reload()
-        if self.last_sent and not self.composer.text:
-            self.composer.text = self.last_sent  # let the user fix it and send again
+        saved = any(v.message_id is not None and v.role == "user" and v.text == self.last_said
+                    for v in self.message_views()[-1:])
+        if self.last_sent and not self.composer.text and not saved:
+            self.composer.text = self.last_sent  # nothing was saved: let the user fix it and send again
         self.last_sent = ""
 
     def persona_changed(self) -> None:
