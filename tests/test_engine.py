@@ -227,3 +227,36 @@ def test_context_window_overflow_keeps_chatting_without_re_prefilling_every_turn
         runner.close()
     with Catalog() as catalog:
         assert len(catalog.current_path(cid)) == 2 * (trimmed_at + 2)  # the transcript keeps everything
+
+
+def test_deleting_a_conversation_frees_its_blocks_but_not_shared_ones(runner, parley_home):
+    keep, gone = new_conversation(), new_conversation()
+    runner.run(cmd.Generate(keep, "word " * 120))
+    runner.run(cmd.Generate(gone, "other " * 150))
+    runner.until(ev.CacheStatesChanged)  # sent once the cache is saved
+    blocks = lambda: sorted((parley_home / "caches" / "blocks").rglob("*.safetensors"))  # noqa: E731
+    before = blocks()
+    with Catalog() as catalog:
+        catalog.delete_conversation(gone)
+    runner.engine.submit(cmd.Forget(gone))
+    runner.engine.submit(cmd.RefreshCacheStates())
+    runner.until(ev.CacheStatesChanged)
+    after = blocks()
+    assert len(after) < len(before) and after
+    assert not list((parley_home / "caches" / "tails").glob(f"conv_{gone}-*"))
+    final, _ = runner.run(cmd.Generate(keep, "still cached?"))
+    assert final.stats.cache == "ram" and final.stats.reused_tokens > 400
+
+
+def test_a_conversation_deleted_while_its_cache_is_saved_is_not_an_error(runner):
+    cid = new_conversation()
+    runner.engine.submit(cmd.Generate(cid, "word " * 150))
+    runner.until(ev.ReplyFinished)  # the save follows this event
+    with Catalog() as catalog:
+        catalog.delete_conversation(cid)
+    runner.engine.submit(cmd.Forget(cid))
+    runner.engine.submit(cmd.RefreshCacheStates())
+    final = runner.until((ev.CacheStatesChanged, ev.EngineFailed))
+    while isinstance(final, ev.CacheStatesChanged) and any(s.conversation_id == cid for s in final.states):
+        final = runner.until((ev.CacheStatesChanged, ev.EngineFailed))
+    assert not any(isinstance(e, ev.EngineFailed) for e in runner.seen)

@@ -103,3 +103,10 @@ class SceneRound(Command):
     text: str = ""
     speakers: tuple[str, ...] = ()  # persona ids to reply this round; empty = every member
     sampling: Sampling | None = None
+
+
+@dataclass(frozen=True)
+class Forget(Command):
+    """The conversation was deleted: drop its caches from RAM and disk, free blocks nothing else uses."""
+
+    conversation_id: int

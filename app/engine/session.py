@@ -65,7 +65,7 @@ class Session:
         emit(ev.ModelLoaded(lm.name, lm.fingerprint, lm.context_window, str(mx.default_device())))
         catalog = Catalog(catalog_path)
         pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype)
-        pool.reconcile()
+        pool.gc()  # leftovers of crashes and deleted conversations, older than a few minutes
         manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
         _keep_freed_memory_for_reuse(manager.budget_bytes)
         session = cls(emit, cancelled, lm, catalog, manager, personas_dirs)
@@ -159,6 +159,14 @@ class Session:
         from app.engine.scene import run_scene_round
 
         run_scene_round(self, c)
+
+    def _on_Forget(self, c: cmd.Forget) -> None:
+        for key in [k for k, e in self.manager.entries.items() if e.conversation_id == c.conversation_id]:
+            self.manager.entries.pop(key)
+            if self.manager.pinned == key:
+                self.manager.pinned = None
+        self.manager.pool.forget_conversation(c.conversation_id)
+        self.emit_states()
 
     def _on_RefreshCacheStates(self, c: cmd.RefreshCacheStates) -> None:
         self.emit_states()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +109,16 @@ class BlockPool:
             "chain": json.dumps(hashes), "tail_file": tail_name, "tail_tokens": len(cache.tail_tokens),
             "bytes": block_bytes + tail_size, "updated_at": time.time(),
         }
-        with self.catalog.transaction():
-            conn = self.db.conn
-            for r in new_rows:
-                conn.execute(_upsert_sql("cache_blocks", r), tuple(r.values()))
-            conn.execute(_upsert_sql("caches", row), tuple(row.values()))
+        try:
+            with self.catalog.transaction():
+                conn = self.db.conn
+                for r in new_rows:
+                    conn.execute(_upsert_sql("cache_blocks", r), tuple(r.values()))
+                conn.execute(_upsert_sql("caches", row), tuple(row.values()))
+        except sqlite3.IntegrityError:
+            # the conversation was deleted while we saved (another thread or process): nothing to keep
+            self._tail_path(tail_name).unlink(missing_ok=True)
+            return SaveReport(0, 0, time.perf_counter() - started)
         if old and old["tail_file"] != tail_name:
             self._tail_path(old["tail_file"]).unlink(missing_ok=True)
         return SaveReport(blocks_written, written, time.perf_counter() - started)
@@ -205,15 +211,30 @@ class BlockPool:
         self.db.execute("delete from caches where key = ?", [key])
         self._tail_path(row["tail_file"]).unlink(missing_ok=True)
 
+    def forget_conversation(self, conversation_id: int, grace: float = 60.0) -> tuple[int, int]:
+        """Remove every cache of a deleted conversation (rows may already be gone by cascade), then gc."""
+        keys = {r["key"] for r in self.db.query("select key from caches where conversation_id = ?", [conversation_id])}
+        for key in keys:
+            self.drop(key)
+        prefix = _safe(f"conv:{conversation_id}")
+        for path in [*self.root.joinpath("tails").glob(f"{prefix}-*"), *self.root.joinpath("tails").glob(f"{prefix}_*")]:
+            path.unlink(missing_ok=True)
+        return self.gc(grace)
+
     def gc(self, grace: float = GRACE_SECONDS) -> tuple[int, int]:
-        """Remove blocks no cache references; return (files, bytes) freed."""
+        """Remove blocks no cache references; return (files, bytes) freed.
+
+        A block row is inserted in the same transaction as the cache row that
+        uses it, so a block row nothing references is garbage at once. Files
+        without any row may belong to another process's save in progress: those
+        go only when older than `grace` seconds (see `reconcile`).
+        """
         referenced = set()
         for row in self.db.query("select chain from caches"):
             referenced.update(json.loads(row["chain"]))
-        cutoff = time.time() - grace
         files = freed = 0
         for row in list(self.db.query("select hash, bytes, created_at from cache_blocks")):
-            if row["hash"] not in referenced and row["created_at"] < cutoff:
+            if row["hash"] not in referenced:
                 path = self.block_path(row["hash"])
                 if path.exists():
                     freed += path.stat().st_size

@@ -472,6 +472,7 @@ class ScenesScreen(ModalScreen):
             if screen is not None:
                 await screen.close_scene(conversation_id)
             self.app.catalog.delete_conversation(conversation_id)
+            self.app.submit(cmd.Forget(conversation_id))
             self.refresh_list()
             self.app.notify("Scene deleted.", timeout=2)
 

@@ -793,8 +793,8 @@ class ConversationsScreen(ModalScreen):
         async def confirmed(yes: bool | None) -> None:
             if not yes:
                 return
-            self.app.submit(cmd.Evict(conversation_id))
             self.app.catalog.delete_conversation(conversation_id)
+            self.app.submit(cmd.Forget(conversation_id))
             self.refresh_list()
             self.app.notify("Conversation deleted.", timeout=2)
             screen = self.app.chat_screen
