@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 from app.errors import ParleyError
@@ -28,7 +29,8 @@ def parley_home() -> Path:
     home = Path(os.environ.get("PARLEY_HOME") or _default_home()).expanduser()
     try:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        probe = home / ".write-test"
+        # a probe name of its own: the engine thread and the UI may check at the same moment
+        probe = home / f".write-test-{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -11,7 +11,7 @@ ACTIONS = [
     ("Stop the reply", "Stop the reply being written (escape)", "stop"),
     ("Regenerate the last reply", "Reply again; the old reply stays as an alternative (ctrl+r)", "regenerate"),
     ("Edit my last message and resend", "Branch the conversation from an edited message (e on a message)", "edit_last"),
-    ("Copy the last reply", "Copy the last reply to the clipboard (ctrl+y)", "copy_last"),
+    ("Copy the last reply", "Copy the last reply to the clipboard (alt+c)", "copy_last"),
     ("New conversation", "Start a new conversation with this persona (ctrl+n)", "new_conversation"),
     ("Conversations…", "List, reopen and delete old conversations (ctrl+o)", "conversations"),
     ("Next tab", "Go to the next persona tab (ctrl+pagedown)", "tab(1)"),

@@ -36,7 +36,7 @@ HELP = """\
 | **e** (on your message) | edit it and resend (a new branch) |
 | **c** (on a message) | copy it |
 | **ctrl+r** | regenerate the last reply (the old one stays as an alternative) |
-| **ctrl+y** | copy the last reply |
+| **alt+c** | copy the last reply |
 | **ctrl+n** | new conversation with this persona |
 | **ctrl+o** | list, reopen and delete conversations |
 | **F8** | new scene: a name and 2–6 personas in one room |
@@ -72,7 +72,7 @@ class ChatScreen(Screen):
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("ctrl+o", "conversations", "Conversations"),
-        Binding("ctrl+y", "copy_last", "Copy reply", show=False),
+        Binding("alt+c", "copy_last", "Copy reply", show=False),
         Binding("alt+w", "close_tab", "Close tab", show=False),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
         Binding("ctrl+f", "filter_personas", "Find persona", show=False, priority=True),
