@@ -22,7 +22,7 @@ from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
 from app.errors import ParleyError
-from app.ui.widgets import ChatInput, MessageView, stats_line
+from app.ui.widgets import ChatInput, MessageView, TranscriptNavigation, stats_line
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -53,7 +53,7 @@ class SceneLine(MessageView):
         self.app.notify("Scene lines cannot be edited; send a new message instead.", severity="warning")
 
 
-class SceneTab(Vertical):
+class SceneTab(TranscriptNavigation, Vertical):
     """One scene's tab: header, transcript, who replies (ticks), prefill progress, the message box."""
 
     def __init__(self, conversation, **kwargs) -> None:
@@ -240,34 +240,6 @@ class SceneTab(Vertical):
             self.app.submit(cmd.Cancel())
             return True
         return False
-
-    def focus_message(self, index: int) -> bool:
-        views = [v for v in self.message_views() if v.message_id is not None]
-        if not views:
-            return False
-        views[index].focus()
-        views[index].scroll_visible(animate=False)
-        return True
-
-    def move_focus_from(self, view: MessageView, step: int) -> None:
-        views = [v for v in self.message_views() if v.message_id is not None]
-        if view not in views:
-            self.composer.focus()
-            return
-        i = views.index(view) + step
-        if i >= len(views):
-            self.composer.focus()
-        elif i >= 0:
-            views[i].focus()
-            views[i].scroll_visible(animate=False)
-
-    def focused_message(self) -> MessageView | None:
-        focused = self.app.focused
-        return focused if isinstance(focused, SceneLine) and focused in self.message_views() else None
-
-    def last_reply(self) -> MessageView | None:
-        replies = [v for v in self.message_views() if v.role == "assistant"]
-        return replies[-1] if replies else None
 
     # engine events (routed here by the screen) ------------------------------------------
     async def on_engine_round_started(self, event: ev.SceneRoundStarted) -> None:

@@ -321,7 +321,43 @@ class MessageView(Vertical, can_focus=True):
             pane.move_focus_from(self, step)
 
 
-class ChatPane(Vertical):
+class TranscriptNavigation:
+    """Keyboard focus over a tab's message views (↑/↓ between messages); shared by chat and scene tabs.
+
+    The tab provides `message_views()` and `composer`.
+    """
+
+    def focus_message(self, index: int) -> bool:
+        views = [v for v in self.message_views() if v.message_id is not None]
+        if not views:
+            return False
+        view = views[index]
+        view.focus()
+        view.scroll_visible(animate=False)
+        return True
+
+    def move_focus_from(self, view: MessageView, step: int) -> None:
+        views = [v for v in self.message_views() if v.message_id is not None]
+        if view not in views:
+            self.composer.focus()
+            return
+        i = views.index(view) + step
+        if i >= len(views):
+            self.composer.focus()
+        elif i >= 0:
+            views[i].focus()
+            views[i].scroll_visible(animate=False)
+
+    def focused_message(self) -> MessageView | None:
+        focused = self.app.focused
+        return focused if isinstance(focused, MessageView) and focused in self.message_views() else None
+
+    def last_reply(self) -> MessageView | None:
+        replies = [v for v in self.message_views() if v.role == "assistant"]
+        return replies[-1] if replies else None
+
+
+class ChatPane(TranscriptNavigation, Vertical):
     """One persona's tab: header, transcript, prefill progress, and the message box.
 
     Reads the transcript from the app's catalog; sends commands through `app.submit`;
@@ -574,35 +610,6 @@ class ChatPane(Vertical):
         if view is not None:
             view.focus()
             view.scroll_visible(animate=False)
-
-    def focus_message(self, index: int) -> bool:
-        views = [v for v in self.message_views() if v.message_id is not None]
-        if not views:
-            return False
-        view = views[index]
-        view.focus()
-        view.scroll_visible(animate=False)
-        return True
-
-    def move_focus_from(self, view: MessageView, step: int) -> None:
-        views = [v for v in self.message_views() if v.message_id is not None]
-        if view not in views:
-            self.composer.focus()
-            return
-        i = views.index(view) + step
-        if i >= len(views):
-            self.composer.focus()
-        elif i >= 0:
-            views[i].focus()
-            views[i].scroll_visible(animate=False)
-
-    def focused_message(self) -> MessageView | None:
-        focused = self.app.focused
-        return focused if isinstance(focused, MessageView) and focused in self.message_views() else None
-
-    def last_reply(self) -> MessageView | None:
-        replies = [v for v in self.message_views() if v.role == "assistant"]
-        return replies[-1] if replies else None
 
     def last_user(self) -> MessageView | None:
         users = [v for v in self.message_views() if v.role == "user" and v.message_id is not None]
