@@ -118,3 +118,40 @@ def test_loading_the_kernels_keeps_subnormal_floats():
     cpu_fast.kernels()
     tiny = 5e-324
     assert tiny * 1.0 != 0.0
+
+
+def test_host_rms_norm_is_bitwise_mlx():
+    from app.model.cpu_fast import _rms_host
+
+    rng = np.random.default_rng(0)
+    for n in (64, 576):
+        w = (rng.standard_normal(n) * 0.3 + 1).astype(np.float32)
+        for _ in range(200):
+            x = (rng.standard_normal(n) * rng.uniform(0.01, 50)).astype(np.float32)
+            ref = np.array(mx.fast.rms_norm(mx.array(x), mx.array(w), 1e-5))
+            assert (_rms_host(x, w, 1e-5) == ref).all()
+
+
+def test_host_decode_block_is_bitwise_the_layerwise_path(tiny_model_dir, monkeypatch):
+    from app.model import cpu_fast
+
+    calls = []
+    rms = cpu_fast._rms_host
+    monkeypatch.setattr(cpu_fast, "_rms_host", lambda *a: calls.append(1) or rms(*a))
+
+    a = load_model(str(tiny_model_dir))
+    b = load_model(str(tiny_model_dir))
+    layers = b.model.model.layers
+    if not isinstance(layers[0], cpu_fast._CpuBlock):
+        pytest.skip("no C kernels / AVX-512 here")
+    for layer in layers:  # b: the per-module decode path (no host block)
+        layer.__class__ = layer.__class__.__mro__[2]
+    ids = _ids(a)
+    ca, cb = make_prompt_cache(a.model), make_prompt_cache(b.model)
+    mx.eval(prefill_logits(a.model, mx.array([ids]), ca), prefill_logits(b.model, mx.array([ids]), cb))
+    for t in ids[:6]:
+        la, lb = a.model(mx.array([[t]]), cache=ca), b.model(mx.array([[t]]), cache=cb)
+        assert (np.array(la) == np.array(lb)).all()
+    assert len(calls) == 6 * 2 * len(layers)  # the host block ran every decode step
+    for x, y in zip(ca, cb):
+        assert (np.array(x.state[0]) == np.array(y.state[0])).all() and (np.array(x.state[1]) == np.array(y.state[1])).all()

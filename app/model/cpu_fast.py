@@ -25,6 +25,11 @@ SmolLM2-135M, `parley bench --quick`:
   gate/up fused into one call each; SiLU*up and the down projection stay on
   the host buffer), and the decode attention runs in C over the KV cache
   buffers (no tiny BLAS calls, whose thread wake-ups cost more than the math).
+  Each MLX eval costs ~60 us here (worker-thread hand-off), so a llama block's
+  decode step (`_CpuBlock`) keeps the residual stream on the host: RMSNorm in
+  numpy with MLX's exact arithmetic and o_proj straight from the attention
+  buffer leave one eval a layer (rope + the cache's own update), with logits and
+  cache contents bitwise those of the per-module path (~42 -> ~54 tokens/s).
   The quantized kernels compute exactly q*scale+bias in fp32, so decode logits
   match MLX's 4-bit reference to ~1e-5; prefill uses the same weights
   dequantized exactly to fp32 (fp32 scales: no fp16 rounding).
@@ -286,13 +291,46 @@ class _CpuAttention:
         D = q.shape[-1]
         T = k.shape[2]
         if B * L == 1:
-            return a.o_proj(_attn_decode(q, k, v, a.scale).reshape(1, 1, H * D))
+            out = _attn_decode_host(q, k, v, a.scale)
+            o = self._o_q4()
+            if o is not None:  # o_proj straight from the host buffer: an MLX array built from numpy needs no eval
+                return mx.array(o.numpy(out).reshape(1, 1, o.O))
+            return a.o_proj(mx.array(out).reshape(1, 1, H * D))
         # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
         qg = (q * a.scale).reshape(B, Hkv, G * L, D)
         scores = _fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
         kernels().causal_softmax(_ptr(scores), B * Hkv * G * L, L, T, T - L, int(mask is not None and L > 1))
         out = (scores @ v).reshape(B, H, L, D)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _o_q4(self) -> "_Q4 | None":
+        o = self.o_proj.__dict__.get("_q4")
+        return o if o is not None and "bias" not in self.o_proj and o.K == self.n_heads * self.head_dim else None
+
+    def _decode_host(self, xa, cache):
+        """The one-token step of __call__ from a host (numpy) input row to o_proj's host output, or None.
+
+        The same operations as __call__'s decode path (q/k/v gemv, MLX rope, the cache's own
+        update_and_fetch, C attention, o_proj gemv): same values, same cache contents.
+        """
+        a = self
+        qkv, o = self.__dict__.get("_qkv"), self._o_q4()
+        if qkv is None or o is None or cache is None or hasattr(cache, "bits") or qkv.K != xa.size:
+            return None
+        H, Hkv = a.n_heads, a.n_kv_heads
+        y = mx.array(qkv.numpy(xa)).reshape(1, 1, qkv.O)
+        nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+        q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+        q = q.reshape(1, 1, H, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset
+        q = a.rope(q, offset=offset)
+        k = a.rope(k, offset=offset)
+        k, v = cache.update_and_fetch(k, v)
+        if k.dtype != mx.float32:  # as __call__ does
+            return _host(self._mlx_tail(q, k, v, None, 1, 1))
+        return o.numpy(_attn_decode_host(q, k, v, a.scale))
 
     def _mlx_tail(self, q, k, v, mask, B, L):
         from mlx_lm.models.base import scaled_dot_product_attention
@@ -324,6 +362,55 @@ class _CpuMLP:
         u = _fresh(m.up_proj(x))
         kernels().silu_mul(_ptr(g), _ptr(u), g.size)
         return m.down_proj(g)
+
+
+class _CpuBlock:
+    """llama TransformerBlock whose one-token step runs on host (numpy) buffers between the C kernels.
+
+    RMSNorm and the residual adds are computed on the host with MLX's exact arithmetic (sequential
+    fp32 sum of squares, times 1/N, + eps, 1/sqrt, x * r * w): bitwise MLX's CPU `rms_norm`
+    (tests/test_cpu_fast.py), so a layer needs one MLX eval (rope + cache update) instead of
+    four. Anything else goes to the original __call__.
+    """
+
+    def _cpu_prepare(self) -> None:
+        import numpy as np
+
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        host = None
+        if all(type(n) is nn.RMSNorm for n in norms):
+            host = tuple((np.ascontiguousarray(np.asarray(n.weight.astype(mx.float32))), float(n.eps)) for n in norms)
+        object.__setattr__(self, "_host_norms", host)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        norms = self.__dict__.get("_host_norms")
+        attn, mlp = self.self_attn, self.mlp
+        if (norms is None or x.size != x.shape[-1] or x.dtype != mx.float32 or cache is None or hasattr(cache, "bits")
+                or not isinstance(attn, _CpuAttention) or not isinstance(mlp, _CpuMLP)
+                or (mask is not None and not (isinstance(mask, str) and mask == "causal"))
+                or norms[0][0].size != x.size):
+            return super().__call__(x, mask, cache)
+        gate_up, down = mlp.__dict__.get("_gate_up"), mlp.__dict__.get("_down")
+        if gate_up is None or down is None or attn.__dict__.get("_qkv") is None or attn._o_q4() is None:
+            return super().__call__(x, mask, cache)
+        xa = _host(x)
+        if attn.__dict__["_qkv"].K != xa.size:
+            return super().__call__(x, mask, cache)
+        r = attn._decode_host(_rms_host(xa, *norms[0]), cache)
+        h = xa + r
+        y = gate_up.numpy(_rms_host(h, *norms[1]))
+        n = y.shape[0] // 2
+        kernels().silu_mul(y.ctypes.data, y[n:].ctypes.data, n)
+        return mx.array((h + down.numpy(y[:n])).reshape(x.shape))
+
+
+def _rms_host(x, w, eps: float):
+    """MLX's CPU rms_norm(x, w, eps) of one fp32 row, bitwise: sequential sum of squares (cumsum)."""
+    import numpy as np
+
+    ss = np.cumsum(x * x, dtype=np.float32)[-1]
+    r = np.float32(1) / np.sqrt(ss * np.float32(1.0 / x.size) + np.float32(eps))
+    return w * (x * r)
 
 
 class _Q4:
@@ -389,6 +476,11 @@ def _attn_strided(x: mx.array):
 
 def _attn_decode(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(scale q K^T) V for one query position ([1, H, 1, D]) in the C kernel, no BLAS calls."""
+    return mx.array(_attn_decode_host(q, k, v, scale))
+
+
+def _attn_decode_host(q: mx.array, k: mx.array, v: mx.array, scale: float):
+    """`_attn_decode` into a host (numpy, H * D floats) buffer."""
     import numpy as np
 
     mx.eval(q, k, v)
@@ -401,7 +493,7 @@ def _attn_decode(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.arra
     scratch = np.empty(T, np.float32)
     kernels().attn_decode(qa.ctypes.data, ka.ctypes.data, va.ctypes.data, out.ctypes.data, scratch.ctypes.data,
                           H, Hkv, T, D, k_hs, v_hs, float(scale))
-    return mx.array(out)
+    return out
 
 
 def _stack_q4(layers) -> "_Q4 | None":
@@ -440,6 +532,12 @@ def _dequantized(m) -> mx.array:
 
 def _is_llama_attention(m) -> bool:
     return all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"))
+
+
+def _is_llama_block(m) -> bool:
+    from mlx_lm.models import llama
+
+    return type(m) is llama.TransformerBlock
 
 
 def _is_swiglu_mlp(m) -> bool:
@@ -486,6 +584,8 @@ def speed_up_for_cpu(model: nn.Module) -> None:
             _retype(attn, _CpuAttention)
         if mlp is not None and _is_swiglu_mlp(mlp) and not isinstance(mlp, _CpuMLP):
             _retype(mlp, _CpuMLP)
+        if _is_llama_block(layer) and not isinstance(layer, _CpuBlock):
+            _retype(layer, _CpuBlock)
 
 
 _retyped: dict = {}
