@@ -95,14 +95,6 @@ class SceneTab(TranscriptNavigation, Vertical):
     async def on_mount(self) -> None:
         await self.reload()
 
-    @property
-    def transcript(self) -> VerticalScroll:
-        return self.query_one(".transcript", VerticalScroll)
-
-    @property
-    def composer(self) -> ChatInput:
-        return self.query_one(ChatInput)
-
     def _header(self) -> Text:
         text = Text()
         text.append(self.scene_title, style="bold")

@@ -322,10 +322,17 @@ class MessageView(Vertical, can_focus=True):
 
 
 class TranscriptNavigation:
-    """Keyboard focus over a tab's message views (↑/↓ between messages); shared by chat and scene tabs.
-
-    The tab provides `message_views()` and `composer`.
+    """What chat and scene tabs share: their transcript and message box, and keyboard focus over
+    the message views (↑/↓ between messages). The tab provides `message_views()`.
     """
+
+    @property
+    def transcript(self) -> VerticalScroll:
+        return self.query_one(".transcript", VerticalScroll)
+
+    @property
+    def composer(self) -> ChatInput:
+        return self.query_one(ChatInput)
 
     def focus_message(self, index: int) -> bool:
         views = [v for v in self.message_views() if v.message_id is not None]
@@ -387,14 +394,6 @@ class ChatPane(TranscriptNavigation, Vertical):
 
     async def on_mount(self) -> None:
         await self.reload()
-
-    @property
-    def transcript(self) -> VerticalScroll:
-        return self.query_one(".transcript", VerticalScroll)
-
-    @property
-    def composer(self) -> ChatInput:
-        return self.query_one(ChatInput)
 
     def _header(self) -> Text:
         conv = self.app.catalog.get_conversation(self.conversation_id)
