@@ -8,6 +8,7 @@ import mlx.core as mx
 import pytest
 
 from app.catalog import Catalog
+from app.kvstore.blockfile import FORMAT_VERSION
 from app.kvstore.manager import CacheManager
 from app.kvstore.pool import BlockPool
 from app.kvstore.pool import LoadMiss
@@ -73,8 +74,9 @@ def _corrupt(kind: str, pool, lm):
         files[0].write_bytes(b)
         files[1].write_bytes(a)
     elif kind == "version":
-        data = files[0].read_bytes()
-        files[0].write_bytes(data.replace(b'"format":"1"', b'"format":"9"'))
+        data, stamp = files[0].read_bytes(), f'"format":"{FORMAT_VERSION}"'.encode()
+        assert stamp in data
+        files[0].write_bytes(data.replace(stamp, b'"format":"9"'))
     elif kind == "foreign":
         # the same tokens cached by another model: same layout, other fingerprint
         other = BlockPool(Catalog(pool.root.parent / "other.db"), pool.root.parent / "other", "0" * 64, pool.scheme, lm.n_layers)
@@ -101,7 +103,7 @@ def test_version_bump_in_header_is_detected(lm):
     pool = make_pool(lm)
     pool.save("conv:1", fill(lm, pool, tokens(300)), None, "p")
     data = _block_files(pool)[0].read_bytes()
-    assert b'"format":"1"' in data  # the test above edits exactly this
+    assert f'"format":"{FORMAT_VERSION}"'.encode() in data  # the "version" corruption edits exactly this
 
 
 def test_cache_from_another_scheme_is_a_miss(lm):

@@ -42,6 +42,7 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
 
     from app.kvstore.blockfile import chain_root, read_cache_file
     from app.kvstore.conversation_cache import ConversationCache
+    from app.kvstore.host_block import layer_blocks
     from app.kvstore.live_cache import SealingKVCache
 
     pool = common.make_pool(lm, home, "q4")
@@ -81,14 +82,14 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
             blocks, parent = [], chain_root(pool.fingerprint, pool.scheme_id)
             for h in hashes:
                 f = read_cache_file(pool.block_path(h), {**expect, "kind": "block", "hash": h, "parent": parent})
-                blocks.append(f.arrays)
+                blocks.append(f)
                 parent = h
             tail = read_cache_file(files[-1], {**expect, "kind": "tail", "key": key, "parent": parent})
             t1 = time.perf_counter()
-            # as BlockPool.load does it: every layer at once from the files' stacked arrays
+            # as BlockPool.load does it, but one step after the other: every layer at once from the files' arrays
             layers = SealingKVCache.restore_layers(
-                pool.scheme, blocks, [[{k: a[i] for k, a in b.items()} for b in blocks] for i in range(pool.n_layers)],
-                tail.arrays["k"], tail.arrays["v"], pool.dtype)
+                pool.scheme, [f.host for f in blocks], [layer_blocks(f.host, pool.n_layers) for f in blocks],
+                tail.host["k"], tail.host["v"], pool.dtype)
             mx.eval([l.keys for l in layers] + [l.values for l in layers])
             return t1 - t0, time.perf_counter() - t1
 

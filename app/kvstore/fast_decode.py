@@ -25,6 +25,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
+from app.kvstore.blockfile import HostTensor
 from app.model import ckernels
 
 _C_SOURCE = r"""
@@ -131,39 +132,49 @@ def kernels() -> ctypes.CDLL | None:
     return _lib
 
 
-class _Unsupported(Exception):
+class Unsupported(Exception):
     """This input is not for the C path; the caller decodes with MLX."""
 
 
-def _buf(a: mx.array) -> np.ndarray:
-    view = np.asarray(memoryview(a))
+def _buf(a) -> np.ndarray:
+    view = a.data if isinstance(a, HostTensor) else np.asarray(memoryview(a))
     if not view.flags.c_contiguous:
-        raise _Unsupported("non-contiguous array")
+        raise Unsupported("non-contiguous array")
     return view
 
 
+def _stacked_shape(x) -> tuple | None:
+    """Shape of an array stacked over layers (MLX or host), or None for a per-layer list."""
+    if isinstance(x, HostTensor):
+        return tuple(x.data.shape)
+    if isinstance(x, mx.array):
+        return tuple(x.shape)
+    return None
+
+
 class _Source:
-    """One encoded array for every layer: either stacked (L, ...) or one array per layer."""
+    """One encoded array for every layer: stacked (L, ...) in MLX or host memory, or one array per layer."""
 
     __slots__ = ("ptrs", "shape", "dtype", "keep")
 
     def __init__(self, arrays, n_layers: int):
-        if isinstance(arrays, mx.array):  # stacked over layers on axis 0
-            if arrays.ndim < 1 or arrays.shape[0] != n_layers:
-                raise _Unsupported("layer count")
+        whole = _stacked_shape(arrays)
+        if whole is not None:  # stacked over layers on axis 0
+            if len(whole) < 1 or whole[0] != n_layers:
+                raise Unsupported("layer count")
             view = _buf(arrays)
             step = view.nbytes // n_layers
             self.ptrs = view.ctypes.data + step * np.arange(n_layers, dtype=np.int64)
-            self.shape, self.dtype, self.keep = tuple(arrays.shape[1:]), arrays.dtype, view
+            self.shape, self.dtype, self.keep = whole[1:], arrays.dtype, view
         else:
             arrays = list(arrays)
             if len(arrays) != n_layers:
-                raise _Unsupported("layer count")
+                raise Unsupported("layer count")
             shape, dtype = tuple(arrays[0].shape), arrays[0].dtype
             views = []
             for a in arrays:
                 if tuple(a.shape) != shape or a.dtype != dtype:
-                    raise _Unsupported("layers differ")
+                    raise Unsupported("layers differ")
                 views.append(_buf(a))
             self.ptrs = np.array([v.ctypes.data for v in views], dtype=np.int64)
             self.shape, self.dtype, self.keep = shape, dtype, views
@@ -173,41 +184,41 @@ def _tensor_jobs(quant, block, prefix: str, n_layers: int, h: int, d: int, out_p
                  t0: int, os: int, keep: list) -> tuple[np.ndarray, int]:
     """Jobs decoding one tensor of one block for every layer; returns (jobs, tokens)."""
     if quant.rotate or quant.center or quant.outliers:
-        raise _Unsupported("scheme option")
+        raise Unsupported("scheme option")
     jobs = np.zeros((n_layers, 12), dtype=np.int64)
     if quant.bits == 16:
         x = _Source(block[prefix], n_layers)
         if x.dtype != mx.float16 or len(x.shape) != 3 or x.shape[0] != h or x.shape[2] != d:
-            raise _Unsupported("f16 shape")
+            raise Unsupported("f16 shape")
         t = x.shape[1]
         jobs[:, 0], jobs[:, 6] = 2, x.ptrs
         keep.append(x)
     else:
         if quant.bits not in (4, 8):
-            raise _Unsupported("bits")
+            raise Unsupported("bits")
         q = _Source(block[f"{prefix}_q"], n_layers)
         s = _Source(block[f"{prefix}_scale"], n_layers)
         b = _Source(block[f"{prefix}_bias"], n_layers)
         keep += [q, s, b]
         if q.dtype != mx.uint8 or s.dtype != mx.float16 or b.dtype != mx.float16 or s.shape != b.shape:
-            raise _Unsupported("dtypes")
+            raise Unsupported("dtypes")
         if len(q.shape) != 3 or len(s.shape) != 3 or q.shape[0] != h or s.shape[0] != h:
-            raise _Unsupported("ranks")
+            raise Unsupported("ranks")
         t = q.shape[1]
         if t < 1 or d * quant.bits % 8 or q.shape[2] != d * quant.bits // 8:
-            raise _Unsupported("packed width")
+            raise Unsupported("packed width")
         if quant.axis == "token":
             ng = s.shape[2]
             if s.shape[1] != t or ng < 1 or d % ng:
-                raise _Unsupported("token groups")
+                raise Unsupported("token groups")
             g = d // ng
             if quant.bits == 4 and g % 2:
-                raise _Unsupported("odd group")
+                raise Unsupported("odd group")
             kind = 0
         else:
             g = min(quant.group, t)
             if s.shape[1] != -(-t // g) or s.shape[2] != d or d % 2:
-                raise _Unsupported("channel groups")
+                raise Unsupported("channel groups")
             kind = 1
         jobs[:, 0], jobs[:, 1], jobs[:, 5] = kind, quant.bits, g
         jobs[:, 6], jobs[:, 7], jobs[:, 8] = q.ptrs, s.ptrs, b.ptrs
@@ -219,89 +230,150 @@ def _tensor_jobs(quant, block, prefix: str, n_layers: int, h: int, d: int, out_p
 
 def _dims(block, n_layers: int) -> tuple[int, int]:
     dims = block["dims"]
-    if isinstance(dims, mx.array):
-        flat = np.asarray(memoryview(dims)).reshape(-1, 2)
+    if _stacked_shape(dims) is not None:
+        flat = _buf(dims).reshape(-1, 2)
     else:
         flat = np.stack([np.asarray(memoryview(x)).reshape(2) for x in dims])
     if flat.shape[0] != n_layers or (flat != flat[0]).any():
-        raise _Unsupported("dims")
+        raise Unsupported("dims")
     return int(flat[0, 0]), int(flat[0, 1])
+
+
+def layer_shape(x) -> tuple:
+    """One layer's shape of an array stacked over layers or of a per-layer list."""
+    whole = _stacked_shape(x)
+    return whole[1:] if whole is not None else tuple(x[0].shape)
+
+
+def _block_length(scheme, block) -> int:
+    a = block["k_q" if scheme.keys.bits != 16 else "k"]
+    whole = _stacked_shape(a)
+    return whole[2] if whole is not None else a[0].shape[1]
+
+
+def _heads(scheme, block) -> int:
+    a = block["k_q" if scheme.keys.bits != 16 else "k"]
+    whole = _stacked_shape(a)
+    return whole[1] if whole is not None else a[0].shape[0]
+
+
+class WorkingCopies:
+    """Per-layer fp32 working copies of a known size, filled block by block (then the tail) in C.
+
+    Filling one block at a time lets a restore decode each block as soon as its
+    file is read and verified, while the kernel is still reading the next ones.
+    """
+
+    def __init__(self, lib, scheme, n_layers: int, heads: int, dk: int, dv: int, n_tokens: int, step: int):
+        self.lib, self.scheme, self.n_layers = lib, scheme, n_layers
+        self.h, self.dk, self.dv, self.n = heads, dk, dv, n_tokens
+        self.cap = n_tokens + (-n_tokens) % step
+        self.keys = [mx.zeros((1, heads, self.cap, dk), mx.float32) for _ in range(n_layers)]
+        self.values = [mx.zeros((1, heads, self.cap, dv), mx.float32) for _ in range(n_layers)]
+        mx.eval(self.keys, self.values)
+        self.kp = np.array([_buf(x).ctypes.data for x in self.keys], dtype=np.int64)
+        self.vp = np.array([_buf(x).ctypes.data for x in self.values], dtype=np.int64)
+        self.t0 = 0
+
+    def add_block(self, block) -> None:
+        """Decode one sealed block (name -> stacked array, or name -> per-layer list) at the next position."""
+        if _dims(block, self.n_layers) != (self.dk, self.dv):
+            raise Unsupported("dims differ")
+        length = _block_length(self.scheme, block)
+        if self.t0 + length > self.n:
+            raise Unsupported("more tokens than announced")
+        keep: list = []
+        jk, tk = _tensor_jobs(self.scheme.keys, block, "k", self.n_layers, self.h, self.dk, self.kp, self.t0,
+                              self.cap * self.dk, keep)
+        jv, tv = _tensor_jobs(self.scheme.values, block, "v", self.n_layers, self.h, self.dv, self.vp, self.t0,
+                              self.cap * self.dv, keep)
+        if tk != length or tv != length:
+            raise Unsupported("block lengths")
+        self._run(np.concatenate([jk, jv]))
+        self.t0 += length
+
+    def add_tail(self, tail_k, tail_v) -> None:
+        """The full-precision tail (stacked (L, H, T, D) or per-layer lists, float16 or float32)."""
+        tails = (_Source(tail_k, self.n_layers), _Source(tail_v, self.n_layers))
+        for src, d in zip(tails, (self.dk, self.dv)):
+            if len(src.shape) != 3 or src.shape[0] != self.h or src.shape[2] != d or src.dtype not in (mx.float16, mx.float32):
+                raise Unsupported("tail shape")
+        n_tail = tails[0].shape[1]
+        if tails[1].shape[1] != n_tail or self.t0 + n_tail != self.n:
+            raise Unsupported("tail lengths")
+        jobs = []
+        for src, d, ptrs in ((tails[0], self.dk, self.kp), (tails[1], self.dv, self.vp)):
+            j = np.zeros((self.n_layers, 12), dtype=np.int64)
+            j[:, 0] = 2 if src.dtype == mx.float16 else 3
+            j[:, 2], j[:, 3], j[:, 4] = self.h, n_tail, d
+            j[:, 6] = src.ptrs
+            j[:, 9] = ptrs + 4 * self.t0 * d
+            j[:, 10] = self.cap * d
+            jobs.append(j)
+        self._run(np.concatenate(jobs))
+        self.t0 += n_tail
+        del tails
+
+    def _run(self, jobs: np.ndarray) -> None:
+        table = np.ascontiguousarray(jobs)
+        self.lib.kv_decode_jobs(_lut.ctypes.data, table.shape[0], table.ctypes.data)
+
+    def result(self) -> list[tuple[mx.array, mx.array, int]]:
+        if self.t0 != self.n:
+            raise Unsupported("fewer tokens than announced")
+        return [(k, v, self.n) for k, v in zip(self.keys, self.values)]
+
+
+def start_working_copies(scheme, n_layers: int, first_block, n_tokens: int, dtype, step: int,
+                         tail: tuple | None = None) -> WorkingCopies | None:
+    """Working copies sized for `n_tokens`, shaped after `first_block` (or, with no blocks, after the
+    `tail` keys and values); None if the C path does not apply."""
+    lib = kernels()
+    if lib is None or dtype != mx.float32 or n_layers < 1 or n_tokens < 1:
+        return None
+    try:
+        if first_block is not None:
+            (dk, dv), heads = _dims(first_block, n_layers), _heads(scheme, first_block)
+        else:
+            (heads, _, dk), dv = layer_shape(tail[0]), layer_shape(tail[1])[2]
+        return WorkingCopies(lib, scheme, n_layers, heads, dk, dv, n_tokens, step)
+    except Unsupported:
+        return None
 
 
 def decode_layers(scheme, n_layers: int, blocks: list, tail_k, tail_v, dtype, step: int):
     """The working copies of `n_layers` layers: [(keys, values, offset)], each (1, H, N + headroom, D) fp32.
 
-    `blocks`: per sealed block, a dict name -> array stacked over layers (as in a block file) or a dict
-    name -> list of per-layer arrays. `tail_k`/`tail_v`: (L, H, T, D) arrays or per-layer lists (float16 or
-    float32), or None. Returns None if this input is not for the C path (the caller decodes with MLX).
+    `blocks`: per sealed block, a dict name -> array stacked over layers (as in a block file, MLX or
+    host memory) or a dict name -> list of per-layer arrays. `tail_k`/`tail_v`: (L, H, T, D) arrays or
+    per-layer lists (float16 or float32), or None. Returns None if this input is not for the C path
+    (the caller decodes with MLX).
     """
     lib = kernels()
     if lib is None or dtype != mx.float32 or n_layers < 1:
         return None
     try:
         return _decode_layers(lib, scheme, n_layers, blocks, tail_k, tail_v, step)
-    except _Unsupported:
+    except Unsupported:
         return None
 
 
 def _decode_layers(lib, scheme, n_layers, blocks, tail_k, tail_v, step):
     if not blocks and tail_k is None:
-        raise _Unsupported("empty")
-    # shapes: heads and head dims from the first block (or the tail); every job checks its own
+        raise Unsupported("empty")
     if blocks:
         dk, dv = _dims(blocks[0], n_layers)
-        first = blocks[0]["k_q" if scheme.keys.bits != 16 else "k"]
-        h = (first.shape[1] if isinstance(first, mx.array) else first[0].shape[0])
+        h = _heads(scheme, blocks[0])
     else:
-        tk = tail_k if isinstance(tail_k, mx.array) else tail_k[0]
-        tv = tail_v if isinstance(tail_v, mx.array) else tail_v[0]
-        h, dk, dv = tk.shape[-3], tk.shape[-1], tv.shape[-1]
-    keep: list = []
-    tails = None
-    n_tail = 0
-    if tail_k is not None:
-        tails = (_Source(tail_k, n_layers), _Source(tail_v, n_layers))
-        for src, d in zip(tails, (dk, dv)):
-            if len(src.shape) != 3 or src.shape[0] != h or src.shape[2] != d or src.dtype not in (mx.float16, mx.float32):
-                raise _Unsupported("tail shape")
-        if tails[0].shape[1] != tails[1].shape[1]:
-            raise _Unsupported("tail lengths")
-        n_tail = tails[0].shape[1]
-    # block lengths first (to size the buffers): every block's keys and values must agree
-    lengths = []
-    for block in blocks:
-        if _dims(block, n_layers) != (dk, dv):
-            raise _Unsupported("dims differ")
-        a = block["k_q" if scheme.keys.bits != 16 else "k"]
-        lengths.append(a.shape[2] if isinstance(a, mx.array) else a[0].shape[1])
-    n = sum(lengths) + n_tail
+        h, _, dk = layer_shape(tail_k)
+        dv = layer_shape(tail_v)[2]
+    n_tail = layer_shape(tail_k)[1] if tail_k is not None else 0
+    n = sum(_block_length(scheme, b) for b in blocks) + n_tail
     if n == 0:
-        raise _Unsupported("no tokens")
-    cap = n + (-n) % step
-    keys = [mx.zeros((1, h, cap, dk), mx.float32) for _ in range(n_layers)]
-    values = [mx.zeros((1, h, cap, dv), mx.float32) for _ in range(n_layers)]
-    mx.eval(keys, values)
-    kp = np.array([_buf(x).ctypes.data for x in keys], dtype=np.int64)
-    vp = np.array([_buf(x).ctypes.data for x in values], dtype=np.int64)
-    jobs = []
-    t0 = 0
-    for block, length in zip(blocks, lengths):
-        jk, tk_ = _tensor_jobs(scheme.keys, block, "k", n_layers, h, dk, kp, t0, cap * dk, keep)
-        jv, tv_ = _tensor_jobs(scheme.values, block, "v", n_layers, h, dv, vp, t0, cap * dv, keep)
-        if tk_ != length or tv_ != length:
-            raise _Unsupported("block lengths")
-        jobs += [jk, jv]
-        t0 += length
-    if tails is not None and n_tail:
-        for src, d, ptrs in ((tails[0], dk, kp), (tails[1], dv, vp)):
-            j = np.zeros((n_layers, 12), dtype=np.int64)
-            j[:, 0] = 2 if src.dtype == mx.float16 else 3
-            j[:, 2], j[:, 3], j[:, 4] = h, n_tail, d
-            j[:, 6] = src.ptrs
-            j[:, 9] = ptrs + 4 * t0 * d
-            j[:, 10] = cap * d
-            jobs.append(j)
-    table = np.ascontiguousarray(np.concatenate(jobs))
-    lib.kv_decode_jobs(_lut.ctypes.data, table.shape[0], table.ctypes.data)
-    del keep
-    return [(k, v, n) for k, v in zip(keys, values)]
+        raise Unsupported("no tokens")
+    copies = WorkingCopies(lib, scheme, n_layers, h, dk, dv, n, step)
+    for block in blocks:
+        copies.add_block(block)
+    if tail_k is not None and n_tail:
+        copies.add_tail(tail_k, tail_v)
+    return copies.result()

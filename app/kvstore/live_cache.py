@@ -18,7 +18,9 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from app.kvstore.fast_decode import decode_layers
+from app.kvstore.blockfile import HostTensor
+from app.kvstore.fast_decode import decode_layers, layer_shape
+from app.kvstore.host_block import block_nbytes
 
 BLOCK_TOKENS = 256
 
@@ -117,19 +119,25 @@ class SealingKVCache(KVCache):
 
         `blocks`: per sealed block, name -> array stacked over layers (a block file's arrays) or name ->
         list of per-layer arrays; `sealed[i]`: layer i's encoded blocks as the cache keeps them;
-        `tail_k`/`tail_v`: stacked (L, H, T, D) or per-layer lists, or None. Same result as `restore`
+        `tail_k`/`tail_v`: stacked (L, H, T, D) (MLX or `HostTensor`) or per-layer lists, or None. Same result as `restore`
         layer by layer (which it falls back to when the C path does not apply).
         """
         n_layers = len(sealed)
-        has_tail = tail_k is not None and (tail_k.shape[2] if isinstance(tail_k, mx.array) else tail_k[0].shape[1]) > 0
+        has_tail = tail_k is not None and layer_shape(tail_k)[1] > 0
         step = cls(scheme, block_tokens).step
         fast = decode_layers(scheme, n_layers, blocks, tail_k if has_tail else None,
                              tail_v if has_tail else None, dtype, step) if n_layers else None
         if fast is None:
-            return [cls.restore(scheme, sealed[i], None if tail_k is None else tail_k[i],
-                                None if tail_v is None else tail_v[i], dtype, block_tokens) for i in range(n_layers)]
+            return [cls.restore(scheme, sealed[i], _layer_of(tail_k, i), _layer_of(tail_v, i), dtype, block_tokens)
+                    for i in range(n_layers)]
+        return cls.from_working_copies(scheme, sealed, fast, block_tokens)
+
+    @classmethod
+    def from_working_copies(cls, scheme, sealed: list[list], copies: list[tuple], block_tokens: int = BLOCK_TOKENS
+                            ) -> list["SealingKVCache"]:
+        """Caches over working copies already decoded: `copies[i]` = (keys, values, offset) of layer i."""
         caches = []
-        for i, (keys, values, offset) in enumerate(fast):
+        for i, (keys, values, offset) in enumerate(copies):
             cache = cls(scheme, block_tokens)
             cache.sealed = list(sealed[i])
             cache.keys, cache.values, cache.offset = keys, values, offset
@@ -138,7 +146,14 @@ class SealingKVCache(KVCache):
 
     @property
     def encoded_nbytes(self) -> int:
-        return sum(a.nbytes for block in self.sealed for a in block.values())
+        return sum(block_nbytes(block) for block in self.sealed)
+
+
+def _layer_of(tails, i: int) -> mx.array | None:
+    """Layer i of tails stacked over layers (MLX or host memory) or of a per-layer list."""
+    if tails is None:
+        return None
+    return tails.to_mx(i) if isinstance(tails, HostTensor) else tails[i]
 
 
 def _with_headroom(x: mx.array, step: int) -> mx.array:

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from app.kvstore.blockfile import scheme_id
 from app.kvstore.conversation_cache import ConversationCache
+from app.kvstore.host_block import block_nbytes, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 from app.kvstore.pool import BlockPool, LoadMiss
 
@@ -47,7 +48,7 @@ class CompactCache:
         n_blocks = {len(s) for s in self.sealed}
         if len(n_blocks) == 1 and self.sealed:
             # all layers at once, decoded straight into the working copies (C kernels; MLX without them)
-            blocks = [{name: [s[b][name] for s in self.sealed] for name in self.sealed[0][b]} for b in range(n_blocks.pop())]
+            blocks = [stacked([s[b] for s in self.sealed]) for b in range(n_blocks.pop())]
             layers = SealingKVCache.restore_layers(scheme, blocks, self.sealed, [tk for tk, _ in self.tails],
                                                    [tv for _, tv in self.tails], self.dtype)
         else:
@@ -180,7 +181,7 @@ class CacheManager:
         for i, h in enumerate(hashes):
             if h not in seen:
                 seen.add(h)
-                total += sum(a.nbytes for layer in sealed for a in layer[i].values())
+                total += sum(block_nbytes(layer[i]) for layer in sealed)
         return total
 
     def where(self, key: str) -> str:

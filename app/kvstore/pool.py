@@ -29,8 +29,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from app.kvstore.blockfile import BadCacheFile, chain_root, read_cache_file, scheme_id, write_cache_file
+from app.kvstore.blockfile import (BadCacheFile, HostTensor, chain_next, chain_root, prefetch, read_cache_file, scheme_id,
+                                  write_cache_file)
 from app.kvstore.conversation_cache import ConversationCache
+from app.kvstore.fast_decode import Unsupported, start_working_copies
+from app.kvstore.host_block import layer_blocks, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 
 GRACE_SECONDS = 600  # never reap files or rows younger than this: another process may be mid-save
@@ -133,59 +136,67 @@ class BlockPool:
             return self._miss(key, f"it was made with another model or scheme ({row['scheme']})")
         try:
             hashes = json.loads(row["chain"])
-            blocks, tokens, stacked = self._read_chain(hashes, shared or {}, stacked=[])
-            tail = read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": key,
-                                   "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
+            layers, tokens = self._restore(row, hashes, shared or {})
         except BadCacheFile as exc:
             return self._miss(key, str(exc))
-        tokens += tail.tokens
-        if len(tokens) != row["tokens"]:
-            return self._miss(key, f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
-        dtype = self.dtype  # the model's activation dtype; fp16 tails widen back exactly
-        try:
-            # all layers at once, decoded straight into the working copies (keys and values both evaluated)
-            layers = SealingKVCache.restore_layers(self.scheme, stacked, [[b[i] for b in blocks] for i in range(self.n_layers)],
-                                                   tail.arrays["k"], tail.arrays["v"], dtype)
-            mx.eval([x for layer in layers for x in (layer.keys, layer.values) if x is not None])
         except (ValueError, KeyError, IndexError) as exc:  # arrays that do not fit this model or scheme
             return self._miss(key, f"its arrays do not fit this model ({exc})")
-        self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
-                        [time.time(), *hashes]) if hashes else None
+        if hashes:
+            self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
+                            [time.time(), *hashes])
         return ConversationCache(layers, self.fingerprint, self.scheme_id, tokens, list(hashes))
 
-    def _read_chain(self, hashes: list[str], shared: dict, stacked: list | None = None) -> tuple:
-        """Per block, the encoded arrays of each layer; blocks already in RAM are reused, not re-read.
+    def _restore(self, row: dict, hashes: list[str], shared: dict) -> tuple[list[SealingKVCache], list[int]]:
+        """Read, verify and decode a stored cache into working copies, block by block.
 
-        With `stacked` (a list), also fills it with each block's arrays as name -> (layers, ...) array
-        (a file's own arrays) or name -> per-layer list (a block shared from RAM), and returns it third.
+        The kernel is asked to read every file ahead (`prefetch`), so while one
+        block is verified and decoded the disk is already delivering the next:
+        restore costs about the read, not read + decode.
         """
-        parent = chain_root(self.fingerprint, self.scheme_id)
-        blocks, tokens = [], []
-        from app.kvstore.blockfile import chain_next
-
-        for h in hashes:
+        parents = [chain_root(self.fingerprint, self.scheme_id), *hashes]
+        tail_path = self._tail_path(row["tail_file"])
+        prefetch([self.block_path(h) for h in hashes if h not in shared] + [tail_path])
+        per_layer: list[list] = [[] for _ in range(self.n_layers)]
+        whole_blocks, tokens, copies = [], [], None
+        for i, h in enumerate(hashes):
             if h in shared:
-                arrays, block_tokens = shared[h]
-                whole = {name: [layer[name] for layer in arrays] for name in arrays[0]} if arrays else {}
+                block, block_tokens = shared[h]
             else:
-                try:
-                    f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
-                except BadCacheFile:
-                    self._drop_block(h)
-                    raise
-                arrays = [_layer(f.arrays, i) for i in range(self.n_layers)]
-                block_tokens = f.tokens
-                if chain_next(parent, block_tokens) != h or len(block_tokens) != BLOCK_TOKENS:
-                    self._drop_block(h)
-                    raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
-                shared[h] = (arrays, block_tokens)
-                whole = f.arrays
-            if stacked is not None:
-                stacked.append(whole)
-            blocks.append(arrays)
+                host, block_tokens = self._read_block(h, parents[i])
+                block = layer_blocks(host, self.n_layers)
+                shared[h] = (block, block_tokens)
+            whole = stacked(block)
+            if i == 0:
+                copies = start_working_copies(self.scheme, self.n_layers, whole, row["tokens"], self.dtype,
+                                              SealingKVCache(self.scheme).step)
+            copies = _add_block(copies, whole)
+            whole_blocks.append(whole)
+            for layer, b in zip(per_layer, block):
+                layer.append(b)
             tokens += block_tokens
-            parent = h
-        return (blocks, tokens) if stacked is None else (blocks, tokens, stacked)
+        tail = read_cache_file(tail_path, {**self._expect(), "kind": "tail", "key": row["key"], "parent": parents[-1]})
+        tokens += tail.tokens
+        if len(tokens) != row["tokens"]:
+            raise BadCacheFile(f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
+        tail_k, tail_v = tail.host["k"], tail.host["v"]
+        if copies is None and not hashes and tail_k.data.ndim == 4 and tail_k.data.shape[2]:
+            copies = start_working_copies(self.scheme, self.n_layers, None, row["tokens"], self.dtype,
+                                          SealingKVCache(self.scheme).step, tail=(tail_k, tail_v))
+        layers = _finish(copies, self.scheme, whole_blocks, per_layer, tail_k, tail_v, self.dtype)
+        if layers and layers[0].offset != len(tokens):
+            raise BadCacheFile(f"its arrays hold {layers[0].offset} tokens, its token ids {len(tokens)}")
+        return layers, tokens
+
+    def _read_block(self, h: str, parent: str) -> tuple[dict, list[int]]:
+        """A block file's tensors (host memory) and tokens, verified against its address; dropped if bad."""
+        try:
+            f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
+            if chain_next(parent, f.tokens) != h or len(f.tokens) != BLOCK_TOKENS:
+                raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
+        except BadCacheFile:
+            self._drop_block(h)
+            raise
+        return f.host, f.tokens
 
     def _miss(self, key: str, reason: str) -> LoadMiss:
         self.drop(key)
@@ -283,7 +294,10 @@ class BlockPool:
             hashes = json.loads(row["chain"])
             checked += len(hashes) + 1
             try:
-                self._read_chain(hashes, {})
+                parent = chain_root(self.fingerprint, self.scheme_id)
+                for h in hashes:
+                    self._read_block(h, parent)
+                    parent = h
                 read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": row["key"],
                                 "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
             except BadCacheFile as exc:
@@ -302,8 +316,30 @@ class BlockPool:
         return checked, problems
 
 
-def _layer(block: dict[str, mx.array], index: int) -> dict[str, mx.array]:
-    return {name: a[index] for name, a in block.items()}
+def _add_block(copies, whole: dict):
+    """Decode one block into the working copies; None (decode everything with MLX at the end) if C cannot."""
+    if copies is None:
+        return None
+    try:
+        copies.add_block(whole)
+        return copies
+    except Unsupported:
+        return None
+
+
+def _finish(copies, scheme, whole_blocks, per_layer, tail_k: HostTensor, tail_v: HostTensor, dtype) -> list[SealingKVCache]:
+    """The restored layers: from the working copies the C path filled, or decoded now by `restore_layers`."""
+    if copies is not None:
+        try:
+            if tail_k.data.ndim == 4 and tail_k.data.shape[2]:
+                copies.add_tail(tail_k, tail_v)
+            return SealingKVCache.from_working_copies(scheme, per_layer, copies.result())
+        except Unsupported:
+            pass
+    k, v = tail_k.to_mx(), tail_v.to_mx()
+    layers = SealingKVCache.restore_layers(scheme, whole_blocks, per_layer, k, v, dtype)
+    mx.eval([x for layer in layers for x in (layer.keys, layer.values) if x is not None])
+    return layers
 
 
 def _safe(key: str) -> str:
