@@ -19,7 +19,7 @@ def tiny_lm(tiny_model_dir):
 
 
 def _args(**kw) -> Namespace:
-    base = dict(quick=True, json=None, repeats=1, ttft_contexts=(300,), restore_contexts=(300,),
+    base = dict(quick=True, json=None, repeats=1, ttft_contexts=(300,), restore_contexts=(300, 1100),
                 capacity_context=512, capacity_budget_bytes=64 << 20, save_contexts=(260, 520), save_turns=2,
                 agents_personas=2, agents_rounds=2, peer_contexts=(128,))
     base.update(kw)

@@ -59,9 +59,11 @@ def test_single_layer_restore_is_bitwise_decode(name, t, n_blocks, n_tail):
 
 
 @needs_c
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", sorted(SCHEMES))
-def test_stacked_layers_and_edge_values(name):
-    """Many layers from stacked (file-like) arrays, with zero ranges, huge and tiny values."""
+def test_stacked_layers_and_edge_values(name, threads, monkeypatch):
+    """Many layers from stacked (file-like) arrays, with zero ranges, huge and tiny values; one or two decode threads."""
+    monkeypatch.setattr(fast_decode, "DECODE_THREADS", threads)
     scheme = SCHEMES[name]
     n_layers = 4
     per_layer = []

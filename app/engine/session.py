@@ -55,6 +55,7 @@ class Session:
 
         from app.catalog import Catalog
         from app.kvstore.manager import CacheManager
+        from app.kvstore.memory import reuse_freed_memory
         from app.kvstore.pool import BlockPool
         from app.kvstore.schemes import get_scheme
         from app.model.loader import load_model
@@ -67,7 +68,7 @@ class Session:
         pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype)
         pool.gc()  # leftovers of crashes and deleted conversations, older than a few minutes
         manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
-        _keep_freed_memory_for_reuse(manager.budget_bytes)
+        reuse_freed_memory(manager.budget_bytes)
         session = cls(emit, cancelled, lm, catalog, manager, personas_dirs)
         session.drop_caches_of_edited_personas()
         return session
@@ -312,21 +313,6 @@ class Session:
         self.manager.put(key, cache.copy_prefix(n), None, turn.persona.id)
         self.manager.save(key)
         self.manager.compact(key)
-
-
-def _keep_freed_memory_for_reuse(budget_bytes: int) -> None:
-    """Let MLX keep up to the cache budget of freed buffers for reuse.
-
-    Restoring an 8K-token conversation allocates a ~380 MB working copy; fresh
-    pages cost ~100 ms of page faults, reused ones ~15 ms (measured on the
-    CPU backend, whose default reuse limit was far smaller). Switching
-    personas frees one working copy and builds another, so reuse pays off.
-    """
-    import mlx.core as mx
-
-    previous = mx.set_cache_limit(budget_bytes)
-    if previous > budget_bytes:
-        mx.set_cache_limit(previous)
 
 
 def _activation_dtype(model):

@@ -25,6 +25,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,6 +36,7 @@ from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.fast_decode import Unsupported, start_working_copies
 from app.kvstore.host_block import layer_blocks, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
+from app.kvstore.read_ahead import ReadAhead
 
 GRACE_SECONDS = 600  # never reap files or rows younger than this: another process may be mid-save
 
@@ -149,32 +151,38 @@ class BlockPool:
     def _restore(self, row: dict, hashes: list[str], shared: dict) -> tuple[list[SealingKVCache], list[int]]:
         """Read, verify and decode a stored cache into working copies, block by block.
 
-        The kernel is asked to read every file ahead (`prefetch`), so while one
-        block is verified and decoded the disk is already delivering the next:
+        The kernel is asked to read every file ahead (`prefetch`) and a helper
+        thread reads and verifies the files in order (`read_ahead`), so while
+        this thread decodes one block the next ones are already arriving:
         restore costs about the read, not read + decode.
         """
         parents = [chain_root(self.fingerprint, self.scheme_id), *hashes]
         tail_path = self._tail_path(row["tail_file"])
-        prefetch([self.block_path(h) for h in hashes if h not in shared] + [tail_path])
+        to_read = [i for i, h in enumerate(hashes) if h not in shared]
+        paths = [self.block_path(hashes[i]) for i in to_read] + [tail_path]
+        jobs = [partial(self._read_block, hashes[i], parents[i]) for i in to_read]
+        jobs.append(partial(read_cache_file, tail_path, {**self._expect(), "kind": "tail", "key": row["key"],
+                                                         "parent": parents[-1]}))
         per_layer: list[list] = [[] for _ in range(self.n_layers)]
         whole_blocks, tokens, copies = [], [], None
-        for i, h in enumerate(hashes):
-            if h in shared:
-                block, block_tokens = shared[h]
-            else:
-                host, block_tokens = self._read_block(h, parents[i])
-                block = layer_blocks(host, self.n_layers)
-                shared[h] = (block, block_tokens)
-            whole = stacked(block)
-            if i == 0:
-                copies = start_working_copies(self.scheme, self.n_layers, whole, row["tokens"], self.dtype,
-                                              SealingKVCache(self.scheme).step)
-            copies = _add_block(copies, whole)
-            whole_blocks.append(whole)
-            for layer, b in zip(per_layer, block):
-                layer.append(b)
-            tokens += block_tokens
-        tail = read_cache_file(tail_path, {**self._expect(), "kind": "tail", "key": row["key"], "parent": parents[-1]})
+        with ReadAhead(jobs, hint=partial(prefetch, paths[1:])) as files:
+            for i, h in enumerate(hashes):
+                if h in shared:
+                    block, block_tokens = shared[h]
+                else:
+                    host, block_tokens = self._block_or_drop(h, partial(next, files))
+                    block = layer_blocks(host, self.n_layers)
+                    shared[h] = (block, block_tokens)
+                whole = stacked(block)
+                if i == 0:
+                    copies = start_working_copies(self.scheme, self.n_layers, whole, row["tokens"], self.dtype,
+                                                  SealingKVCache(self.scheme).step)
+                copies = _add_block(copies, whole, both_cores=files.finished)
+                whole_blocks.append(whole)
+                for layer, b in zip(per_layer, block):
+                    layer.append(b)
+                tokens += block_tokens
+            tail = next(files)
         tokens += tail.tokens
         if len(tokens) != row["tokens"]:
             raise BadCacheFile(f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
@@ -187,15 +195,22 @@ class BlockPool:
             raise BadCacheFile(f"its arrays hold {layers[0].offset} tokens, its token ids {len(tokens)}")
         return layers, tokens
 
-    def _read_block(self, h: str, parent: str) -> tuple[dict, list[int]]:
-        """A block file's tensors (host memory) and tokens, verified against its address; dropped if bad."""
+    def _block_or_drop(self, h: str, read) -> tuple[dict, list[int]]:
+        """`read()`: block `h`'s verified contents; a bad block is dropped from the pool (on this thread: SQLite)."""
         try:
-            f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
-            if chain_next(parent, f.tokens) != h or len(f.tokens) != BLOCK_TOKENS:
-                raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
+            return read()
         except BadCacheFile:
             self._drop_block(h)
             raise
+
+    def _read_block(self, h: str, parent: str) -> tuple[dict, list[int]]:
+        """A block file's tensors (host memory) and tokens, verified against its address.
+
+        Pure file work (no MLX, no SQLite): `_restore` runs it on its read-ahead thread.
+        """
+        f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
+        if chain_next(parent, f.tokens) != h or len(f.tokens) != BLOCK_TOKENS:
+            raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
         return f.host, f.tokens
 
     def _miss(self, key: str, reason: str) -> LoadMiss:
@@ -296,7 +311,7 @@ class BlockPool:
             try:
                 parent = chain_root(self.fingerprint, self.scheme_id)
                 for h in hashes:
-                    self._read_block(h, parent)
+                    self._block_or_drop(h, partial(self._read_block, h, parent))
                     parent = h
                 read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": row["key"],
                                 "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
@@ -316,12 +331,15 @@ class BlockPool:
         return checked, problems
 
 
-def _add_block(copies, whole: dict):
-    """Decode one block into the working copies; None (decode everything with MLX at the end) if C cannot."""
+def _add_block(copies, whole: dict, both_cores: bool):
+    """Decode one block into the working copies; None (decode everything with MLX at the end) if C cannot.
+
+    `both_cores`: the read-ahead thread is done, so the decode may take a second thread.
+    """
     if copies is None:
         return None
     try:
-        copies.add_block(whole)
+        copies.add_block(whole, threads=None if both_cores else 1)  # None: DECODE_THREADS
         return copies
     except Unsupported:
         return None
