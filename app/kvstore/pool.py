@@ -152,7 +152,7 @@ class BlockPool:
         """Read, verify and decode a stored cache into working copies, block by block.
 
         The kernel is asked to read every file ahead (`prefetch`) and a helper
-        thread reads and verifies the files in order (`read_ahead`), so while
+        thread reads and verifies the files in order (`ReadAhead`), so while
         this thread decodes one block the next ones are already arriving:
         restore costs about the read, not read + decode.
         """
