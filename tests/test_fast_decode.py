@@ -106,3 +106,27 @@ def test_fallbacks_without_c_path(monkeypatch):
     assert np.array_equal(bits(cache.values[0, :, :517]), bits(rv))
     c16 = SealingKVCache.restore(scheme, blocks, tk, tv, mx.float16)
     assert c16.keys.dtype == mx.float16
+
+
+@needs_c
+def test_working_copies_on_several_threads():
+    """Each engine thread (a new Engine, a second process's worth of tests) gets its own fill streams."""
+    import threading
+
+    scheme = SCHEMES["q4"]
+    blocks = [scheme.encode(*kv(2, 256, 64, 64, seed=1))]
+    expect = reference(scheme, blocks, None, None)
+    mx.eval(blocks, expect)  # evaluated here: lazy arrays of this thread cannot be evaluated on another
+    results = []
+
+    def restore():
+        fast = fast_decode.decode_layers(scheme, 1, [{n: [a] for n, a in b.items()} for b in blocks], None, None,
+                                         mx.float32, 256)
+        results.append(np.array_equal(bits(fast[0][0][0, :, :256]), bits(expect[0])))
+
+    for _ in range(2):
+        t = threading.Thread(target=restore)
+        t.start()
+        t.join()
+    restore()
+    assert results == [True, True, True]

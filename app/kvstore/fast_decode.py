@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -323,18 +324,19 @@ def _heads(scheme, block) -> int:
     return whole[1] if whole is not None else a[0].shape[0]
 
 
-_streams: list = []
+_local = threading.local()
 
 
 def _fill_streams() -> list:
     """Two CPU streams (MLX runs each on its own thread) to zero-fill the working copies on both cores.
 
     MLX cannot allocate without filling; ~380 MB of fills took 23 ms on one stream, 16 ms on two.
-    Made on first use, on the engine thread (the only one that calls MLX).
+    MLX streams belong to the thread that made them, so each engine thread gets its own second
+    stream (None: the thread's default stream).
     """
-    if not _streams:
-        _streams.extend([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
-    return _streams
+    if getattr(_local, "streams", None) is None:
+        _local.streams = [None, mx.new_stream(mx.cpu)]
+    return _local.streams
 
 
 class WorkingCopies:
