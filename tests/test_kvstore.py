@@ -33,6 +33,23 @@ def test_restored_cache_gives_identical_logits(lm, scheme):
     assert mx.array_equal(next_logits(lm, live, probe), next_logits(lm, restored, probe))
 
 
+@pytest.mark.parametrize("given", ["none", "model", "wrong"])
+def test_restore_with_the_working_copies_sized_up_front(lm, given):
+    """The pool zero-fills working copies before the first block arrives when it knows the KV shape;
+    a wrong shape is refused by the C path and decoded by MLX instead: exact either way."""
+    from app.engine.session import kv_shape
+
+    shape = {"none": None, "model": kv_shape(lm.model), "wrong": (7, 16, 16)}[given]
+    pool = make_pool(lm)
+    pool.kv_shape = shape
+    live = fill(lm, pool, tokens(700))
+    pool.save("conv:1", live, None, "p")
+    restored = pool.load("conv:1")
+    probe = tokens(5, seed=9)
+    assert mx.array_equal(next_logits(lm, live, probe), next_logits(lm, restored, probe))
+    assert pool.kv_shape == (shape or kv_shape(lm.model))  # learned from the first block when not given
+
+
 def test_sealed_blocks_really_are_quantized(lm):
     pool = make_pool(lm, "q4")
     cache = fill(lm, pool, tokens(300))

@@ -83,14 +83,14 @@ def context_text(lm, n_tokens: int) -> str:
 def make_pool(lm, home: Path, scheme: str = "q4", catalog=None):
     """A BlockPool (and its catalog) under `home`, as `Session.open` builds it."""
     from app.catalog import Catalog
-    from app.engine.session import _activation_dtype
+    from app.engine.session import _activation_dtype, kv_shape
     from app.kvstore.pool import BlockPool
     from app.kvstore.schemes import get_scheme
 
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     catalog = catalog or Catalog(home / "catalog.db")
     return BlockPool(catalog, home / "caches", lm.fingerprint, get_scheme(scheme), lm.n_layers,
-                     _activation_dtype(lm.model))
+                     _activation_dtype(lm.model), kv_shape(lm.model))
 
 
 def fill(lm, pool, ids: list[int]):

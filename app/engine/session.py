@@ -65,7 +65,7 @@ class Session:
         dtype = _activation_dtype(lm.model)
         emit(ev.ModelLoaded(lm.name, lm.fingerprint, lm.context_window, str(mx.default_device())))
         catalog = Catalog(catalog_path)
-        pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype)
+        pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype, kv_shape(lm.model))
         pool.gc()  # leftovers of crashes and deleted conversations, older than a few minutes
         manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
         reuse_freed_memory(manager.budget_bytes)
@@ -313,6 +313,15 @@ class Session:
         self.manager.put(key, cache.copy_prefix(n), None, turn.persona.id)
         self.manager.save(key)
         self.manager.compact(key)
+
+
+def kv_shape(model) -> tuple[int, int, int] | None:
+    """(KV heads, key dim, value dim) of the model's attention layers, or None if it does not say."""
+    try:
+        attn = model.layers[0].self_attn
+        return int(attn.n_kv_heads), int(attn.head_dim), int(attn.head_dim)
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 def _activation_dtype(model):

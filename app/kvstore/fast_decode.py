@@ -358,6 +358,11 @@ class WorkingCopies:
         self.vp = np.array([_buf(x).ctypes.data for x in self.values], dtype=np.int64)
         self.t0 = 0
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(KV heads, key dim, value dim) of every layer."""
+        return self.h, self.dk, self.dv
+
     def add_block(self, block, threads: int | None = None) -> None:
         """Decode one sealed block (name -> stacked array, or name -> per-layer list) at the next position."""
         if _dims(block, self.n_layers) != (self.dk, self.dv):
@@ -410,14 +415,17 @@ class WorkingCopies:
 
 
 def start_working_copies(scheme, n_layers: int, first_block, n_tokens: int, dtype, step: int,
-                         tail: tuple | None = None) -> WorkingCopies | None:
-    """Working copies sized for `n_tokens`, shaped after `first_block` (or, with no blocks, after the
-    `tail` keys and values); None if the C path does not apply."""
+                         tail: tuple | None = None, shape: tuple[int, int, int] | None = None) -> WorkingCopies | None:
+    """Working copies sized for `n_tokens`, shaped as `shape` (KV heads, key dim, value dim) when the
+    caller knows it, else after `first_block` (or, with no blocks, after the `tail` keys and values);
+    None if the C path does not apply. Blocks of another shape are refused later (`Unsupported`)."""
     lib = kernels()
     if lib is None or dtype != mx.float32 or n_layers < 1 or n_tokens < 1:
         return None
     try:
-        if first_block is not None:
+        if shape is not None:
+            heads, dk, dv = shape
+        elif first_block is not None:
             (dk, dv), heads = _dims(first_block, n_layers), _heads(scheme, first_block)
         else:
             (heads, _, dk), dv = layer_shape(tail[0]), layer_shape(tail[1])[2]

@@ -57,7 +57,8 @@ class LoadMiss:
 
 
 class BlockPool:
-    def __init__(self, catalog, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32):
+    def __init__(self, catalog, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32,
+                 kv_shape: tuple[int, int, int] | None = None):
         self.catalog = catalog
         self.db = catalog.db
         self.root = root
@@ -66,6 +67,9 @@ class BlockPool:
         self.scheme_id = scheme_id(scheme)
         self.n_layers = n_layers
         self.dtype = dtype
+        # (KV heads, key dim, value dim): known up front, a restore zero-fills its working copies while
+        # the first block is still being read; learned from the first restore when not given
+        self.kv_shape = kv_shape
         (root / "blocks").mkdir(parents=True, exist_ok=True, mode=0o700)
         (root / "tails").mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -165,7 +169,11 @@ class BlockPool:
                                                          "parent": parents[-1]}))
         per_layer: list[list] = [[] for _ in range(self.n_layers)]
         whole_blocks, tokens, copies = [], [], None
+        step = SealingKVCache(self.scheme).step
         with ReadAhead(jobs, hint=partial(prefetch, paths[1:])) as files:
+            if hashes and self.kv_shape:  # zero-fill now, while the helper reads the first block
+                copies = start_working_copies(self.scheme, self.n_layers, None, row["tokens"], self.dtype, step,
+                                              shape=self.kv_shape)
             for i, h in enumerate(hashes):
                 if h in shared:
                     block, block_tokens = shared[h]
@@ -174,9 +182,9 @@ class BlockPool:
                     block = layer_blocks(host, self.n_layers)
                     shared[h] = (block, block_tokens)
                 whole = stacked(block)
-                if i == 0:
-                    copies = start_working_copies(self.scheme, self.n_layers, whole, row["tokens"], self.dtype,
-                                                  SealingKVCache(self.scheme).step)
+                if i == 0 and copies is None:
+                    copies = start_working_copies(self.scheme, self.n_layers, whole, row["tokens"], self.dtype, step)
+                    self.kv_shape = self.kv_shape or (copies.shape if copies else None)
                 copies = _add_block(copies, whole, both_cores=files.finished)
                 whole_blocks.append(whole)
                 for layer, b in zip(per_layer, block):
@@ -188,8 +196,8 @@ class BlockPool:
             raise BadCacheFile(f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
         tail_k, tail_v = tail.host["k"], tail.host["v"]
         if copies is None and not hashes and tail_k.data.ndim == 4 and tail_k.data.shape[2]:
-            copies = start_working_copies(self.scheme, self.n_layers, None, row["tokens"], self.dtype,
-                                          SealingKVCache(self.scheme).step, tail=(tail_k, tail_v))
+            copies = start_working_copies(self.scheme, self.n_layers, None, row["tokens"], self.dtype, step,
+                                          tail=(tail_k, tail_v))
         layers = _finish(copies, self.scheme, whole_blocks, per_layer, tail_k, tail_v, self.dtype)
         if layers and layers[0].offset != len(tokens):
             raise BadCacheFile(f"its arrays hold {layers[0].offset} tokens, its token ids {len(tokens)}")
