@@ -41,100 +41,123 @@ def run(lm, args) -> dict:
 
 
 def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
-    import json
+    """Store one cache per context, then time them in rounds: every context once per round.
 
-    import mlx.core as mx
-
-    from app.kvstore.blockfile import chain_root, read_cache_file
-    from app.kvstore.conversation_cache import ConversationCache
-    from app.kvstore.host_block import layer_blocks
-    from app.kvstore.live_cache import SealingKVCache
-
+    Rounds instead of all repeats of one context in a row: this VM's disk (and the host's cache
+    behind it) drifts over minutes, and interleaving spreads that drift over every context alike.
+    """
     from app.kvstore.memory import reuse_freed_memory
 
     reuse_freed_memory(APP_BUDGET_BYTES)  # as the app does (Session.open)
     pool = common.make_pool(lm, home, "q4")
     ids_all = common.text_tokens(lm, max(contexts))
-    rows = []
     common.fill(lm, pool, ids_all[:256])  # warm-up
-    for context in contexts:
-        # A stored cache as a turn leaves it: sealed blocks plus a partial tail block (and never an
-        # empty tail: `blockfile.checksum` cannot hash a zero-length array, so such a save fails today).
-        n = context - TAIL_SHORT
-        ids = ids_all[:n]
-        # One prefill (it makes the cache); `parley bench ttft` has the medians of cold prefills.
-        (cache, _), s = common.timed(common.fill, lm, pool, ids)
-        prefill_s = [s]
-        key = f"bench:{n}"
-        pool.save(key, cache, None, "bench")
-        files = common.cache_files(pool, key)
-        nbytes = sum(p.stat().st_size for p in files)
-        working_bytes = sum(layer.keys[..., : layer.offset, :].nbytes + layer.values[..., : layer.offset, :].nbytes
-                            for layer in cache.layers)
-        del cache
-
-        def load():
-            c = pool.load(key)
-            assert isinstance(c, ConversationCache) and c.n_tokens == n, c
-            # BlockPool.load evaluates keys and values; make sure of it here, so restore is the whole cost
-            # of getting the working copy.
-            mx.eval([layer.values for layer in c.layers])
-            return c
-
-        def parts():
-            """load() in two halves: read+verify every file, then decode into the working copy."""
-            row = pool._row(key)
-            hashes = json.loads(row["chain"])
-            expect = pool._expect()
-            t0 = time.perf_counter()
-            blocks, parent = [], chain_root(pool.fingerprint, pool.scheme_id)
-            for h in hashes:
-                f = read_cache_file(pool.block_path(h), {**expect, "kind": "block", "hash": h, "parent": parent})
-                blocks.append(f)
-                parent = h
-            tail = read_cache_file(files[-1], {**expect, "kind": "tail", "key": key, "parent": parent})
-            t1 = time.perf_counter()
-            # as BlockPool.load does it, but one step after the other: every layer at once from the files' arrays
-            per_block = [layer_blocks(f.host, pool.n_layers) for f in blocks]
-            per_layer = [[b[i] for b in per_block] for i in range(pool.n_layers)]
-            layers = SealingKVCache.restore_layers(pool.scheme, [f.host for f in blocks], per_layer,
-                                                   tail.host["k"], tail.host["v"], pool.dtype)
-            assert len(layers) == pool.n_layers and layers[0].offset == n
-            mx.eval([l.keys for l in layers] + [l.values for l in layers])
-            return t1 - t0, time.perf_counter() - t1
-
-        common.drop_page_cache(files)
-        first_restore_s = common.timed(load)[1]
-        runs = {k: [] for k in ("raw_disk", "raw_cached", "restore_disk", "restore_cached", "read_verify", "decode")}
-        dropped = True
-        for _ in range(repeats):
-            dropped &= common.drop_page_cache(files)
-            runs["raw_disk"].append(common.raw_read(files)[1])
-            runs["raw_cached"].append(common.raw_read(files)[1])
-            dropped &= common.drop_page_cache(files)
-            runs["restore_disk"].append(common.timed(load)[1])
-            runs["restore_cached"].append(common.timed(load)[1])
-            rv, dec = parts()
-            runs["read_verify"].append(rv)
-            runs["decode"].append(dec)
-        med = {k: common.median(v) for k, v in runs.items()}
-        pf = common.median(prefill_s)
-        row = {
-            "context": context, "context_tokens": n, "stored_bytes": nbytes, "files": len(files), "working_copy_bytes": working_bytes,
-            "raw_read_disk_ms": common.ms(med["raw_disk"]), "raw_read_cached_ms": common.ms(med["raw_cached"]),
-            "restore_disk_ms": common.ms(med["restore_disk"]), "restore_cached_ms": common.ms(med["restore_cached"]),
-            "read_verify_ms": common.ms(med["read_verify"]), "decode_ms": common.ms(med["decode"]),
-            "reprefill_ms": common.ms(pf), "first_restore_disk_ms": common.ms(first_restore_s),
-            "restore_over_raw_disk": round(med["restore_disk"] / med["raw_disk"], 2),
-            "restore_over_raw_cached": round(med["restore_cached"] / med["raw_cached"], 2),
-            "reprefill_over_restore_disk": round(pf / med["restore_disk"], 1),
-            "raw_read_disk_MBps": round(nbytes / med["raw_disk"] / 1e6, 1),
-            "page_cache_dropped": dropped,
-            "runs_ms": {k: [common.ms(x) for x in v] for k, v in runs.items()},
-        }
-        rows.append(row)
-        say(f"  restore {n} tokens: restore {row['restore_disk_ms']} ms from disk, raw read {row['raw_read_disk_ms']} ms, re-prefill {row['reprefill_ms']} ms")
+    stored = [_store(lm, pool, ids_all, context) for context in contexts]
+    dropped = True
+    for _ in range(repeats):
+        for st in stored:
+            dropped &= _one_round(pool, st)
+    rows = [_row(st, dropped) for st in stored]
+    for row in rows:
+        say(f"  restore {row['context_tokens']} tokens: restore {row['restore_disk_ms']} ms from disk, "
+            f"raw read {row['raw_read_disk_ms']} ms, re-prefill {row['reprefill_ms']} ms")
     return {"scheme": "q4", "repeats": repeats, "target_restore_over_raw": 1.5, "rows": rows}
+
+
+def _store(lm, pool, ids_all: list[int], context: int) -> dict:
+    """Prefill and save one cache (as a turn leaves it: sealed blocks plus a partial tail), then restore it once."""
+    n = context - TAIL_SHORT
+    # One prefill (it makes the cache); `parley bench ttft` has the medians of cold prefills.
+    (cache, _), prefill_s = common.timed(common.fill, lm, pool, ids_all[:n])
+    key = f"bench:{n}"
+    pool.save(key, cache, None, "bench")
+    files = common.cache_files(pool, key)
+    working_bytes = sum(layer.keys[..., : layer.offset, :].nbytes + layer.values[..., : layer.offset, :].nbytes
+                        for layer in cache.layers)
+    del cache
+    st = {"context": context, "n": n, "key": key, "files": files, "nbytes": sum(p.stat().st_size for p in files),
+          "working_bytes": working_bytes, "prefill_s": prefill_s,
+          "runs": {k: [] for k in ("raw_disk", "raw_cached", "restore_disk", "restore_cached", "read_verify", "decode")}}
+    common.drop_page_cache(files)
+    st["first_restore_s"] = common.timed(_load, pool, st)[1]
+    return st
+
+
+def _one_round(pool, st: dict) -> bool:
+    """One of each timing for one stored cache; False if the page cache could not be dropped."""
+    files, runs = st["files"], st["runs"]
+    dropped = common.drop_page_cache(files)
+    runs["raw_disk"].append(common.raw_read(files)[1])
+    runs["raw_cached"].append(common.raw_read(files)[1])
+    dropped &= common.drop_page_cache(files)
+    runs["restore_disk"].append(common.timed(_load, pool, st)[1])
+    runs["restore_cached"].append(common.timed(_load, pool, st)[1])
+    rv, dec = _parts(pool, st)
+    runs["read_verify"].append(rv)
+    runs["decode"].append(dec)
+    return dropped
+
+
+def _load(pool, st: dict):
+    import mlx.core as mx
+
+    from app.kvstore.conversation_cache import ConversationCache
+
+    c = pool.load(st["key"])
+    assert isinstance(c, ConversationCache) and c.n_tokens == st["n"], c
+    # BlockPool.load evaluates keys and values; make sure of it here, so restore is the whole cost
+    # of getting the working copy.
+    mx.eval([layer.values for layer in c.layers])
+    return c
+
+
+def _parts(pool, st: dict) -> tuple[float, float]:
+    """_load in two halves, one after the other: read+verify every file, then decode into the working copy."""
+    import json
+
+    import mlx.core as mx
+
+    from app.kvstore.blockfile import chain_root, read_cache_file
+    from app.kvstore.host_block import layer_blocks
+    from app.kvstore.live_cache import SealingKVCache
+
+    row = pool._row(st["key"])
+    hashes = json.loads(row["chain"])
+    expect = pool._expect()
+    t0 = time.perf_counter()
+    blocks, parent = [], chain_root(pool.fingerprint, pool.scheme_id)
+    for h in hashes:
+        blocks.append(read_cache_file(pool.block_path(h), {**expect, "kind": "block", "hash": h, "parent": parent}))
+        parent = h
+    tail = read_cache_file(st["files"][-1], {**expect, "kind": "tail", "key": st["key"], "parent": parent})
+    t1 = time.perf_counter()
+    per_block = [layer_blocks(f.host, pool.n_layers) for f in blocks]
+    per_layer = [[b[i] for b in per_block] for i in range(pool.n_layers)]
+    layers = SealingKVCache.restore_layers(pool.scheme, [f.host for f in blocks], per_layer,
+                                           tail.host["k"], tail.host["v"], pool.dtype)
+    assert len(layers) == pool.n_layers and layers[0].offset == st["n"]
+    mx.eval([l.keys for l in layers] + [l.values for l in layers])
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _row(st: dict, dropped: bool) -> dict:
+    runs = st["runs"]
+    med = {k: common.median(v) for k, v in runs.items()}
+    pf = st["prefill_s"]
+    return {
+        "context": st["context"], "context_tokens": st["n"], "stored_bytes": st["nbytes"], "files": len(st["files"]),
+        "working_copy_bytes": st["working_bytes"],
+        "raw_read_disk_ms": common.ms(med["raw_disk"]), "raw_read_cached_ms": common.ms(med["raw_cached"]),
+        "restore_disk_ms": common.ms(med["restore_disk"]), "restore_cached_ms": common.ms(med["restore_cached"]),
+        "read_verify_ms": common.ms(med["read_verify"]), "decode_ms": common.ms(med["decode"]),
+        "reprefill_ms": common.ms(pf), "first_restore_disk_ms": common.ms(st["first_restore_s"]),
+        "restore_over_raw_disk": round(med["restore_disk"] / med["raw_disk"], 2),
+        "restore_over_raw_cached": round(med["restore_cached"] / med["raw_cached"], 2),
+        "reprefill_over_restore_disk": round(pf / med["restore_disk"], 1),
+        "raw_read_disk_MBps": round(st["nbytes"] / med["raw_disk"] / 1e6, 1),
+        "page_cache_dropped": dropped,
+        "runs_ms": {k: [common.ms(x) for x in v] for k, v in runs.items()},
+    }
 
 
 def report(result: dict) -> str:
