@@ -196,3 +196,20 @@ def test_compact_caches_take_less_ram_and_come_back_exact(lm):
     back, source, _ = manager.get("conv:1")
     assert source == "ram"
     assert mx.array_equal(next_logits(lm, back, probe), expected)
+
+
+def test_saving_rounds_the_tail_in_place_without_copying_the_working_copy(lm):
+    """A save rounds the fp32 tail to fp16 values in the working copy itself: a copy of the whole
+    working copy per save made saving cost more the longer the conversation."""
+    import numpy as np
+
+    pool = make_pool(lm)
+    cache = fill(lm, pool, tokens(300))
+    ptrs = [np.asarray(memoryview(layer.keys)).ctypes.data for layer in cache.layers]
+    tail = cache.tail_arrays()
+    mx.eval(tail, [layer.keys for layer in cache.layers])
+    assert [np.asarray(memoryview(layer.keys)).ctypes.data for layer in cache.layers] == ptrs
+    layer = cache.layers[0]
+    kept = layer.keys[..., layer.sealed_tokens:layer.offset, :]
+    assert mx.array_equal(kept, kept.astype(mx.float16).astype(mx.float32))  # rounded, in place
+    assert mx.array_equal(tail["k"][0], kept[0].astype(mx.float16))

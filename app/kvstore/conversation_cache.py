@@ -64,8 +64,7 @@ class ConversationCache:
 
     def tail_arrays(self) -> dict[str, mx.array]:
         """The unsealed tail of every layer; fp32 tails hold fp16-exact values and are stored as fp16."""
-        for layer in self.layers:
-            layer.round_tail_to_fp16()
+        SealingKVCache.round_tails_to_fp16(self.layers)
         tails = [layer.tail() for layer in self.layers]
         k, v = mx.stack([k for k, _ in tails]), mx.stack([v for _, v in tails])
         if k.dtype == mx.float32:

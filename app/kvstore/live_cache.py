@@ -60,17 +60,25 @@ class SealingKVCache(KVCache):
         del self.sealed[keep_blocks:]  # a cut block becomes the full-precision tail again
         return n
 
-    def round_tail_to_fp16(self) -> None:
-        """Make an fp32 tail hold fp16-exact values, in place, so it is stored losslessly at half the bytes.
+    @staticmethod
+    def round_tails_to_fp16(layers: list["SealingKVCache"]) -> None:
+        """Make the fp32 tails of these layers hold fp16-exact values, in place, so they are stored
+        losslessly at half the bytes.
 
         Done when the cache is saved rather than on every token: the decode loop
         stays free of extra ops, and from the save on, live and stored agree bit for bit.
+        The rounded tails are evaluated before they are written back, so nothing but the
+        cache refers to the working copies then and MLX updates them in place instead of
+        copying them whole (that copy made a save cost more the longer the conversation).
         """
-        if self.keys is None or self.keys.dtype != mx.float32 or self.offset == self.sealed_tokens:
-            return
-        start, end = self.sealed_tokens, self.offset
-        for buffer in (self.keys, self.values):
-            buffer[..., start:end, :] = buffer[..., start:end, :].astype(mx.float16).astype(mx.float32)
+        todo = [c for c in layers if c.keys is not None and c.keys.dtype == mx.float32 and c.offset > c.sealed_tokens]
+        rounded = [[b[..., c.sealed_tokens:c.offset, :].astype(mx.float16).astype(mx.float32) for b in (c.keys, c.values)]
+                   for c in todo]
+        mx.eval(rounded)
+        for c, (k, v) in zip(todo, rounded):
+            start, end = c.sealed_tokens, c.offset
+            c.keys[..., start:end, :] = k
+            c.values[..., start:end, :] = v
 
     def tail(self) -> tuple[mx.array, mx.array]:
         """Keys and values after the last sealed block, shape (heads, T, dim)."""

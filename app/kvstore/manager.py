@@ -36,8 +36,8 @@ class CompactCache:
 
     @classmethod
     def of(cls, cache: ConversationCache) -> "CompactCache":
-        for layer in cache.layers:
-            layer.round_tail_to_fp16()  # exact: fp32 tails are fp16 values from here on, held at half the RAM
+        # exact: fp32 tails are fp16 values from here on, held at half the RAM
+        SealingKVCache.round_tails_to_fp16(cache.layers)
         tails = [tuple(mx.contiguous(x.astype(mx.float16) if x.dtype == mx.float32 else x) for x in layer.tail())
                  for layer in cache.layers]
         mx.eval(tails)
