@@ -123,18 +123,16 @@ def _parts(pool, st: dict) -> tuple[float, float]:
 
     row = pool._row(st["key"])
     hashes = json.loads(row["chain"])
-    expect = pool._expect()
     t0 = time.perf_counter()
     blocks, parent = [], chain_root(pool.fingerprint, pool.scheme_id)
     for h in hashes:
-        blocks.append(read_cache_file(pool.block_path(h), {**expect, "kind": "block", "hash": h, "parent": parent}))
+        blocks.append(pool._read_block(h, parent)[0])  # as the restore reads them, on one thread
         parent = h
-    tail = read_cache_file(st["files"][-1], {**expect, "kind": "tail", "key": st["key"], "parent": parent})
+    tail = read_cache_file(st["files"][-1], {**pool._expect(), "kind": "tail", "key": st["key"], "parent": parent})
     t1 = time.perf_counter()
-    per_block = [layer_blocks(f.host, pool.n_layers) for f in blocks]
+    per_block = [layer_blocks(host, pool.n_layers) for host in blocks]
     per_layer = [[b[i] for b in per_block] for i in range(pool.n_layers)]
-    layers = SealingKVCache.restore_layers(pool.scheme, [f.host for f in blocks], per_layer,
-                                           tail.host["k"], tail.host["v"], pool.dtype)
+    layers = SealingKVCache.restore_layers(pool.scheme, blocks, per_layer, tail.host["k"], tail.host["v"], pool.dtype)
     assert len(layers) == pool.n_layers and layers[0].offset == st["n"]
     mx.eval([l.keys for l in layers] + [l.values for l in layers])
     return t1 - t0, time.perf_counter() - t1

@@ -442,31 +442,19 @@ def decode_layers(scheme, n_layers: int, blocks: list, tail_k, tail_v, dtype, st
     per-layer lists (float16 or float32), or None. Returns None if this input is not for the C path
     (the caller decodes with MLX).
     """
-    lib = kernels()
-    if lib is None or dtype != mx.float32 or n_layers < 1:
+    if not blocks and tail_k is None:
         return None
     try:
-        return _decode_layers(lib, scheme, n_layers, blocks, tail_k, tail_v, step)
+        n_tail = layer_shape(tail_k)[1] if tail_k is not None else 0
+        n = sum(_block_length(scheme, b) for b in blocks) + n_tail
+        copies = start_working_copies(scheme, n_layers, blocks[0] if blocks else None, n, dtype, step,
+                                      tail=(tail_k, tail_v))
+        if copies is None:
+            return None
+        for block in blocks:
+            copies.add_block(block)
+        if n_tail:
+            copies.add_tail(tail_k, tail_v)
+        return copies.result()
     except Unsupported:
         return None
-
-
-def _decode_layers(lib, scheme, n_layers, blocks, tail_k, tail_v, step):
-    if not blocks and tail_k is None:
-        raise Unsupported("empty")
-    if blocks:
-        dk, dv = _dims(blocks[0], n_layers)
-        h = _heads(scheme, blocks[0])
-    else:
-        h, _, dk = layer_shape(tail_k)
-        dv = layer_shape(tail_v)[2]
-    n_tail = layer_shape(tail_k)[1] if tail_k is not None else 0
-    n = sum(_block_length(scheme, b) for b in blocks) + n_tail
-    if n == 0:
-        raise Unsupported("no tokens")
-    copies = WorkingCopies(lib, scheme, n_layers, h, dk, dv, n, step)
-    for block in blocks:
-        copies.add_block(block)
-    if tail_k is not None and n_tail:
-        copies.add_tail(tail_k, tail_v)
-    return copies.result()
