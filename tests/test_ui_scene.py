@@ -155,7 +155,8 @@ async def test_escape_cancels_a_round(make_app):
         assert rounds(app, tab.conversation_id)[-1].cancelled
         long_reply = next(e for e in scene_replies(app, tab.conversation_id) if e.persona_id == "long")
         assert long_reply.cancelled and long_reply.stats.generated_tokens < 1500
-        await pilot.pause(0.05)
+        await wait_until(pilot, lambda: any(v.persona_id == "long" for v in tab.message_views()),
+                         what="the stopped reply's view")
         view = next(v for v in tab.message_views() if v.persona_id == "long")
         assert "stopped" in view.stats and not tab.live
         assert "stopped" in str(tab.query_one(".round-stats").render())
