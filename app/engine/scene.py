@@ -319,7 +319,7 @@ def _finish(session, cid: int, seats, prepared, started: float, round_id: int, c
         stopped = cancelled and not seat.done
         any_stopped = any_stopped or stopped
         message_id = 0
-        if text.strip() or not stopped:
+        if n or not stopped:  # a stopped reply keeps what it said, whitespace too
             meta = {"stats": stats.__dict__, "round": round_id, **({"cancelled": True} if stopped else {})}
             message_id = session.catalog.add_message(cid, "assistant", text, persona_id=seat.pid, meta=meta)
             session.emit(ev.MessageSaved(cid, message_id, "assistant"))
