@@ -103,6 +103,7 @@ def run(args) -> int:
         finished = wait_for_reply(events, stream=None if args.json else sys.stdout)
     finally:
         engine.shutdown()
+    print_late_warnings(events)
     if isinstance(finished, ev.EngineFailed):
         if args.new and conv is None:
             delete_if_empty(conversation_id)
@@ -180,6 +181,22 @@ def wait_for_reply(events: queue.Queue, stream=None):
                   "(the transcript keeps them).", file=sys.stderr)
         elif isinstance(event, (ev.ReplyFinished, ev.EngineFailed)):
             return event
+
+
+def print_late_warnings(events: queue.Queue) -> None:
+    """Warnings that come after the reply (its cache save, the final save at shutdown), once each."""
+    from app.engine import events as ev
+
+    said = set()
+    while True:
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(event, ev.CacheNotSaved) and event.reason not in said:
+            said.add(event.reason)
+            print(f"parley: warning: the reply is saved, but its cache was not ({event.reason}); the next reply "
+                  "rebuilds it from the transcript.", file=sys.stderr)
 
 
 def reply_json(finished) -> dict:

@@ -99,6 +99,6 @@ def save_cache(session, key: str, conversation_id: int | None) -> bool:
         session.manager.save(key)
         return True
     except (CacheWriteFailed, sqlite3.Error) as exc:
-        log.warning("cache %s not saved: %s", key, exc)
+        log.info("cache %s not saved: %s", key, exc)  # the event tells the user
         session.emit(ev.CacheNotSaved(conversation_id, str(exc)))
         return False
