@@ -139,9 +139,70 @@ def scenario(name: str, r: Runner) -> None:
         r.parley("first", "chat", "tester", "hello there")
         read_only(home / "catalog.db")
         r.parley("chat", "chat", "tester", "are you there?")
+    elif name == "app_full_during_reply":
+        app_full_during_reply(r)
+        return
     else:
         raise SystemExit(f"unknown scenario {name}")
     r.after()
+
+
+def app_full_during_reply(r: Runner) -> None:
+    """The app (driven by Pilot) streams a reply; after its third piece the disk is full."""
+    import asyncio
+
+    asyncio.run(_app_full_during_reply(r))
+    r.after()
+
+
+async def _app_full_during_reply(r: Runner) -> None:
+    from app.engine import events as ev
+    from app.ui.app import ParleyApp
+    from tests.test_ui_helpers import events_of, wait_until
+
+    from app.engine.commands import Sampling
+
+    app = ParleyApp(model=r.model, personas_dirs=[r.home / "personas"],
+                    sampling=Sampling(temperature=1.5, top_p=1.0, max_tokens=12, seed=7))  # varied text
+    sink = app._engine_event
+    pieces: list[str] = []
+
+    def hooked(event):
+        sink(event)
+        if isinstance(event, ev.TokensGenerated):
+            pieces.append(event.text)
+            if len(pieces) == 3:
+                fill_disk(r.home)  # on the engine thread, between two tokens of the reply
+
+    app._engine_event = hooked
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.chat_screen is not None and app.chat_screen.model_ready, timeout=60,
+                         what="the model")
+        await pilot.press("ctrl+f")
+        app.chat_screen.query_one("#persona-filter").value = "tester"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat_screen.active_pane() is not None, what="the chat tab")
+        pane = app.chat_screen.active_pane()
+        pane.composer.focus()
+        pane.composer.text = "tell me a story"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed) and not pane.generating, timeout=60,
+                         what="the failed save")
+        await pilot.pause(0.2)
+        r.results["app"] = {
+            "streamed": "".join(pieces),
+            "notifications": [{"title": n.title, "message": n.message, "severity": n.severity}
+                              for n in app._notifications],
+            "views": [{"role": v.role, "text": v.text, "stats": v.stats, "saved": v.message_id is not None,
+                       "unsaved": v.has_class("unsaved")} for v in pane.message_views()],
+        }
+        free_disk(r.home)  # space again: the next message is answered and saved
+        pane.composer.text = "and now?"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: any(isinstance(e, ev.ReplyFinished) for e in app.events_seen[-20:])
+                         and not pane.generating, timeout=60, what="the next reply")
+        r.results["app"]["after"] = [{"role": v.role, "text": v.text, "saved": v.message_id is not None}
+                                     for v in pane.message_views()]
 
 
 def run_scenario(name: str, out_json: str, model: str) -> int:

@@ -56,14 +56,14 @@ def tighten(path: Path) -> None:
 
 # -- integrity -------------------------------------------------------------------------
 
-def check_once(conn: sqlite3.Connection, path: Path) -> bool:
-    """At the first open in this process: a quick integrity check; a damaged catalog raises `CatalogDamaged`.
+def check_once(conn: sqlite3.Connection, path: Path, force: bool = False) -> bool:
+    """At the first open in this process (or when `force`d, as the app's start does): a quick integrity check.
 
-    Returns True when it checked now (False: already checked by this process).
+    A damaged catalog raises `CatalogDamaged`. Returns True when it checked now.
     """
     key = str(path.resolve())
     with _checked_lock:
-        if key in _checked:
+        if key in _checked and not force:
             return False
     try:
         rows = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]

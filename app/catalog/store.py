@@ -67,7 +67,8 @@ def short_title(text: str, limit: int = TITLE_CHARS) -> str:
 class Catalog:
     """The catalog database. `Catalog()` opens `app.paths.catalog_path()` (honours PARLEY_HOME)."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, check: bool = False) -> None:
+        """`check`: run the integrity check even if this process ran it already (an app starting)."""
         if path is None:
             from app.paths import catalog_path
 
@@ -89,7 +90,7 @@ class Catalog:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
-            checked_now = health.check_once(conn, self.path)  # before any write: a damaged file is left alone
+            checked_now = health.check_once(conn, self.path, force=check)  # before any write: a damaged file is left alone
             health.check_writable(conn, self.path)
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")

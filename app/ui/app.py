@@ -65,7 +65,7 @@ class ParleyApp(App):
     def on_mount(self) -> None:
         self.theme = self.start_theme
         try:
-            self.catalog = Catalog(self.catalog_path)
+            self.catalog = Catalog(self.catalog_path, check=True)
         except ParleyError as exc:  # damaged, read-only, full disk: say so on screen and touch nothing
             from app.ui.problem import ProblemScreen
 
