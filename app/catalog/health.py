@@ -124,15 +124,14 @@ def keep_backup(conn: sqlite3.Connection, path: Path) -> None:
 
 # -- true messages ---------------------------------------------------------------------------
 
-def check_writable(conn: sqlite3.Connection, path: Path) -> None:
-    """Refuse at open a catalog SQLite could open only read-only (immutable, read-only file or file system)."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-    except sqlite3.OperationalError as exc:
-        if "readonly" in str(exc).lower() or "read-only" in str(exc).lower():
-            raise read_only(path, str(exc)) from exc
-        raise
+def check_writable(path: Path) -> None:
+    """Refuse at open a catalog SQLite could open only read-only (read-only file or file system, immutable file).
+
+    The kernel's own answer (access(2) says EROFS or EPERM for those, even to root), so no write lock is taken:
+    opening stays cheap while other threads and processes write.
+    """
+    if path.exists() and not os.access(path, os.W_OK):
+        raise read_only(path, "the file cannot be opened for writing")
 
 
 def read_only(path: Path, detail: str) -> StorageReadOnly:

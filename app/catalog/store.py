@@ -76,6 +76,7 @@ class Catalog:
         self.path = Path(path)
         self._lock = threading.RLock()
         health.create_private(self.path)
+        health.check_writable(self.path)
         try:
             conn = sqlite3.connect(
                 str(self.path),
@@ -91,7 +92,6 @@ class Catalog:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
             checked_now = health.check_once(conn, self.path, force=check)  # before any write: a damaged file is left alone
-            health.check_writable(conn, self.path)
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             self.db = sqlite_utils.Database(conn, execute_plugins=False)
