@@ -27,6 +27,7 @@ from typing import Any
 
 import sqlite_utils
 
+from app.catalog import health
 from app.catalog.migrations import migrate
 from app.catalog.records import Conversation, Message, PersonaRecord
 from app.errors import ParleyError
@@ -66,13 +67,16 @@ def short_title(text: str, limit: int = TITLE_CHARS) -> str:
 class Catalog:
     """The catalog database. `Catalog()` opens `app.paths.catalog_path()` (honours PARLEY_HOME)."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, check: bool = False) -> None:
+        """`check`: run the integrity check even if this process ran it already (an app starting)."""
         if path is None:
             from app.paths import catalog_path
 
             path = catalog_path()
         self.path = Path(path)
         self._lock = threading.RLock()
+        health.create_private(self.path)
+        health.check_writable(self.path)
         try:
             conn = sqlite3.connect(
                 str(self.path),
@@ -87,16 +91,20 @@ class Catalog:
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
+            checked_now = health.check_once(conn, self.path, force=check)  # before any write: a damaged file is left alone
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             self.db = sqlite_utils.Database(conn, execute_plugins=False)
             migrate(self.db)
+        except ParleyError:
+            conn.close()
+            raise
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise ParleyError(
-                f"The catalog {self.path} cannot be used: {exc}. "
-                "Move the file aside to start a fresh catalog (conversations in it will not be shown)."
-            ) from exc
+            raise health.storage_error(exc, self.path) from exc
+        health.tighten(self.path)
+        if checked_now:
+            health.keep_backup(conn, self.path)
 
     @staticmethod
     def _enable_wal(conn: sqlite3.Connection) -> None:

@@ -18,11 +18,24 @@ from app import fastblas
 SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene"]
 
 
+def budget_mb(text: str) -> float:
+    """argparse type: a finite number of megabytes, 0 or more (0 keeps only the conversation on screen)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of megabytes, 0 or more, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Chat with many persistent personas on a local MLX model.")
     parser.add_argument("--model", default=None, help="a local mlx-lm folder or a Hugging Face repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--kv-scheme", default="q4", help="how caches are stored: q4 (default), k8v4, q8, f16")
-    parser.add_argument("--budget-mb", type=float, default=512.0, help="RAM for conversation caches, in MB (default 512)")
+    parser.add_argument("--budget-mb", type=budget_mb, default=512.0, help="RAM for conversation caches, in MB (default 512)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -48,6 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ParleyError as exc:
         print(f"parley: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 
@@ -28,9 +29,33 @@ def register(subparsers) -> None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=None, help="override the persona's temperature")
-    p.add_argument("--max-tokens", type=int, default=None, help="override the persona's reply length limit")
+    p.add_argument("--temperature", type=temperature_value, default=None, help="override the persona's temperature (0 to 5)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="override the persona's reply length limit (at least 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def temperature_value(text: str) -> float:
+    """argparse type: a finite number from 0 to 5 (nan samples garbage, a negative one is meaningless)."""
+    from app.engine.commands import MAX_TEMPERATURE
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_TEMPERATURE):
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_TEMPERATURE:g}, not {text!r}")
+    return value
 
 
 def sampling_for(persona, args):
@@ -48,6 +73,8 @@ def find_persona(persona_id: str):
     from app.personas import load_personas
 
     result = load_personas()
+    for problem in result.problems:  # a broken or hostile file is skipped, and said so once
+        print(f"parley: warning: {problem}", file=sys.stderr)
     if persona_id not in result.personas:
         known = ", ".join(sorted(result.personas)) or "none"
         raise ParleyError(f"Unknown persona {persona_id!r}. Known personas: {known}.")
@@ -59,6 +86,7 @@ def run(args) -> int:
     from app.engine import commands as cmd
     from app.engine import events as ev
 
+    check_text(args.message)
     if not args.message.strip():
         raise ParleyError("The message is empty: say something.")
     persona = find_persona(args.persona)
@@ -75,15 +103,40 @@ def run(args) -> int:
         finished = wait_for_reply(events, stream=None if args.json else sys.stdout)
     finally:
         engine.shutdown()
+    print_late_warnings(events)
     if isinstance(finished, ev.EngineFailed):
         if args.new and conv is None:
             delete_if_empty(conversation_id)
-        raise ParleyError(finished.message)
+        raise failure(finished, printed=not args.json)
     if args.json:
         print(json.dumps(reply_json(finished)))
     else:
         print()
     return 0
+
+
+def check_text(text: str, what: str = "The message") -> None:
+    """Refuse text that is not valid UTF-8 (the shell hands such bytes over as lone surrogates)."""
+    from app.errors import BadInput
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInput(f"{what} is not valid UTF-8 text (bad byte at character {exc.start + 1}): "
+                       "check the terminal's encoding or the file it came from, and send it again.") from None
+
+
+def failure(finished, printed: bool) -> ParleyError:
+    """The error to exit with for an `EngineFailed`; a reply that could not be saved is still shown."""
+    error = ParleyError(finished.message)
+    error.exit_code = finished.exit_code
+    if finished.unsaved_reply is not None:
+        if printed:  # streamed above
+            print()
+            error.args = (f"{finished.message} (The reply is printed above; copy it if you want to keep it.)",)
+        else:
+            error.args = (f"{finished.message} The reply was:\n{finished.unsaved_reply}",)
+    return error
 
 
 def start_engine(args, on_event):
@@ -120,11 +173,30 @@ def wait_for_reply(events: queue.Queue, stream=None):
             stream.flush()
         elif isinstance(event, ev.CacheDiscarded):
             print(f"parley: note: the stored cache was not usable ({event.reason}); rebuilt from the transcript.", file=sys.stderr)
+        elif isinstance(event, ev.CacheNotSaved):
+            print(f"parley: warning: the reply is saved, but its cache was not ({event.reason}); the next reply "
+                  "rebuilds it from the transcript.", file=sys.stderr)
         elif isinstance(event, ev.ContextTrimmed):
             print("parley: note: the conversation outgrew the context window; the oldest turns left the model's view "
                   "(the transcript keeps them).", file=sys.stderr)
         elif isinstance(event, (ev.ReplyFinished, ev.EngineFailed)):
             return event
+
+
+def print_late_warnings(events: queue.Queue) -> None:
+    """Warnings that come after the reply (its cache save, the final save at shutdown), once each."""
+    from app.engine import events as ev
+
+    said = set()
+    while True:
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return
+        if isinstance(event, ev.CacheNotSaved) and event.reason not in said:
+            said.add(event.reason)
+            print(f"parley: warning: the reply is saved, but its cache was not ({event.reason}); the next reply "
+                  "rebuilds it from the transcript.", file=sys.stderr)
 
 
 def reply_json(finished) -> dict:

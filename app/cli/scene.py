@@ -18,7 +18,7 @@ import json
 import queue
 import sys
 
-from app.cli.chat import add_sampling_options, find_persona, start_engine
+from app.cli.chat import add_sampling_options, check_text, failure, find_persona, start_engine
 from app.errors import ParleyError
 
 
@@ -89,6 +89,8 @@ def play_round(args, ref: str, message: str | None) -> int:
     from app.engine import commands as cmd
     from app.engine import events as ev
 
+    if message is not None:
+        check_text(message)
     if message is not None and not message.strip():
         raise ParleyError("The message is empty: say something (or leave MESSAGE out to let the personas go on).")
     with Catalog() as catalog:
@@ -116,7 +118,7 @@ def play_round(args, ref: str, message: str | None) -> int:
     finally:
         engine.shutdown()
     if isinstance(final, ev.EngineFailed):
-        raise ParleyError(final.message)
+        raise failure(final, printed=False)
     if args.json:
         print(json.dumps(round_json(conv.id, replies, final)))
     else:
@@ -138,6 +140,9 @@ def wait_for_round(events: queue.Queue, progress: bool = False):
             print(f"\rPreparing the model: {event.done}/{event.total}", end="", file=sys.stderr)
         elif isinstance(event, ev.CacheDiscarded):
             print(f"parley: note: a stored cache was not usable ({event.reason}); rebuilt from the transcript.", file=sys.stderr)
+        elif isinstance(event, ev.CacheNotSaved):
+            print(f"parley: warning: a cache was not saved ({event.reason}); it is rebuilt from the transcript.",
+                  file=sys.stderr)
         elif isinstance(event, ev.ContextTrimmed):
             print("parley: note: the scene outgrew the context window; the oldest turns left a persona's view "
                   "(the transcript keeps them).", file=sys.stderr)

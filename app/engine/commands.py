@@ -6,7 +6,10 @@ The app and the command line never touch MLX; they put one of these on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+MAX_TEMPERATURE = 5.0  # as persona files allow
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,18 @@ class Sampling:
     top_p: float = 0.95
     max_tokens: int = 512
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse values that would sample garbage (nan temperature) or nothing (max_tokens 0) before any work."""
+        from app.errors import ParleyError
+
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ParleyError(f"max_tokens must be a whole number of at least 1, not {self.max_tokens!r}.")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and 0.0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ParleyError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {self.temperature!r}.")
+        if not (isinstance(self.top_p, (int, float)) and math.isfinite(self.top_p) and 0.0 <= self.top_p <= 1.0):
+            raise ParleyError(f"top_p must be a number from 0 to 1, not {self.top_p!r}.")
 
 
 @dataclass(frozen=True)

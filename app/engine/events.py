@@ -117,6 +117,16 @@ class EngineFailed(Event):
 
     message: str
     conversation_id: int | None = None
+    exit_code: int = 1  # what `parley` exits with for it (see app.errors)
+    unsaved_reply: str | None = None  # a reply generated but not saved (full disk): shown, never silently lost
+
+
+@dataclass(frozen=True)
+class CacheNotSaved(Event):
+    """The reply is saved, its cache could not be (full disk, read-only caches/): the next reply rebuilds it."""
+
+    conversation_id: int | None
+    reason: str
 
 
 # -- scenes (several personas in one room; app.engine.scene) -----------------

@@ -50,6 +50,7 @@ from app.catalog.context import context_start, set_context_start
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.prompt import build_prompt, common_prefix
+from app.engine.faults import save_cache
 from app.errors import ParleyError
 
 MIN_MEMBERS, MAX_MEMBERS = 2, 6
@@ -74,6 +75,10 @@ def create_scene(catalog, title: str, members, known) -> int:
     title = title.strip()
     if not title:
         raise ParleyError("A scene needs a name.")
+    taken = next((c for c in catalog.list_conversations(kind="scene") if (c.title or "").casefold() == title.casefold()), None)
+    if taken is not None:
+        raise ParleyError(f"There is already a scene named {taken.title!r} (id {taken.id}): pick another name, "
+                          "or talk in that one with `parley scene NAME MESSAGE`.")
     return catalog.create_conversation(None, kind="scene", title=title, members=check_members(members, known))
 
 
@@ -339,4 +344,4 @@ def _persist(session, cid: int, seats) -> None:
             continue
         key = seat.turn.key
         session.manager.put(key, seat.cache, cid, seat.pid)  # again: pinning may have compacted the entry
-        session.manager.save(key)
+        save_cache(session, key, cid)  # a cache that cannot be written is a warning, not a failed round

@@ -13,10 +13,12 @@ from app import paths
 from app.catalog.context import context_start, set_context_start
 from app.engine import commands as cmd
 from app.engine import events as ev
+from app.engine import faults
 from app.engine.generation import decode, prefill
 from app.engine.prompt import build_prompt, common_prefix, transcript_messages
 from app.errors import ParleyError
 
+WRITES_A_TURN = (cmd.Generate, cmd.Regenerate, cmd.EditAndResend, cmd.Continue, cmd.SceneRound)
 PROGRESS_MIN_TOKENS = 256  # smaller prefills finish before a progress bar would be seen
 
 
@@ -89,12 +91,17 @@ class Session:
     def close(self) -> None:
         for key, entry in list(self.manager.entries.items()):
             if entry.dirty:
-                self.manager.save(key)
+                faults.save_cache(self, key, entry.conversation_id)
         self.catalog.close()
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, command: cmd.Command) -> None:
-        getattr(self, f"_on_{type(command).__name__}")(command)
+        handler = getattr(self, f"_on_{type(command).__name__}")
+        if isinstance(command, WRITES_A_TURN):  # one turn at a time per conversation, across processes (a queue)
+            with faults.conversation_lock(command.conversation_id):
+                handler(command)
+        else:
+            handler(command)
 
     def _on_Generate(self, c: cmd.Generate) -> None:
         if not c.text.strip():
@@ -219,8 +226,8 @@ class Session:
 
         started = time.perf_counter()
         tok = self.lm.tokenizer
-        if transcript is None:
-            transcript = transcript_messages(self.catalog.current_path(turn.conversation_id))
+        if transcript is None:  # the path ending at the message this reply answers, not whatever is the leaf now
+            transcript = transcript_messages(self.catalog.path_to(turn.parent_id) if turn.parent_id is not None else [])
         start = context_start(self.catalog, turn.conversation_id, turn.speaker)
         prompt = build_prompt(tok, preamble_messages(turn.persona), transcript, self.lm.context_window,
                               reserve=turn.sampling.max_tokens, start=start, post_history=post_history(turn.persona))
@@ -240,7 +247,7 @@ class Session:
             logits = step.logits
             if self.cancelled() and step.logits is None:
                 self.manager.mark_dirty(turn.key)
-                self.manager.save(turn.key)
+                faults.save_cache(self, turn.key, turn.conversation_id)
                 self.emit(ev.ReplyFinished(turn.conversation_id, 0, "", ev.ReplyStats(0, reused, step.done, 0, 0, source), True))
                 return None
         self._snapshot_preamble(turn, cache, prompt.preamble_ids)
@@ -272,12 +279,18 @@ class Session:
         )
         text = stream.text
         meta = {"stats": stats.__dict__, **({"cancelled": True} if cancelled else {})}
-        reply_id = self.catalog.add_message(turn.conversation_id, "assistant", text, parent_id=turn.parent_id,
-                                            persona_id=turn.speaker, meta=meta)
+        try:
+            reply_id = self.catalog.add_message(turn.conversation_id, "assistant", text, parent_id=turn.parent_id,
+                                                persona_id=turn.speaker, meta=meta)
+        except Exception as exc:
+            problem = faults.storage_problem(exc)
+            if problem is None:
+                raise
+            raise faults.ReplyNotSaved(problem, text) from exc
         self.emit(ev.MessageSaved(turn.conversation_id, reply_id, "assistant"))
         self.emit(ev.ReplyFinished(turn.conversation_id, reply_id, text, stats, cancelled))
         self.manager.mark_dirty(turn.key)
-        self.manager.save(turn.key)
+        faults.save_cache(self, turn.key, turn.conversation_id)
         self.manager.enforce_budget()
         self.emit_states()
         return reply_id
@@ -311,7 +324,7 @@ class Session:
         if n == 0 or key in self.manager.entries or self.manager.pool.has(key) or cache.tokens[:n] != preamble_ids:
             return
         self.manager.put(key, cache.copy_prefix(n), None, turn.persona.id)
-        self.manager.save(key)
+        faults.save_cache(self, key, None)
         self.manager.compact(key)
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 from app.engine import commands as cmd
 from app.engine import events as ev
+from app.engine.faults import storage_problem
 from app.engine.session import Session
 from app.errors import ParleyError
 
@@ -75,11 +76,12 @@ class Engine:
     def _run(self) -> None:
         try:
             self._session = Session.open(emit=self._emit, cancelled=self._cancel.is_set, **self._options)
-        except ParleyError as exc:
-            self._emit(ev.EngineFailed(str(exc)))
         except Exception as exc:
-            log.error("engine start failed:\n%s", traceback.format_exc())
-            self._emit(ev.EngineFailed(f"The model could not be started: {exc}"))
+            problem = storage_problem(exc)
+            if problem is None:
+                log.error("engine start failed:\n%s", traceback.format_exc())
+                problem = ParleyError(f"The model could not be started: {exc}")
+            self._emit(ev.EngineFailed(str(problem), exit_code=problem.exit_code))
         finally:
             self.ready.set()
         while True:
@@ -101,6 +103,8 @@ class Engine:
         try:
             if self._session:
                 self._session.close()
+        except Exception:  # returning from here would end this thread, and with it the process (see above)
+            log.error("closing the session failed:\n%s", traceback.format_exc())
         finally:
             self._session = None
             self.stopped.set()
@@ -113,8 +117,10 @@ class Engine:
             return
         try:
             self._session.handle(command)
-        except ParleyError as exc:
-            self._emit(ev.EngineFailed(str(exc), conversation_id))
         except Exception as exc:
-            log.error("command %r failed:\n%s", command, traceback.format_exc())
-            self._emit(ev.EngineFailed(f"Internal error while handling {type(command).__name__}: {exc}", conversation_id))
+            problem = storage_problem(exc)
+            if problem is None:
+                log.error("command %r failed:\n%s", command, traceback.format_exc())
+                problem = ParleyError(f"Internal error while handling {type(command).__name__}: {exc}")
+            self._emit(ev.EngineFailed(str(problem), conversation_id, exit_code=problem.exit_code,
+                                       unsaved_reply=getattr(problem, "text", None)))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,30 @@ FORMAT_VERSION = "2"  # 2: CRC-32 checksums, own bounds-checked header reader
 
 class BadCacheFile(Exception):
     """A cache file that must not be used: corrupt, foreign, truncated or from another version."""
+
+
+def is_regular(path: Path) -> bool:
+    """A plain file (not a folder, named pipe, socket, device, nor a link to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def discard(path: Path) -> int:
+    """Remove whatever sits at `path` (a file, a folder, a named pipe...); return the bytes freed. Never raises."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,8 @@ def write_cache_file(path: Path, arrays: dict[str, mx.array], tokens: list[int],
             os.fsync(fd)
         finally:
             os.close(fd)
+        if os.path.lexists(path) and not is_regular(path):
+            discard(path)  # a folder or named pipe where a block belongs: it can only be in the way
         os.replace(tmp_file, path)
     except BaseException:
         tmp_file.unlink(missing_ok=True)
@@ -174,7 +202,7 @@ def prefetch(paths) -> None:
         return
     for p in paths:
         try:
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # a named pipe must not block here
         except OSError:
             continue  # read_cache_file reports it
         try:
@@ -186,7 +214,12 @@ def prefetch(paths) -> None:
 
 
 def _read_whole(path: Path) -> np.ndarray:
-    with open(path, "rb", buffering=0) as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a named pipe would block a plain open
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadCacheFile(f"{path.name} is not a regular file")
+    with open(fd, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         data = np.empty(size, dtype=np.uint8)
         view, done = memoryview(data), 0

@@ -21,7 +21,7 @@ from app.kvstore.blockfile import scheme_id
 from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.host_block import block_nbytes, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
-from app.kvstore.pool import BlockPool, LoadMiss
+from app.kvstore.pool import BlockPool, CacheWriteFailed, LoadMiss
 
 
 @dataclass
@@ -140,7 +140,10 @@ class CacheManager:
         if entry is None:
             return
         if entry.dirty:
-            self.save(key)
+            try:
+                self.save(key)
+            except CacheWriteFailed:
+                pass  # disposable: leaving RAM unsaved means the next use rebuilds it from the transcript
         del self.entries[key]
 
     def forget(self, key: str) -> None:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from app.kvstore.blockfile import (BadCacheFile, HostTensor, chain_next, chain_root, prefetch, read_cache_file, scheme_id,
-                                  write_cache_file)
+from app.kvstore.blockfile import (BadCacheFile, HostTensor, chain_next, chain_root, discard, is_regular, prefetch,
+                                  read_cache_file, scheme_id, write_cache_file)
 from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.fast_decode import Unsupported, start_working_copies
 from app.kvstore.host_block import layer_blocks, stacked
@@ -39,6 +39,10 @@ from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 from app.kvstore.read_ahead import ReadAhead
 
 GRACE_SECONDS = 600  # never reap files or rows younger than this: another process may be mid-save
+
+
+class CacheWriteFailed(Exception):
+    """A cache could not be written (full disk, read-only caches/): the cache is disposable, the turn is not."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,16 @@ class BlockPool:
 
     # -- save --------------------------------------------------------------
     def save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
-        """Write the blocks the store lacks and a fresh tail, then point the row at them."""
+        """Write the blocks the store lacks and a fresh tail, then point the row at them.
+
+        Raises `CacheWriteFailed` when the disk or the catalog refuses (nothing half-written is left behind).
+        """
+        try:
+            return self._save(key, cache, conversation_id, persona_id)
+        except (OSError, RuntimeError, sqlite3.OperationalError) as exc:  # MLX reports a failed write as RuntimeError
+            raise CacheWriteFailed(f"the cache of {key} could not be written to {self.root}: {exc}") from exc
+
+    def _save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
         started = time.perf_counter()
         hashes = cache.block_hashes()
         known = {r["hash"] for r in self.db.query(
@@ -95,7 +108,7 @@ class BlockPool:
         new_rows = []
         for i, h in enumerate(hashes):
             path = self.block_path(h)
-            if h not in known or not path.exists():
+            if h not in known or not is_regular(path):
                 tokens = cache.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
                 arrays = cache.block_arrays(i)
                 size = write_cache_file(path, arrays, tokens, {**self._expect(), "kind": "block", "hash": h, "parent": parent})
@@ -128,6 +141,9 @@ class BlockPool:
             # the conversation was deleted while we saved (another thread or process): nothing to keep
             self._tail_path(tail_name).unlink(missing_ok=True)
             return SaveReport(0, 0, time.perf_counter() - started)
+        except sqlite3.OperationalError:
+            self._tail_path(tail_name).unlink(missing_ok=True)  # its row was not written; new blocks go at gc
+            raise
         if old and old["tail_file"] != tail_name:
             self._tail_path(old["tail_file"]).unlink(missing_ok=True)
         return SaveReport(blocks_written, written, time.perf_counter() - started)
@@ -226,7 +242,7 @@ class BlockPool:
         return LoadMiss(key, reason)
 
     def _drop_block(self, block_hash: str) -> None:
-        self.block_path(block_hash).unlink(missing_ok=True)
+        discard(self.block_path(block_hash))
         self.db.execute("delete from cache_blocks where hash = ?", [block_hash])
 
     # -- bookkeeping ---------------------------------------------------------
@@ -243,7 +259,7 @@ class BlockPool:
         if row is None:
             return
         self.db.execute("delete from caches where key = ?", [key])
-        self._tail_path(row["tail_file"]).unlink(missing_ok=True)
+        discard(self._tail_path(row["tail_file"]))
 
     def forget_conversation(self, conversation_id: int, grace: float = 60.0) -> tuple[int, int]:
         """Remove every cache of a deleted conversation (rows may already be gone by cascade), then gc."""
@@ -252,7 +268,7 @@ class BlockPool:
             self.drop(key)
         prefix = _safe(f"conv:{conversation_id}")
         for path in [*self.root.joinpath("tails").glob(f"{prefix}-*"), *self.root.joinpath("tails").glob(f"{prefix}_*")]:
-            path.unlink(missing_ok=True)
+            discard(path)
         return self.gc(grace)
 
     def gc(self, grace: float = GRACE_SECONDS) -> tuple[int, int]:
@@ -270,9 +286,8 @@ class BlockPool:
         for row in list(self.db.query("select hash, bytes, created_at from cache_blocks")):
             if row["hash"] not in referenced:
                 path = self.block_path(row["hash"])
-                if path.exists():
-                    freed += path.stat().st_size
-                    path.unlink()
+                if os.path.lexists(path):
+                    freed += discard(path)
                     files += 1
                 self.db.execute("delete from cache_blocks where hash = ?", [row["hash"]])
         f2, b2 = self.reconcile(grace)
@@ -284,24 +299,33 @@ class BlockPool:
         block_rows = {r["hash"] for r in self.db.query("select hash from cache_blocks")}
         tail_rows = {r["tail_file"] for r in self.db.query("select tail_file from caches")}
         files = freed = 0
+        for path in self.not_regular():  # never a cache file, whatever its age: gone at once
+            freed += discard(path)
+            files += 1
         for path in (self.root / "blocks").rglob("*.safetensors"):
             orphan = path.name.startswith(".tmp-") or path.stem not in block_rows
-            if orphan and path.stat().st_mtime < cutoff:
-                freed += path.stat().st_size
-                path.unlink()
+            if orphan and path.lstat().st_mtime < cutoff:
+                freed += discard(path)
                 files += 1
         for path in (self.root / "tails").glob("*.safetensors"):
-            if path.name not in tail_rows and path.stat().st_mtime < cutoff:
-                freed += path.stat().st_size
-                path.unlink()
+            if path.name not in tail_rows and path.lstat().st_mtime < cutoff:
+                freed += discard(path)
                 files += 1
         for h in block_rows:
-            if not self.block_path(h).exists():
+            if not is_regular(self.block_path(h)):
                 self.db.execute("delete from cache_blocks where hash = ?", [h])
         for row in list(self.db.query("select key, tail_file from caches")):
-            if not self._tail_path(row["tail_file"]).exists():
+            if not is_regular(self._tail_path(row["tail_file"])):
                 self.db.execute("delete from caches where key = ?", [row["key"]])
         return files, freed
+
+    def not_regular(self) -> list[Path]:
+        """Folders, named pipes, sockets or links where block and tail files belong (never made by Parley)."""
+        found = []
+        for path in [*(self.root / "blocks").glob("*/*"), *(self.root / "tails").glob("*")]:
+            if not is_regular(path):
+                found.append(path)
+        return found
 
     def verify(self) -> tuple[int, list[str]]:
         """Check every stored block and tail file; drop bad ones. Returns (files checked, problems).
@@ -311,6 +335,11 @@ class BlockPool:
         """
         problems: list[str] = []
         checked = 0
+        for path in self.not_regular():
+            checked += 1
+            discard(path)
+            problems.append(f"{path.relative_to(self.root)} is not a regular file (removed; what used it is rebuilt "
+                            "from the transcript)")
         for row in list(self.db.query("select * from caches")):
             if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
                 continue

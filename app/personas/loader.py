@@ -9,6 +9,7 @@ Files are read afresh on every load, so an edit takes effect next time.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,11 +39,45 @@ def default_dirs() -> list[Path]:
 
 def load_persona_file(path: Path) -> tuple[Persona, list[str]]:
     """One file; raises ParleyError naming the file and field."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ParleyError(f"{path}: cannot be read ({exc.strerror or exc}).") from exc
+    data = read_regular_file(path)
     return parse_persona_toml(data, str(path), default_id=path.stem, source=path)
+
+
+def read_regular_file(path: Path) -> bytes:
+    """A persona file's bytes; anything but a regular file (a named pipe, a folder, a device) is refused.
+
+    Opened non-blocking and checked on the open descriptor: a named pipe called x.toml would
+    otherwise block every command that lists personas until something writes to it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ParleyError(f"{path}: cannot be read ({exc.strerror or exc}); it was skipped. Fix or remove it.") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ParleyError(
+                f"{path}: is not a regular file ({_kind(mode)}); it was skipped. Remove it or replace it with a "
+                "persona file."
+            )
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ParleyError(f"{path}: cannot be read ({exc.strerror or exc}); it was skipped. Fix or remove it.") from exc
+    finally:
+        os.close(fd)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
 
 
 def load_personas(dirs: Iterable[Path | str] | None = None) -> LoadResult:

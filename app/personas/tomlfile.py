@@ -59,6 +59,10 @@ def parse_persona_toml(data: bytes, origin: str, default_id: str | None = None, 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ParleyError(f"{origin}: not valid TOML: {exc}. Fix the file or remove it.") from exc
+    except RecursionError:
+        # tomllib recurses once per nested array or inline table: a few thousand brackets exhaust the stack
+        raise ParleyError(f"{origin}: arrays or tables nested too deeply to read; it was skipped. "
+                          "Fix the file or remove it.") from None
     warnings = [f"{origin}: unknown key '{k}' ignored" for k in doc if k not in TOP_KEYS]
     fields = {k: v for k, v in doc.items() if k in TOP_KEYS - {"sampling", "card"}}
     fields.setdefault("id", default_id)
@@ -69,7 +73,11 @@ def parse_persona_toml(data: bytes, origin: str, default_id: str | None = None, 
         warnings += [f"{origin}: unknown key '{table}.{k}' ignored" for k in section if k not in allowed]
         for key in allowed & section.keys():
             fields["card" if (table, key) == ("card", "data") else key] = section[key]
-    return build_persona(fields, origin, source=source), warnings
+    try:
+        return build_persona(fields, origin, source=source), warnings
+    except RecursionError:  # card data holding JSON nested thousands deep
+        raise ParleyError(f"{origin}: card data nested too deeply to read; it was skipped. "
+                          "Fix the file or remove it.") from None
 
 
 def _biggest_key(data: bytes) -> str:

@@ -18,6 +18,7 @@ from app.catalog import Catalog
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.worker import Engine
+from app.errors import CatalogDamaged, ParleyError
 from app.ui.messages import message_for
 from app.ui.palette import ParleyCommands
 from app.ui.screens import ChatScreen, HelpScreen
@@ -57,12 +58,20 @@ class ParleyApp(App):
         self.persona_problems: list[str] = []
         self.model_name = ""
         self.chat_screen: ChatScreen | None = None
+        self.start_problem: str | None = None  # why the app could not start (shown on a ProblemScreen)
         self.events_seen: list[ev.Event] = []  # the last engine events, newest last (tests read them)
 
     # -- start and stop ----------------------------------------------------------
     def on_mount(self) -> None:
         self.theme = self.start_theme
-        self.catalog = Catalog(self.catalog_path)
+        try:
+            self.catalog = Catalog(self.catalog_path, check=True)
+        except ParleyError as exc:  # damaged, read-only, full disk: say so on screen and touch nothing
+            from app.ui.problem import ProblemScreen
+
+            self.start_problem = str(exc)
+            self.push_screen(ProblemScreen("Parley cannot open its catalog", str(exc)))
+            return
         self.reload_personas()
         for problem in self.persona_problems:
             self.notify(problem, title="Persona file", severity="warning", timeout=8)
@@ -136,7 +145,10 @@ class ParleyApp(App):
 
 def run_app(args) -> int:
     """`parley` with no subcommand: run the app until the user quits."""
-    Catalog().close()  # a catalog that cannot be opened is reported by the command line, before the screen changes
+    try:
+        Catalog().close()  # a catalog that cannot be opened is reported by the command line, before the screen changes
+    except CatalogDamaged:
+        pass  # except damage: the app shows it with the recovery steps, on screen
     app = ParleyApp(model=getattr(args, "model", None), scheme=getattr(args, "kv_scheme", "q4"),
                     budget_mb=getattr(args, "budget_mb", 512.0))
     app.run()

@@ -68,6 +68,10 @@ class EngineFailed(EngineReported):
     pass
 
 
+class CacheNotSaved(EngineReported):
+    pass
+
+
 class SceneRoundStarted(EngineReported):
     pass
 
@@ -96,6 +100,7 @@ _BY_EVENT: dict[type, type[EngineReported]] = {
     ev.CacheStatesChanged: CacheStatesChanged,
     ev.CacheDiscarded: CacheDiscarded,
     ev.EngineFailed: EngineFailed,
+    ev.CacheNotSaved: CacheNotSaved,
     ev.SceneRoundStarted: SceneRoundStarted,
     ev.SceneTokensGenerated: SceneTokensGenerated,
     ev.SceneReplyFinished: SceneReplyFinished,

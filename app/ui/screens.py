@@ -574,8 +574,13 @@ class ChatScreen(Screen):
         self.app.notify(f"A stored cache was dropped ({message.event.reason}); it is rebuilt from the transcript.",
                         title="Cache discarded", severity="warning", timeout=6)
 
+    def on_cache_not_saved(self, message: msg.CacheNotSaved) -> None:
+        self.app.notify(f"The reply is saved; its cache could not be ({message.event.reason}). The next reply "
+                        "rebuilds it from the transcript.", title="Cache not saved", severity="warning", timeout=8)
+
     async def on_engine_failed(self, message: msg.EngineFailed) -> None:
-        self.app.notify(message.event.message, title="Engine", severity="error", timeout=10)
+        title = "Reply not saved" if message.event.unsaved_reply is not None else "Engine"
+        self.app.notify(message.event.message, title=title, severity="error", timeout=10)
         if self.running == message.conversation_id:
             self.running = None
         if not self.model_ready and message.conversation_id is None:

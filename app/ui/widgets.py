@@ -679,6 +679,12 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.generating = False
         self.remove_class("-prefilling")
         await self.reload()
+        if event.unsaved_reply is not None:  # generated, not stored (full disk): keep it on screen to copy
+            view = MessageView("assistant", event.unsaved_reply, speaker=self.persona.name, color=self.persona.color,
+                               stats=f"NOT SAVED: {event.message} Press c on this message to copy it.")
+            view.add_class("unsaved")
+            await self.transcript.mount(view)
+            self.transcript.scroll_end(animate=False)
         if self.last_sent and not self.composer.text and not any(
                 v.message_id is not None and v.text == self.last_sent for v in self.message_views()):
             self.composer.text = self.last_sent  # nothing was saved: let the user shorten or fix it
