@@ -6,7 +6,13 @@ The app and the command line never touch MLX; they put one of these on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+
+def _now() -> float:
+    """When a command was made, on the clock the engine times replies with (time to first token counts from here)."""
+    return time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class Generate(Command):
     conversation_id: int
     text: str
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Regenerate(Command):
 
     conversation_id: int
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class EditAndResend(Command):
     message_id: int
     text: str
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class Continue(Command):
 
     conversation_id: int
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
