@@ -22,7 +22,7 @@ from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
 from app.errors import ParleyError
-from app.ui.widgets import ChatInput, MessageView, TranscriptNavigation, stats_line
+from app.ui.widgets import ChatInput, MessageView, Transcript, TranscriptNavigation, stats_line
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -80,7 +80,7 @@ class SceneTab(TranscriptNavigation, Vertical):
     # layout ---------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="chat-header")
-        yield VerticalScroll(classes="transcript")
+        yield Transcript(classes="transcript")
         with Horizontal(classes="prefill"):
             yield Label("Reading the room", classes="prefill-label")
             yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
