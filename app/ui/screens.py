@@ -24,6 +24,7 @@ from app.ui.scene import NewSceneScreen, SceneTab, ScenesScreen, scene_caches, s
 from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
 
 TAB_PREFIX = "tab-"
+NARROW_BELOW = 100  # columns: a narrower terminal gets the narrow persona list
 
 HELP = """\
 # Parley keys
@@ -120,6 +121,10 @@ class ChatScreen(Screen):
                 yield TabbedContent(id="tabs")
         yield Footer()
 
+    def on_resize(self) -> None:
+        """Below 100 columns the persona list would take a third of the width and cut the tab names: it narrows."""
+        self.set_class(self.size.width < NARROW_BELOW, "-narrow")
+
     async def on_mount(self) -> None:
         self.refresh_personas()
         self.query_one("#persona-filter").focus()
@@ -161,9 +166,9 @@ class ChatScreen(Screen):
                 if conv is None:
                     continue
                 if record.kind == "chat" and conv.kind == "chat" and conv.persona_id in self.app.personas:
-                    view = await self.open_persona(conv.persona_id, conversation_id=conv.id)
+                    view = await self.open_persona(conv.persona_id, conversation_id=conv.id, activate=False)
                 elif record.kind == "scene" and conv.kind == "scene":
-                    view = await self.open_scene(conv.id)
+                    view = await self.open_scene(conv.id, activate=False)
                 else:
                     continue
                 if view is not None and record.scroll_y is not None:
@@ -273,7 +278,8 @@ class ChatScreen(Screen):
             scene.set_caches(scene_caches(scene.members, self.ram_list, self._disk_rows, scene.conversation_id))
 
     # -- tabs ------------------------------------------------------------------
-    async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False) -> ChatPane | None:
+    async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False,
+                           activate: bool = True) -> ChatPane | None:
         persona = self.app.personas.get(persona_id)
         if persona is None:
             self.app.notify(f"Persona {persona_id!r} is not loaded.", severity="error")
@@ -292,6 +298,8 @@ class ChatScreen(Screen):
             await pane.switch_conversation(conversation_id)
         self._update_empty()
         tab_id = f"{TAB_PREFIX}{persona_id}"
+        if not activate:
+            return pane
         if self.tabs.active != tab_id:
             self.tabs.active = tab_id
         else:
@@ -505,7 +513,7 @@ class ChatScreen(Screen):
         self.refresh_caches()
 
     # -- scenes ----------------------------------------------------------------------
-    async def open_scene(self, conversation_id: int) -> SceneTab | None:
+    async def open_scene(self, conversation_id: int, activate: bool = True) -> SceneTab | None:
         conv = self.app.catalog.get_conversation(conversation_id)
         if conv is None or conv.kind != "scene":
             self.app.notify(f"Scene {conversation_id} does not exist (deleted?).", severity="error")
@@ -516,6 +524,8 @@ class ChatScreen(Screen):
             tab = SceneTab(conv)
             await self.tabs.add_pane(TabPane(f"⁂ {tab.scene_title}", tab, id=tab_id))
         self._update_empty()
+        if not activate:
+            return tab
         if self.tabs.active != tab_id:
             self.tabs.active = tab_id
         else:
@@ -728,6 +738,8 @@ class PersonaEditorScreen(ModalScreen):
     def __init__(self, persona=None) -> None:
         super().__init__()
         self.persona = persona
+        self.id_edited = False  # the user typed an id: the name no longer proposes one
+        self.warned = ""  # the warning shown on the last ctrl+s (the next ctrl+s saves anyway)
 
     def compose(self) -> ComposeResult:
         p = self.persona
@@ -737,6 +749,9 @@ class PersonaEditorScreen(ModalScreen):
             yield Static("ctrl+s saves to your persona folder · escape cancels", classes="dialog-hint")
             yield Label("Name")
             yield Input(p.name if p else "", placeholder="Captain Mara Vell", id="ed-name")
+            yield Label("Id (the file name; a new id saves a copy under that id)" if p else
+                        "Id (the file name; proposed from the name, edit it if you like)")
+            yield Input(p.id if p else "", placeholder="captain-mara-vell", id="ed-id", select_on_focus=False)
             yield Label("Short description")
             yield Input(p.description if p else "", placeholder="What this persona is for", id="ed-description")
             yield Label("System prompt")
@@ -766,6 +781,26 @@ class PersonaEditorScreen(ModalScreen):
     def on_mount(self) -> None:
         self.query_one("#ed-name").focus()
 
+    @on(Input.Changed, "#ed-name")
+    def _name_changed(self, event: Input.Changed) -> None:
+        from app.personas import new_persona_id
+
+        if self.persona is None and not self.id_edited:
+            box = self.query_one("#ed-id", Input)
+            with box.prevent(Input.Changed):
+                box.value = new_persona_id(event.value, self.app.persona_dirs()) if event.value.strip() else ""
+                box.cursor_position = len(box.value)
+
+    @on(Input.Changed, "#ed-id")
+    def _id_changed(self) -> None:
+        self.id_edited = True
+
+    @on(Input.Submitted)
+    def _next_field(self, event: Input.Submitted) -> None:
+        """enter in a one-line field goes on to the next field, as tab does."""
+        event.stop()
+        self.focus_next()
+
     def _number(self, widget_id: str, kind):
         raw = self.query_one(widget_id, Input).value.strip()
         try:
@@ -793,17 +828,40 @@ class PersonaEditorScreen(ModalScreen):
             top_p=self._number("#ed-top-p", float),
             max_tokens=self._number("#ed-max-tokens", int),
         )
+        if not name:
+            raise ParleyError("The persona editor: field 'name' is empty. Give the persona a name.")
+        typed_id = self.query_one("#ed-id", Input).value.strip()
         if p is None:
-            if not name:
-                raise ParleyError("The persona editor: field 'name' is empty. Give the persona a name.")
-            fields["id"] = new_persona_id(name, self.app.persona_dirs())
+            fields["id"] = typed_id or new_persona_id(name, self.app.persona_dirs())
+        elif typed_id:
+            fields["id"] = typed_id
         return build_persona(fields, "the persona editor")
+
+    def missing_voice(self, persona) -> str:
+        """A warning for a persona with no system prompt (and perhaps no greeting either), or ''.
+
+        A greeting alone is optional; without a system prompt the model does not know who to be."""
+        if persona.system_prompt.strip():
+            return ""
+        missing = ["system prompt"] + (["greeting"] if not persona.greetings else [])
+        return (f"This persona has no {' and no '.join(missing)}: the model will not know who to be and will answer "
+                "as a plain assistant. Press ctrl+s again to save it as it is.")
 
     def action_save(self) -> None:
         from app.personas import save_persona
 
         try:
             persona = self.build()
+            warning = self.missing_voice(persona)
+            if warning and warning != self.warned:
+                self.warned = warning
+                self.query_one("#ed-error", Static).update(Text(warning, style="bold yellow"))
+                return
+            if self.persona is None or persona.id != self.persona.id:
+                taken = persona.id in self.app.personas
+                if taken:
+                    raise ParleyError(f"The persona editor: id {persona.id!r} is taken by {self.app.personas[persona.id].name}. "
+                                      "Choose another id.")
             path = save_persona(persona, self.app.user_persona_dir())
         except ParleyError as exc:
             self.query_one("#ed-error", Static).update(Text(str(exc), style="bold red"))
@@ -961,7 +1019,7 @@ class ExportCardScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         with Vertical(id="export-box", classes="dialog"):
             yield Label(f"Export {self.persona.name} as a character card (.json or .png)", classes="dialog-title")
-            yield Input(str(Path.cwd() / f"{self.persona.id}.json"), id="export-path")
+            yield Input(str(export_folder() / f"{self.persona.id}.json"), id="export-path")
             yield Static("", id="export-error")
             yield Static("enter exports · escape cancels", classes="dialog-hint")
 
@@ -979,3 +1037,9 @@ class ExportCardScreen(ModalScreen):
             return
         self.app.notify(f"Exported {self.persona.name} to {path}.", timeout=4)
         self.dismiss(path)
+
+
+def export_folder() -> Path:
+    """Where an exported card is proposed: the user's Documents folder, or home (never the folder Parley runs in)."""
+    documents = Path.home() / "Documents"
+    return documents if documents.is_dir() else Path.home()

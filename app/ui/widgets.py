@@ -542,6 +542,8 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.query_one(".composer-hint", Static).update(self._hint())
 
     def refresh_chrome(self) -> None:
+        if not self.query(".chat-header"):  # being closed: nothing to draw on
+            return
         self.query_one(".chat-header", Static).update(self._header())
         self.query_one(".composer-hint", Static).update(self._hint())
         self.set_class(self.generating, "-generating")
