@@ -321,3 +321,43 @@ async def test_at_80_columns_the_sidebar_narrows_and_tab_names_fit(make_app):
         for tab in screen.tabs.query(Tab):
             assert tab.region.right <= 80 and str(tab.label) in ("Tester", "Other", "Longwinded")
             assert tab.region.width >= len(str(tab.label))
+
+
+# -- scenes --------------------------------------------------------------------------------------
+
+CHEF = ('id = "chef"\nname = "Chef Nonna Rosa"\ndescription = "Cooks."\ncolor = "#c04040"\n\n'
+        '[sampling]\ntemperature = 0.7\nmax_tokens = 4\n')
+
+
+async def test_scene_handles_ticks_and_a_message_kept_while_a_round_runs(make_app, personas_dir):
+    from tests.test_ui_scene import create_scene, play
+
+    (personas_dir / "chef.toml").write_text(CHEF, encoding="utf-8")
+    app = make_app()
+    said = []
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        tab = await create_scene(pilot, "Kitchen", ["chef", "tester", "long"])
+        final = await play(pilot, tab, "@Nonna what is for dinner?")
+        assert final.speakers == ("chef",) and tab.message_views()[0].text == "what is for dinner?"
+        final = await play(pilot, tab, "@Chef Nonna Rosa @tester, go on")
+        assert final.speakers == ("chef", "tester") and tab.message_views()[-3].text == "go on"
+        # ticked and unticked members look different
+        box = tab.query_one("#speaker-1")
+        ticked = box.label.markup
+        tab.toggle_speaker("tester")
+        await pilot.pause()
+        assert tab.ticked() == ["chef", "long"]
+        assert "strike" in box.label.markup and "strike" not in ticked
+        assert not box.has_class("-on")
+        # a message sent while the round runs stays in the box, and the user is told so
+        app.notify = lambda text, **kw: said.append(text)
+        tab.composer.text = "@longwinded talk"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: tab.generating, what="the round")
+        tab.composer.text = "wait for me"
+        await pilot.press("enter")
+        assert tab.composer.text == "wait for me"
+        assert any("stays in the box" in s for s in said), said
+        app.submit(cmd.Cancel())
+        await wait_until(pilot, lambda: not tab.generating, timeout=30, what="the stop")
