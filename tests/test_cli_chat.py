@@ -93,3 +93,23 @@ def test_embedded_model_resumes_much_faster_from_disk(embedded_model_dir):
     two = json.loads(second.stdout)
     assert two["cache"] == "disk" and two["reused_tokens"] >= one["reused_tokens"] + one["prefilled_tokens"]
     assert two["prefilled_tokens"] < one["prefilled_tokens"]
+
+
+def test_personas_counts_scene_caches_the_way_the_sidebar_does(tiny_model_dir, parley_home, capsys):
+    from app.catalog import Catalog
+
+    write_persona(parley_home / "personas", "tester", max_tokens=5)
+    write_persona(parley_home / "personas", "other", max_tokens=5)
+    assert main(["--model", str(tiny_model_dir), "chat", "tester", "hi", "--json"]) == 0
+    assert main(["--model", str(tiny_model_dir), "scene", "new", "Room", "tester", "other"]) == 0
+    assert main(["--model", str(tiny_model_dir), "scene", "Room", "hello all", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["personas", "--json"]) == 0
+    listed = {p["id"]: p for p in json.loads(capsys.readouterr().out)}
+    with Catalog() as catalog:  # what the app's persona list adds up: every conversation cache of the persona
+        rows = catalog.query("SELECT tokens, bytes FROM caches WHERE persona_id = 'tester' "
+                             "AND conversation_id IS NOT NULL")
+    assert len(rows) == 2, rows  # its chat and its seat in the scene
+    assert listed["tester"]["cache"] == "disk"
+    assert listed["tester"]["cache_tokens"] == sum(r["tokens"] for r in rows)
+    assert listed["tester"]["cache_bytes"] == sum(r["bytes"] for r in rows)

@@ -128,3 +128,4 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 
 # Migrations defined in other modules of this package, in order. Append only.
 from app.catalog import cache_schema  # noqa: E402,F401  (m002_kv_caches)
+from app.catalog import message_tokens  # noqa: E402,F401  (m003_message_tokens)

@@ -7,7 +7,14 @@ The app and the command line never touch MLX; they put one of these on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+
+def _now() -> float:
+    """When a command was made, on the clock the engine times replies with (time to first token counts from here)."""
+    return time.perf_counter()
+
 
 MAX_TEMPERATURE = 5.0  # as persona files allow
 
@@ -46,6 +53,7 @@ class Generate(Command):
     conversation_id: int
     text: str
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class Regenerate(Command):
 
     conversation_id: int
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class EditAndResend(Command):
     message_id: int
     text: str
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class Continue(Command):
 
     conversation_id: int
     sampling: Sampling | None = None
+    sent_at: float = field(default_factory=_now, compare=False)
 
 
 @dataclass(frozen=True)

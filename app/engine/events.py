@@ -35,6 +35,7 @@ class ConversationOpened(Event):
     conversation_id: int
     cache: str  # "ram" | "disk" | "none": where its cache came from
     tokens: int
+    load_ms: float = 0.0  # time to read it from disk (including an earlier prefetch of it), when cache == "disk"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class ReplyStats:
     generated_tokens: int
     decode_tps: float
     cache: str  # "ram" | "disk" | "none"
+    queued_ms: float = 0.0  # of ttft_ms: the time the message waited for other replies before its own began
+    opened_from: str = ""  # "disk" when the cache was read from disk on opening the tab (it is "ram" by the reply)
+    open_ms: float = 0.0  # how long that read took
 
 
 @dataclass(frozen=True)

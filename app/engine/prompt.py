@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.engine.token_render import encode_messages
 from app.errors import ParleyError
 
 
@@ -33,7 +34,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def transcript_messages(path) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in path if m.role in ("user", "assistant", "system")]
+    """The path as chat messages; `id` lets the engine attach a reply's stored token ids (the template ignores it)."""
+    return [{"role": m.role, "content": m.content, "id": m.id} for m in path if m.role in ("user", "assistant", "system")]
 
 
 def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window: int, reserve: int,
@@ -45,7 +47,7 @@ def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window
         messages = preamble + transcript[first:]
         if post_history:
             messages = messages + [{"role": "system", "content": post_history}]
-        return messages, tokenizer.encode_chat(messages)
+        return messages, encode_messages(tokenizer, messages)
 
     messages, ids = render(start)
     if len(ids) + reserve <= window:

@@ -15,7 +15,9 @@ from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine import faults
 from app.engine.generation import decode, prefill
+from app.catalog.message_tokens import save_token_ids, token_ids_of
 from app.engine.prompt import build_prompt, common_prefix, transcript_messages
+from app.engine.token_render import attach_token_ids
 from app.errors import ParleyError
 
 WRITES_A_TURN = (cmd.Generate, cmd.Regenerate, cmd.EditAndResend, cmd.Continue, cmd.SceneRound)
@@ -50,6 +52,8 @@ class Session:
         self.catalog = catalog
         self.manager = manager
         self.personas_dirs = personas_dirs
+        self.sent_at: float | None = None  # when the command being handled was made (ttft counts from there)
+        self.disk_loads: dict[str, float] = {}  # key -> ms, caches read from disk on open/prefetch, not yet replied in
 
     @classmethod
     def open(cls, emit, cancelled, model=None, scheme="q4", budget_mb=512.0, personas_dirs=None, catalog_path=None):
@@ -96,6 +100,7 @@ class Session:
 
     # -- dispatch ------------------------------------------------------------
     def handle(self, command: cmd.Command) -> None:
+        self.sent_at = getattr(command, "sent_at", None)
         handler = getattr(self, f"_on_{type(command).__name__}")
         if isinstance(command, WRITES_A_TURN):  # one turn at a time per conversation, across processes (a queue)
             with faults.conversation_lock(command.conversation_id):
@@ -149,14 +154,23 @@ class Session:
     def _on_Open(self, c: cmd.Open) -> None:
         key = conversation_key(c.conversation_id)
         self.manager.pin(key)
+        began = time.perf_counter()
         cache, source, miss = self.manager.get(key)
         if miss:
             self.emit(ev.CacheDiscarded(c.conversation_id, miss.reason))
-        self.emit(ev.ConversationOpened(c.conversation_id, source, cache.n_tokens if cache else 0))
+        if source == "disk" or key in self.disk_loads:  # read now, or prefetched from disk and not used yet
+            self.disk_loads[key] = self.disk_loads.get(key, 0.0) + (time.perf_counter() - began) * 1000
+            source = "disk"
+        self.emit(ev.ConversationOpened(c.conversation_id, source, cache.n_tokens if cache else 0,
+                                        self.disk_loads.get(key, 0.0)))
         self.emit_states()
 
     def _on_Prefetch(self, c: cmd.Prefetch) -> None:
-        self.manager.prefetch(conversation_key(c.conversation_id))
+        key = conversation_key(c.conversation_id)
+        began, was_in_ram = time.perf_counter(), key in self.manager.entries
+        self.manager.prefetch(key)
+        if not was_in_ram and key in self.manager.entries:
+            self.disk_loads[key] = (time.perf_counter() - began) * 1000
         self.emit_states()
 
     def _on_Evict(self, c: cmd.Evict) -> None:
@@ -224,10 +238,13 @@ class Session:
         """Prefill what the cache lacks, stream a reply, save it, then persist the cache."""
         from app.personas import post_history, preamble_hash, preamble_messages
 
-        started = time.perf_counter()
+        began = time.perf_counter()
+        started = min(self.sent_at or began, began)  # ttft counts from the user's send, queue included
         tok = self.lm.tokenizer
         if transcript is None:  # the path ending at the message this reply answers, not whatever is the leaf now
             transcript = transcript_messages(self.catalog.path_to(turn.parent_id) if turn.parent_id is not None else [])
+        transcript = attach_token_ids(transcript, token_ids_of(self.catalog, [m.get("id") for m in transcript
+                                                                             if m.get("id")], self.lm.fingerprint))
         start = context_start(self.catalog, turn.conversation_id, turn.speaker)
         prompt = build_prompt(tok, preamble_messages(turn.persona), transcript, self.lm.context_window,
                               reserve=turn.sampling.max_tokens, start=start, post_history=post_history(turn.persona))
@@ -251,9 +268,13 @@ class Session:
                 self.emit(ev.ReplyFinished(turn.conversation_id, 0, "", ev.ReplyStats(0, reused, step.done, 0, 0, source), True))
                 return None
         self._snapshot_preamble(turn, cache, prompt.preamble_ids)
-        return self._stream_reply(turn, cache, logits, started, reused, len(todo), source)
+        timing = {"queued_ms": (began - started) * 1000}
+        if turn.key in self.disk_loads:
+            timing.update(opened_from="disk", open_ms=self.disk_loads.pop(turn.key))
+        return self._stream_reply(turn, cache, logits, started, reused, len(todo), source, timing)
 
-    def _stream_reply(self, turn: Turn, cache, logits, started: float, reused: int, prefilled: int, source: str) -> int:
+    def _stream_reply(self, turn: Turn, cache, logits, started: float, reused: int, prefilled: int, source: str,
+                      timing: dict | None = None) -> int:
         tok = self.lm.tokenizer
         stream = tok.stream()
         generated: list[int] = []
@@ -275,7 +296,7 @@ class Session:
             ttft_ms=(first_at - started) * 1000, reused_tokens=reused, prefilled_tokens=prefilled,
             generated_tokens=len(generated),
             decode_tps=(len(generated) - 1) / (ended - first_at) if len(generated) > 1 and ended > first_at else 0.0,
-            cache=source,
+            cache=source, **(timing or {}),
         )
         text = stream.text
         meta = {"stats": stats.__dict__, **({"cancelled": True} if cancelled else {})}
@@ -287,6 +308,11 @@ class Session:
             if problem is None:
                 raise
             raise faults.ReplyNotSaved(problem, text) from exc
+        try:  # the exact ids only spare a re-read later: the reply itself is saved already
+            save_token_ids(self.catalog, reply_id, self.lm.fingerprint, [t for t in generated if t not in tok.eos_ids])
+        except Exception as exc:
+            if faults.storage_problem(exc) is None:
+                raise
         self.emit(ev.MessageSaved(turn.conversation_id, reply_id, "assistant"))
         self.emit(ev.ReplyFinished(turn.conversation_id, reply_id, text, stats, cancelled))
         self.manager.mark_dirty(turn.key)

@@ -62,6 +62,16 @@ class Engine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self.stopped.wait(timeout)
 
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens in `text` by the loaded model's tokenizer, or None before the model is loaded.
+
+        Safe from any thread: it uses only the tokenizer (no MLX), whose encode is thread-safe.
+        """
+        session = self._session
+        if session is None:
+            return None
+        return len(session.lm.tokenizer.encode(text))
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self.stopped.is_set()

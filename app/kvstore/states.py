@@ -18,18 +18,22 @@ class CacheSummary:
 
 
 def cache_states_by_persona(catalog) -> dict[str, CacheSummary]:
-    """For each persona with a stored cache of its latest chat: where it is, tokens and bytes."""
+    """For each persona with stored conversation caches: all of them added up, chats and scene seats alike
+    (the app's persona list counts them the same way); `conversation_id` is the latest one's."""
     rows = catalog.query(
         """
-        SELECT c.persona_id AS persona_id, k.tokens AS tokens, k.bytes AS bytes, c.id AS conversation_id
-        FROM conversations c JOIN caches k ON k.key = 'conv:' || c.id
-        WHERE c.kind = 'chat'
+        SELECT k.persona_id AS persona_id, k.tokens AS tokens, k.bytes AS bytes, k.conversation_id AS conversation_id
+        FROM caches k JOIN conversations c ON c.id = k.conversation_id
+        WHERE k.persona_id IS NOT NULL
         ORDER BY c.updated_at ASC, c.id ASC
         """
     )
-    states = {}
-    for row in rows:  # later conversations overwrite earlier ones: the latest wins
-        states[row["persona_id"]] = CacheSummary("disk", row["tokens"], row["bytes"], row["conversation_id"])
+    states: dict[str, CacheSummary] = {}
+    for row in rows:
+        before = states.get(row["persona_id"])
+        tokens = int(row["tokens"] or 0) + (before.tokens if before else 0)
+        size = int(row["bytes"] or 0) + (before.bytes if before else 0)
+        states[row["persona_id"]] = CacheSummary("disk", tokens, size, row["conversation_id"])
     return states
 
 

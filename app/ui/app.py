@@ -19,6 +19,7 @@ from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.worker import Engine
 from app.errors import CatalogDamaged, ParleyError
+from app.ui.keys import TabCharacterGuard
 from app.ui.messages import message_for
 from app.ui.palette import ParleyCommands
 from app.ui.screens import ChatScreen, HelpScreen
@@ -60,6 +61,8 @@ class ParleyApp(App):
         self.chat_screen: ChatScreen | None = None
         self.start_problem: str | None = None  # why the app could not start (shown on a ProblemScreen)
         self.events_seen: list[ev.Event] = []  # the last engine events, newest last (tests read them)
+        self.prefill_tps = 0.0  # reading speed the last long-enough reply measured (estimates for long pastes)
+        self.tab_character_guard = TabCharacterGuard()
 
     # -- start and stop ----------------------------------------------------------
     def on_mount(self) -> None:
@@ -141,6 +144,17 @@ class ParleyApp(App):
 
     def action_toggle_theme(self) -> None:
         self.theme = LIGHT if self.theme != LIGHT else DARK
+
+    async def action_quit(self) -> None:
+        if self.chat_screen is not None:
+            self.chat_screen.save_tabs()  # scroll positions as they are now
+        await super().action_quit()
+
+    def get_system_commands(self, screen):
+        """Textual's own palette entries, less its theme picker: Parley lists one theme command (ctrl+t)."""
+        for command in super().get_system_commands(screen):
+            if command.title != "Theme":
+                yield command
 
 
 def run_app(args) -> int:

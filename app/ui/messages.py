@@ -164,3 +164,11 @@ class CopyRequested(Message):
     def __init__(self, text: str) -> None:
         super().__init__()
         self.text = text
+
+
+class TabCharacter(Message):
+    """A character a terminal sends for alt+digit (macOS "¡", 8-bit "±") arrived in an empty message box."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.number = number

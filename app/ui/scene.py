@@ -22,7 +22,8 @@ from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
 from app.errors import ParleyError
-from app.ui.widgets import ChatInput, MessageView, TranscriptNavigation, stats_line
+from app.ui.handles import handle_hint, take_handles
+from app.ui.widgets import ChatInput, MessageView, Transcript, TranscriptNavigation, stats_line
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -80,15 +81,14 @@ class SceneTab(TranscriptNavigation, Vertical):
     # layout ---------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="chat-header")
-        yield VerticalScroll(classes="transcript")
+        yield Transcript(classes="transcript")
         with Horizontal(classes="prefill"):
             yield Label("Reading the room", classes="prefill-label")
             yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
         with Horizontal(classes="speakers"):
             yield Label("Replies:", classes="speakers-label")
             for i, pid in enumerate(self.members):
-                yield Checkbox(Text(self.name_of(pid), style=f"bold {self.color_of(pid)}"), True,
-                               id=f"speaker-{i}", classes="speaker")
+                yield Checkbox(self._speaker_label(pid, True), True, id=f"speaker-{i}", classes="speaker")
         yield Static(self._hint(), classes="composer-hint")
         yield ChatInput(classes="composer")
 
@@ -128,6 +128,17 @@ class SceneTab(TranscriptNavigation, Vertical):
             self.refresh_chrome()
 
     # speakers ---------------------------------------------------------------------
+    def _speaker_label(self, persona_id: str, ticked: bool) -> Text:
+        """A ticked member in its colour; an unticked one dim and struck through, so the two cannot be confused."""
+        if ticked:
+            return Text(self.name_of(persona_id), style=f"bold {self.color_of(persona_id)}")
+        return Text(self.name_of(persona_id), style="dim strike")
+
+    @on(Checkbox.Changed, ".speaker")
+    def _speaker_ticked(self, event: Checkbox.Changed) -> None:
+        index = int(event.checkbox.id.removeprefix("speaker-"))
+        event.checkbox.label = self._speaker_label(self.members[index], event.value)
+
     def ticked(self) -> list[str]:
         """The members ticked to reply, in speaking order."""
         return [pid for i, pid in enumerate(self.members) if self.query_one(f"#speaker-{i}", Checkbox).value]
@@ -140,22 +151,11 @@ class SceneTab(TranscriptNavigation, Vertical):
     def parse(self, text: str) -> tuple[list[str], str]:
         """`@ann @bob what now?` -> (["ann", "bob"], "what now?"); no @ -> (the ticked members, text).
 
-        An @name matches a member's id, its name, or the first word of its name (any case)."""
-        words = text.strip().split(maxsplit=1) if text.strip() else []
-        picked: list[str] = []
-        rest = text.strip()
-        while words and words[0].startswith("@") and len(words[0]) > 1:
-            wanted = words[0][1:].rstrip(",:").lower()
-            match = next((pid for pid in self.members if wanted in (
-                pid.lower(), self.name_of(pid).lower(), self.name_of(pid).lower().replace(" ", ""),
-                self.name_of(pid).split()[0].lower() if self.name_of(pid).split() else "")), None)
-            if match is None:
-                names = ", ".join(f"@{self.name_of(p).split()[0].lower()}" for p in self.members)
-                raise ParleyError(f"No one called {words[0]} sits in this scene ({names}).")
-            if match not in picked:
-                picked.append(match)
-            rest = words[1] if len(words) > 1 else ""
-            words = rest.split(maxsplit=1)
+        An @name matches a member's id, any word of its name, or its whole name (app.ui.handles)."""
+        picked, rest, bad = take_handles(text, self.members, self.name_of)
+        if bad is not None:
+            raise ParleyError(f"No one (or more than one) in this scene is called {bad}: use an id, a first name "
+                              f"or a full name ({handle_hint(self.members, self.name_of)}).")
         if picked:
             return [pid for pid in self.members if pid in picked], rest
         return self.ticked(), text.strip()
@@ -211,7 +211,8 @@ class SceneTab(TranscriptNavigation, Vertical):
     async def send(self, text: str) -> bool:
         """Start a round; False (the text stays in the box) when it cannot start."""
         if self.generating:
-            self.app.notify("The round is still going: wait, or press escape to stop it.", severity="warning")
+            self.app.notify("The round is still going: your message stays in the box; send it when they have "
+                            "finished, or press escape to stop the round.", severity="warning")
             return False
         try:
             speakers, said = self.parse(text)
@@ -302,7 +303,8 @@ class SceneTab(TranscriptNavigation, Vertical):
     def persona_changed(self) -> None:
         """A member was edited: show its name and colour as they are now (new lines; the ticks too)."""
         for i, pid in enumerate(self.members):
-            self.query_one(f"#speaker-{i}", Checkbox).label = Text(self.name_of(pid), style=f"bold {self.color_of(pid)}")
+            box = self.query_one(f"#speaker-{i}", Checkbox)
+            box.label = self._speaker_label(pid, box.value)
         self.refresh_chrome()
 
 

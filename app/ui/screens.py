@@ -18,10 +18,13 @@ from textual.widgets.option_list import Option
 from app.engine import commands as cmd
 from app.errors import ParleyError
 from app.ui import messages as msg
+from app.ui import tab_state
+from app.ui.keys import GoToTabScreen
 from app.ui.scene import NewSceneScreen, SceneTab, ScenesScreen, scene_caches, scene_tab_id
 from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
 
 TAB_PREFIX = "tab-"
+NARROW_BELOW = 100  # columns: a narrower terminal gets the narrow persona list
 
 HELP = """\
 # Parley keys
@@ -36,14 +39,14 @@ HELP = """\
 | **e** (on your message) | edit it and resend (a new branch) |
 | **c** (on a message) | copy it |
 | **ctrl+r** | regenerate the last reply (the old one stays as an alternative) |
-| **alt+c** | copy the last reply |
+| **ctrl+l** | copy the last reply |
 | **ctrl+n** | new conversation with this persona |
 | **ctrl+o** | list, reopen and delete conversations |
 | **F8** | new scene: a name and 2–6 personas in one room |
 | **F9** | list, reopen and delete scenes |
-| **ctrl+pageup / ctrl+pagedown** | previous / next tab |
-| **alt+1 … alt+9** | go to tab 1 … 9 |
-| **alt+w** | close the tab |
+| **F6 / F7** (or **ctrl+pageup / ctrl+pagedown**) | previous / next tab |
+| **ctrl+g**, then **1 … 9** | go to tab 1 … 9 (**alt+1 … 9** too, where the terminal sends alt) |
+| **ctrl+w** | close the tab (it comes back from **ctrl+o**; open tabs come back after a restart) |
 | **ctrl+f** | filter the persona list (enter opens, ↓ goes to the list) |
 | **ctrl+b** | hide / show the persona list |
 | **F2** | edit this persona · **F3** new persona |
@@ -57,6 +60,10 @@ In a scene: **enter** sends to every persona ticked under the transcript; they a
 message with **@name** (e.g. `@ann @bob what now?`) to pick who replies this round; **enter** on an empty box lets
 them go on without you; **escape** stops the round; **tab** reaches the ticks (**space** toggles one).
 
+Every key above works in tmux, GNOME Terminal, iTerm2, Windows Terminal and the macOS Terminal with their
+default settings. Where option+digit types a character (macOS: ¡ ™ £ …), that character in an empty message box
+goes to the tab instead; press it twice to type it.
+
 Persona list: **ram** = cache in memory (instant), **disk** = on disk (loads in a moment), **none** = built on the first reply.
 """
 
@@ -67,13 +74,16 @@ class ChatScreen(Screen):
     BINDINGS = [
         Binding("ctrl+pageup", "tab(-1)", "Prev tab", show=False, priority=True),
         Binding("ctrl+pagedown", "tab(1)", "Next tab", show=False, priority=True),
+        Binding("f6", "tab(-1)", "Prev tab", show=False, priority=True),
+        Binding("f7", "tab(1)", "Next tab", show=False, priority=True),
+        Binding("ctrl+g", "go_to_tab", "Go to tab", show=False, priority=True),
         *[Binding(f"alt+{n}", f"show_tab({n})", f"Tab {n}", show=False, priority=True) for n in range(1, 10)],
         Binding("escape", "stop", "Stop / back"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("ctrl+o", "conversations", "Conversations"),
-        Binding("alt+c", "copy_last", "Copy reply", show=False),
-        Binding("alt+w", "close_tab", "Close tab", show=False),
+        Binding("ctrl+l,alt+c", "copy_last", "Copy reply", show=False, priority=True),
+        Binding("ctrl+w,alt+w", "close_tab", "Close tab", show=False, priority=True),
         Binding("ctrl+b", "toggle_sidebar", "Sidebar", show=False),
         Binding("ctrl+f", "filter_personas", "Find persona", show=False, priority=True),
         Binding("f2", "edit_persona", "Edit persona", show=False),
@@ -92,6 +102,8 @@ class ChatScreen(Screen):
         self._last_open: int | None = None
         self._disk_rows: list[dict] = []
         self.running: int | None = None  # the conversation the engine is replying in now, if known
+        self._restoring = False  # tabs are being reopened from the last run: do not save half of them
+        self._tab_save_failed = False
         self.model_ready = False
 
     def compose(self) -> ComposeResult:
@@ -109,10 +121,65 @@ class ChatScreen(Screen):
                 yield TabbedContent(id="tabs")
         yield Footer()
 
-    def on_mount(self) -> None:
+    def on_resize(self) -> None:
+        """Below 100 columns the persona list would take a third of the width and cut the tab names: it narrows."""
+        self.set_class(self.size.width < NARROW_BELOW, "-narrow")
+
+    async def on_mount(self) -> None:
         self.refresh_personas()
         self.query_one("#persona-filter").focus()
         self._update_empty()
+        await self.restore_tabs()
+
+    # -- tabs that survive a restart (app.ui.tab_state) -----------------------------
+    def tab_state(self) -> tab_state.TabState:
+        records = []
+        for pane_id in self.pane_ids():
+            pane = self.tabs.get_pane(pane_id)
+            view = next(iter(pane.query(ChatPane)), None) or next(iter(pane.query(SceneTab)), None)
+            if isinstance(view, ChatPane):
+                records.append(tab_state.TabRecord("chat", view.conversation_id, view.persona.id, view.scroll_record()))
+            elif isinstance(view, SceneTab):
+                records.append(tab_state.TabRecord("scene", view.conversation_id, None, view.scroll_record()))
+        ids = self.pane_ids()
+        return tab_state.TabState(records, ids.index(self.tabs.active) if self.tabs.active in ids else 0)
+
+    def save_tabs(self) -> None:
+        if self._restoring or not self.is_mounted:
+            return
+        try:
+            tab_state.save(self.tab_state())
+        except (OSError, ParleyError) as exc:  # the tabs are a convenience: say so once, keep going
+            if not self._tab_save_failed:
+                self._tab_save_failed = True
+                self.app.notify(f"Open tabs could not be saved ({exc}); they will not come back after a restart.",
+                                severity="warning", timeout=6)
+
+    async def restore_tabs(self) -> None:
+        state = tab_state.load()
+        if not state.tabs:
+            return
+        self._restoring = True
+        try:
+            for record in state.tabs:
+                conv = self.app.catalog.get_conversation(record.conversation_id)
+                if conv is None:
+                    continue
+                if record.kind == "chat" and conv.kind == "chat" and conv.persona_id in self.app.personas:
+                    view = await self.open_persona(conv.persona_id, conversation_id=conv.id, activate=False)
+                elif record.kind == "scene" and conv.kind == "scene":
+                    view = await self.open_scene(conv.id, activate=False)
+                else:
+                    continue
+                if view is not None and record.scroll_y is not None:
+                    view.restore_scroll = record.scroll_y
+            ids = self.pane_ids()
+            if ids:
+                self.tabs.active = ids[min(max(state.active, 0), len(ids) - 1)]
+                self._tab_shown()
+                self.active_view().composer.focus()
+        finally:
+            self._restoring = False
 
     # -- helpers ---------------------------------------------------------------
     @property
@@ -159,6 +226,14 @@ class ChatScreen(Screen):
     def pane_for_persona(self, persona_id: str) -> ChatPane | None:
         return next((p for p in self.panes() if p.persona.id == persona_id), None)
 
+    def set_running(self, conversation_id: int | None) -> None:
+        """The conversation the engine is writing in now; the tabs waiting behind it say whom they wait for."""
+        if conversation_id != self.running:
+            self.running = conversation_id
+            for view in self.panes() + self.scenes():
+                if view.generating:
+                    view.refresh_chrome()
+
     def _update_empty(self) -> None:
         self.set_class(not self.pane_ids(), "-empty")
 
@@ -203,7 +278,8 @@ class ChatScreen(Screen):
             scene.set_caches(scene_caches(scene.members, self.ram_list, self._disk_rows, scene.conversation_id))
 
     # -- tabs ------------------------------------------------------------------
-    async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False) -> ChatPane | None:
+    async def open_persona(self, persona_id: str, conversation_id: int | None = None, new: bool = False,
+                           activate: bool = True) -> ChatPane | None:
         persona = self.app.personas.get(persona_id)
         if persona is None:
             self.app.notify(f"Persona {persona_id!r} is not loaded.", severity="error")
@@ -222,6 +298,8 @@ class ChatScreen(Screen):
             await pane.switch_conversation(conversation_id)
         self._update_empty()
         tab_id = f"{TAB_PREFIX}{persona_id}"
+        if not activate:
+            return pane
         if self.tabs.active != tab_id:
             self.tabs.active = tab_id
         else:
@@ -230,6 +308,10 @@ class ChatScreen(Screen):
         return pane
 
     def _tab_shown(self) -> None:
+        view = self.active_view()
+        if view is not None:
+            view.show_in_view()
+        self.save_tabs()
         pane = self.active_pane()
         if pane is None:
             scene = self.active_scene()
@@ -272,6 +354,20 @@ class ChatScreen(Screen):
         if 1 <= number <= len(ids):
             self.tabs.active = ids[number - 1]
             self.active_view().composer.focus()
+        elif ids:
+            self.app.notify(f"There is no tab {number}: {len(ids)} open.", timeout=2)
+
+    def action_go_to_tab(self) -> None:
+        names = [str(self.tabs.get_tab(pid).label) for pid in self.pane_ids()]
+
+        def chosen(number: int | None) -> None:
+            if number:
+                self.action_show_tab(number)
+
+        self.app.push_screen(GoToTabScreen(names), chosen)
+
+    def on_tab_character(self, message: msg.TabCharacter) -> None:
+        self.action_show_tab(message.number)
 
     async def action_close_tab(self) -> None:
         pane = self.active_view()
@@ -286,6 +382,7 @@ class ChatScreen(Screen):
             self.active_view().composer.focus()
         else:
             self.query_one("#persona-filter").focus()
+        self.save_tabs()
 
     # -- sidebar -----------------------------------------------------------------
     async def on_persona_chosen(self, message: msg.PersonaChosen) -> None:
@@ -416,7 +513,7 @@ class ChatScreen(Screen):
         self.refresh_caches()
 
     # -- scenes ----------------------------------------------------------------------
-    async def open_scene(self, conversation_id: int) -> SceneTab | None:
+    async def open_scene(self, conversation_id: int, activate: bool = True) -> SceneTab | None:
         conv = self.app.catalog.get_conversation(conversation_id)
         if conv is None or conv.kind != "scene":
             self.app.notify(f"Scene {conversation_id} does not exist (deleted?).", severity="error")
@@ -427,6 +524,8 @@ class ChatScreen(Screen):
             tab = SceneTab(conv)
             await self.tabs.add_pane(TabPane(f"⁂ {tab.scene_title}", tab, id=tab_id))
         self._update_empty()
+        if not activate:
+            return tab
         if self.tabs.active != tab_id:
             self.tabs.active = tab_id
         else:
@@ -442,6 +541,7 @@ class ChatScreen(Screen):
             self._update_empty()
             if self.active_view() is not None:
                 self._tab_shown()
+            self.save_tabs()
 
     async def action_new_scene(self) -> None:
         async def created(conversation_id) -> None:
@@ -537,21 +637,25 @@ class ChatScreen(Screen):
             await pane.on_engine_saved(message.event)
 
     def on_prefill_progressed(self, message: msg.PrefillProgressed) -> None:
-        self.running = message.conversation_id
+        self.set_running(message.conversation_id)
         pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
             message.conversation_id)
         if pane is not None:
             pane.on_engine_prefill(message.event)
 
     async def on_tokens_generated(self, message: msg.TokensGenerated) -> None:
-        self.running = message.conversation_id
+        self.set_running(message.conversation_id)
         pane = self.pane_for_conversation(message.conversation_id)
         if pane is not None:
             await pane.on_engine_tokens(message.event)
 
     async def on_reply_finished(self, message: msg.ReplyFinished) -> None:
         if self.running == message.conversation_id:
-            self.running = None
+            self.set_running(None)
+        stats = message.event.stats
+        reading_ms = stats.ttft_ms - getattr(stats, "queued_ms", 0.0)
+        if stats.prefilled_tokens >= 16 and reading_ms > 0:  # the reading speed a long paste is estimated with
+            self.app.prefill_tps = stats.prefilled_tokens / reading_ms * 1000
         pane = self.pane_for_conversation(message.conversation_id)
         if pane is not None:
             await pane.on_engine_finished(message.event)
@@ -582,7 +686,7 @@ class ChatScreen(Screen):
         title = "Reply not saved" if message.event.unsaved_reply is not None else "Engine"
         self.app.notify(message.event.message, title=title, severity="error", timeout=10)
         if self.running == message.conversation_id:
-            self.running = None
+            self.set_running(None)
         if not self.model_ready and message.conversation_id is None:
             # the model could not start: say so where the progress bar would be, for good
             self.add_class("-loading", "-failed")
@@ -593,13 +697,13 @@ class ChatScreen(Screen):
             await pane.on_engine_failed(message.event)
 
     async def on_scene_round_started(self, message: msg.SceneRoundStarted) -> None:
-        self.running = message.conversation_id
+        self.set_running(message.conversation_id)
         scene = self.scene_for_conversation(message.conversation_id)
         if scene is not None:
             await scene.on_engine_round_started(message.event)
 
     async def on_scene_tokens_generated(self, message: msg.SceneTokensGenerated) -> None:
-        self.running = message.conversation_id
+        self.set_running(message.conversation_id)
         scene = self.scene_for_conversation(message.conversation_id)
         if scene is not None:
             await scene.on_engine_tokens(message.event)
@@ -611,7 +715,7 @@ class ChatScreen(Screen):
 
     async def on_scene_round_finished(self, message: msg.SceneRoundFinished) -> None:
         if self.running == message.conversation_id:
-            self.running = None
+            self.set_running(None)
         scene = self.scene_for_conversation(message.conversation_id)
         if scene is not None:
             await scene.on_engine_round_finished(message.event)
@@ -639,6 +743,8 @@ class PersonaEditorScreen(ModalScreen):
     def __init__(self, persona=None) -> None:
         super().__init__()
         self.persona = persona
+        self.id_edited = False  # the user typed an id: the name no longer proposes one
+        self.warned = ""  # the warning shown on the last ctrl+s (the next ctrl+s saves anyway)
 
     def compose(self) -> ComposeResult:
         p = self.persona
@@ -648,6 +754,9 @@ class PersonaEditorScreen(ModalScreen):
             yield Static("ctrl+s saves to your persona folder · escape cancels", classes="dialog-hint")
             yield Label("Name")
             yield Input(p.name if p else "", placeholder="Captain Mara Vell", id="ed-name")
+            yield Label("Id (the file name; a new id saves a copy under that id)" if p else
+                        "Id (the file name; proposed from the name, edit it if you like)")
+            yield Input(p.id if p else "", placeholder="captain-mara-vell", id="ed-id", select_on_focus=False)
             yield Label("Short description")
             yield Input(p.description if p else "", placeholder="What this persona is for", id="ed-description")
             yield Label("System prompt")
@@ -677,6 +786,26 @@ class PersonaEditorScreen(ModalScreen):
     def on_mount(self) -> None:
         self.query_one("#ed-name").focus()
 
+    @on(Input.Changed, "#ed-name")
+    def _name_changed(self, event: Input.Changed) -> None:
+        from app.personas import new_persona_id
+
+        if self.persona is None and not self.id_edited:
+            box = self.query_one("#ed-id", Input)
+            with box.prevent(Input.Changed):
+                box.value = new_persona_id(event.value, self.app.persona_dirs()) if event.value.strip() else ""
+                box.cursor_position = len(box.value)
+
+    @on(Input.Changed, "#ed-id")
+    def _id_changed(self) -> None:
+        self.id_edited = True
+
+    @on(Input.Submitted)
+    def _next_field(self, event: Input.Submitted) -> None:
+        """enter in a one-line field goes on to the next field, as tab does."""
+        event.stop()
+        self.focus_next()
+
     def _number(self, widget_id: str, kind):
         raw = self.query_one(widget_id, Input).value.strip()
         try:
@@ -704,17 +833,40 @@ class PersonaEditorScreen(ModalScreen):
             top_p=self._number("#ed-top-p", float),
             max_tokens=self._number("#ed-max-tokens", int),
         )
+        if not name:
+            raise ParleyError("The persona editor: field 'name' is empty. Give the persona a name.")
+        typed_id = self.query_one("#ed-id", Input).value.strip()
         if p is None:
-            if not name:
-                raise ParleyError("The persona editor: field 'name' is empty. Give the persona a name.")
-            fields["id"] = new_persona_id(name, self.app.persona_dirs())
+            fields["id"] = typed_id or new_persona_id(name, self.app.persona_dirs())
+        elif typed_id:
+            fields["id"] = typed_id
         return build_persona(fields, "the persona editor")
+
+    def missing_voice(self, persona) -> str:
+        """A warning for a persona with no system prompt (and perhaps no greeting either), or ''.
+
+        A greeting alone is optional; without a system prompt the model does not know who to be."""
+        if persona.system_prompt.strip():
+            return ""
+        missing = ["system prompt"] + (["greeting"] if not persona.greetings else [])
+        return (f"This persona has no {' and no '.join(missing)}: the model will not know who to be and will answer "
+                "as a plain assistant. Press ctrl+s again to save it as it is.")
 
     def action_save(self) -> None:
         from app.personas import save_persona
 
         try:
             persona = self.build()
+            warning = self.missing_voice(persona)
+            if warning and warning != self.warned:
+                self.warned = warning
+                self.query_one("#ed-error", Static).update(Text(warning, style="bold yellow"))
+                return
+            if self.persona is None or persona.id != self.persona.id:
+                taken = persona.id in self.app.personas
+                if taken:
+                    raise ParleyError(f"The persona editor: id {persona.id!r} is taken by {self.app.personas[persona.id].name}. "
+                                      "Choose another id.")
             path = save_persona(persona, self.app.user_persona_dir())
         except ParleyError as exc:
             self.query_one("#ed-error", Static).update(Text(str(exc), style="bold red"))
@@ -872,7 +1024,7 @@ class ExportCardScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         with Vertical(id="export-box", classes="dialog"):
             yield Label(f"Export {self.persona.name} as a character card (.json or .png)", classes="dialog-title")
-            yield Input(str(Path.cwd() / f"{self.persona.id}.json"), id="export-path")
+            yield Input(str(export_folder() / f"{self.persona.id}.json"), id="export-path")
             yield Static("", id="export-error")
             yield Static("enter exports · escape cancels", classes="dialog-hint")
 
@@ -890,3 +1042,9 @@ class ExportCardScreen(ModalScreen):
             return
         self.app.notify(f"Exported {self.persona.name} to {path}.", timeout=4)
         self.dismiss(path)
+
+
+def export_folder() -> Path:
+    """Where an exported card is proposed: the user's Documents folder, or home (never the folder Parley runs in)."""
+    documents = Path.home() / "Documents"
+    return documents if documents.is_dir() else Path.home()

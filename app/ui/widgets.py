@@ -44,14 +44,27 @@ def stats_line(stats: dict | ev.ReplyStats | None, cancelled: bool = False) -> s
     if not isinstance(stats, dict):
         stats = stats.__dict__
     try:
+        queued = float(stats.get("queued_ms") or 0)
         line = (
-            f"ttft {float(stats.get('ttft_ms', 0)):.0f} ms · reused {int(stats.get('reused_tokens', 0))}"
+            f"ttft {duration(float(stats.get('ttft_ms', 0)))}"
+            + (f" (queued {duration(queued)})" if queued >= QUEUE_SHOWN_MS else "")
+            + f" · reused {int(stats.get('reused_tokens', 0))}"
             f" · prefilled {int(stats.get('prefilled_tokens', 0))} · {float(stats.get('decode_tps', 0)):.0f} tok/s"
             f" · cache {stats.get('cache', 'none')}"
         )
+        if stats.get("opened_from") == "disk":
+            line += f" (read from disk in {float(stats.get('open_ms') or 0):.0f} ms on opening the tab)"
     except (TypeError, ValueError):
         return ""
     return line + (" · stopped" if cancelled else "")
+
+
+QUEUE_SHOWN_MS = 50.0  # shorter waits are the engine picking the message up, not a queue
+
+
+def duration(ms: float) -> str:
+    """840 -> '840 ms', 20345 -> '20.3 s'."""
+    return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
 @dataclass
@@ -150,6 +163,7 @@ class PersonaList(Vertical):
         event.stop()
         if self.highlighted_id:
             self.post_message(msg.PersonaChosen(self.highlighted_id))
+            event.input.value = ""  # the filter has done its job: new personas must not stay hidden behind it
 
     @on(OptionList.OptionHighlighted, "#persona-list")
     def _highlighted(self, event: OptionList.OptionHighlighted) -> None:
@@ -207,6 +221,12 @@ class ChatInput(TextArea):
             event.prevent_default()
             self.insert("\n")
             return
+        number = self._tab_character(event.character)
+        if number is not None:
+            event.stop()
+            event.prevent_default()
+            self.post_message(msg.TabCharacter(number))
+            return
         if event.key == "up" and self.cursor_location == (0, 0):
             pane = next((a for a in self.ancestors if hasattr(a, "focus_message")), None)  # a chat or a scene
             if pane is not None and pane.focus_message(-1):
@@ -214,6 +234,19 @@ class ChatInput(TextArea):
                 event.prevent_default()
                 return
         await super()._on_key(event)
+
+    def _tab_character(self, character: str | None) -> int | None:
+        """The tab an option/8-bit digit character asks for (app.ui.keys), or None to type it."""
+        from app.ui.keys import TAB_CHARACTERS, TabCharacterGuard
+
+        if character not in TAB_CHARACTERS:
+            return None
+        guard = getattr(self.app, "tab_character_guard", None)
+        if guard is None:
+            guard = self.app.tab_character_guard = TabCharacterGuard()
+        screen = getattr(self.app, "chat_screen", None)
+        tabs = len(screen.pane_ids()) if screen is not None and screen.is_mounted else 0
+        return guard.tab_for(character, not self.text, tabs)
 
 
 class MessageView(Vertical, can_focus=True):
@@ -248,10 +281,16 @@ class MessageView(Vertical, can_focus=True):
 
     def compose(self) -> ComposeResult:
         yield Static(self._head(), classes="msg-head")
-        yield Markdown(clean(self.text), classes="msg-body")
+        yield Markdown(self._body(self.text), classes="msg-body")
         stats = Static(self.stats, classes="msg-stats")
         stats.display = bool(self.stats)
         yield stats
+
+    def _body(self, text: str) -> str:
+        """The text to draw; a finished reply with no text says so instead of showing nothing."""
+        if not text.strip() and self.role == "assistant" and "streaming" not in self.classes:
+            return "*(stopped before the first token)*" if "stopped-note" in self.classes else "*(empty reply)*"
+        return clean(text)
 
     def _head(self) -> Text:
         text = Text()
@@ -290,9 +329,9 @@ class MessageView(Vertical, can_focus=True):
             self._stream = None
         self.remove_class("streaming")
         self.message_id = message_id
-        if text != self.text:
+        if text != self.text or not text.strip():
             self.text = text
-            await self.query_one(Markdown).update(clean(text))
+            await self.query_one(Markdown).update(self._body(text))
         self.query_one(".msg-head", Static).update(self._head())
         self.set_stats(stats)
 
@@ -321,18 +360,63 @@ class MessageView(Vertical, can_focus=True):
             pane.move_focus_from(self, step)
 
 
+class Transcript(VerticalScroll):
+    """The scrolling message list. It remembers whether the reader is at the newest message (`following`),
+    so a reply finished while the tab was hidden, or a resize, still ends with the newest message and its
+    figures in view; a reader who scrolled up stays where they are."""
+
+    following = True
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if self.size.height and self.is_on_screen and self.max_scroll_y > 0:
+            self.following = new_value >= self.max_scroll_y - 2
+
+    def show_newest(self) -> None:
+        """Scroll to the end once the layout is up to date (a hidden tab has no size before that)."""
+        self.following = True
+        self.call_after_refresh(self.scroll_end, animate=False, immediate=True)
+
+    def keep_up(self) -> None:
+        """After the content or the size changed: stay at the end if the reader was there."""
+        if self.following:
+            self.show_newest()
+
+    def on_resize(self) -> None:
+        self.keep_up()
+
+
 class TranscriptNavigation:
     """What chat and scene tabs share: their transcript and message box, and keyboard focus over
     the message views (↑/↓ between messages). The tab provides `message_views()`.
     """
 
     @property
-    def transcript(self) -> VerticalScroll:
-        return self.query_one(".transcript", VerticalScroll)
+    def transcript(self) -> Transcript:
+        return self.query_one(".transcript", Transcript)
 
     @property
     def composer(self) -> ChatInput:
         return self.query_one(ChatInput)
+
+    restore_scroll: float | None = None  # a saved scroll position, applied when the tab is next shown
+
+    def show_in_view(self) -> None:
+        """The tab came on screen: back to its saved scroll position, or to the newest message if following."""
+        transcript = self.transcript
+        if self.restore_scroll is not None:
+            y, self.restore_scroll = self.restore_scroll, None
+            transcript.following = False
+            transcript.call_after_refresh(transcript.scroll_to, y=y, animate=False, immediate=True)
+        else:
+            transcript.keep_up()
+
+    def scroll_record(self) -> float | None:
+        """What to save: the scroll position, or None when the reader is at the newest message."""
+        if self.restore_scroll is not None:
+            return self.restore_scroll
+        transcript = self.transcript
+        return None if transcript.following else float(transcript.scroll_y)
 
     def focus_message(self, index: int) -> bool:
         views = [v for v in self.message_views() if v.message_id is not None]
@@ -379,13 +463,14 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.editing: int | None = None  # the user message being edited
         self.cache_source = ""
         self.cache_tokens = 0
+        self.cache_load_ms = 0.0  # how long opening read the cache from disk (cache_source == "disk")
         self.live_cache: CacheSummary | None = None  # this conversation's cache now (from the engine's reports)
         self.last_sent = ""  # given back to the message box when the engine refuses it
 
     # layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="chat-header")
-        yield VerticalScroll(classes="transcript")
+        yield Transcript(classes="transcript")
         with Horizontal(classes="prefill"):
             yield Label("Reading the conversation", classes="prefill-label")
             yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
@@ -404,14 +489,25 @@ class ChatPane(TranscriptNavigation, Vertical):
         live = self.live_cache
         if live is not None and live.where != "none":
             text.append(f"   cache {live.where} {live.tokens} tok", style="dim")
-            if self.cache_source and self.cache_source != live.where:
-                origin = "new" if self.cache_source == "none" else f"opened from {self.cache_source}"
+            origin = self._cache_origin()
+            if origin and (self.cache_source != live.where or self.cache_source == "disk"):
                 text.append(f" ({origin})", style="dim")
         elif self.cache_source:
             text.append(f"   cache {self.cache_source}", style="dim")
             if self.cache_tokens:
                 text.append(f" {self.cache_tokens} tok", style="dim")
+            origin = self._cache_origin()
+            if origin and self.cache_source == "disk":
+                text.append(f" ({origin})", style="dim")
         return text
+
+    def _cache_origin(self) -> str:
+        """Where the cache came from when the tab opened, in words."""
+        if self.cache_source == "disk":
+            return f"read from disk in {self.cache_load_ms:.0f} ms" if self.cache_load_ms else "read from disk"
+        if self.cache_source == "none":
+            return "built by this session's replies"
+        return ""
 
     def set_live_cache(self, summary: "CacheSummary | None") -> None:
         if summary != self.live_cache:
@@ -419,20 +515,43 @@ class ChatPane(TranscriptNavigation, Vertical):
             self.refresh_chrome()
 
     def _hint(self) -> str:
+        if self.generating:
+            waits = self.waiting_for()
+            if waits:
+                return f"Queued: waits for {waits} to finish replying, then this reply starts"
+            return "Replying… escape stops"
+        paste = paste_note(self.app, self.composer.text if self.is_mounted and self.query(ChatInput) else "")
+        if paste:
+            return paste
         if self.editing is not None:
             return "Editing: enter resends it as a new branch · escape cancels"
-        if self.generating:
-            return "Replying… escape stops"
         return "enter send · ctrl+j new line · ↑ pick a message · F1 keys"
 
+    def waiting_for(self) -> str:
+        """Whose reply the engine is writing now, when it is not this tab's (this tab's reply waits for it)."""
+        screen = getattr(self.app, "chat_screen", None)
+        running = getattr(screen, "running", None)
+        if screen is None or running is None or running == self.conversation_id:
+            return ""
+        other = screen.pane_for_conversation(running)
+        scene = screen.scene_for_conversation(running)
+        return other.persona.name if other else f"the scene {scene.scene_title}" if scene else "another conversation"
+
+    @on(TextArea.Changed, ".composer")
+    def _composer_changed(self) -> None:
+        self.query_one(".composer-hint", Static).update(self._hint())
+
     def refresh_chrome(self) -> None:
+        if not self.query(".chat-header"):  # being closed: nothing to draw on
+            return
         self.query_one(".chat-header", Static).update(self._header())
         self.query_one(".composer-hint", Static).update(self._hint())
         self.set_class(self.generating, "-generating")
 
     # transcript --------------------------------------------------------------
     def message_views(self) -> list[MessageView]:
-        return [v for v in self.transcript.query(MessageView) if not v.greeting and "streaming" not in v.classes]
+        return [v for v in self.transcript.query(MessageView)
+                if not v.greeting and "streaming" not in v.classes and "stopped-note" not in v.classes]
 
     def streaming_view(self) -> MessageView | None:
         found = [v for v in self.transcript.query(MessageView) if "streaming" in v.classes]
@@ -483,7 +602,7 @@ class ChatPane(TranscriptNavigation, Vertical):
             else:
                 await transcript.mount_all(new)
         self.refresh_chrome()
-        transcript.scroll_end(animate=False)
+        transcript.keep_up()
 
     async def refresh_greeting(self) -> None:
         """The persona changed (edited): show its greeting and colours as they are now."""
@@ -507,13 +626,14 @@ class ChatPane(TranscriptNavigation, Vertical):
 
     async def _start_reply(self, user_text: str | None) -> None:
         transcript = self.transcript
+        await transcript.query(".stopped-note").remove()
         if user_text is not None:
             await transcript.mount(MessageView("user", user_text))
         await transcript.mount(MessageView("assistant", "", speaker=self.persona.name, color=self.persona.color,
                                            streaming=True))
         self.generating = True
         self.refresh_chrome()
-        transcript.scroll_end(animate=False)
+        transcript.show_newest()
 
     async def _truncate_from(self, view: MessageView | None) -> None:
         """Remove `view` and every message view after it."""
@@ -530,7 +650,8 @@ class ChatPane(TranscriptNavigation, Vertical):
             return False
         self.last_sent = text
         if self.generating:
-            self.app.notify("A reply is still coming: wait, or press escape to stop it.", severity="warning")
+            self.app.notify("A reply is still coming: your message stays in the box; send it once the reply is "
+                            "done, or press escape to stop the reply.", severity="warning")
             return False
         if self.editing is not None:
             message_id = self.editing
@@ -623,7 +744,7 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.generating = False
         self.editing = None
         self.conversation_id = conversation_id
-        self.cache_source, self.cache_tokens = "", 0
+        self.cache_source, self.cache_tokens, self.cache_load_ms = "", 0, 0.0
         self.live_cache = None
         await self.transcript.remove_children()
         await self.reload()
@@ -633,6 +754,7 @@ class ChatPane(TranscriptNavigation, Vertical):
     # engine events (routed here by the screen) -----------------------------------
     def on_engine_opened(self, event: ev.ConversationOpened) -> None:
         self.cache_source, self.cache_tokens = event.cache, event.tokens
+        self.cache_load_ms = float(getattr(event, "load_ms", 0.0) or 0.0)
         self.refresh_chrome()
 
     async def on_engine_saved(self, event: ev.MessageSaved) -> None:
@@ -651,11 +773,8 @@ class ChatPane(TranscriptNavigation, Vertical):
         if live is None:
             await self._start_reply(None)
             live = self.streaming_view()
-        transcript = self.transcript
-        following = transcript.scroll_y >= transcript.max_scroll_y - 2  # a reader who scrolled up stays put
         await live.write(event.text)
-        if following:
-            transcript.scroll_end(animate=False)
+        self.transcript.keep_up()  # a reader who scrolled up stays put
 
     async def on_engine_finished(self, event: ev.ReplyFinished) -> None:
         self.remove_class("-prefilling")
@@ -663,6 +782,9 @@ class ChatPane(TranscriptNavigation, Vertical):
         if live is not None:
             if event.message_id:
                 await live.finish(event.text, event.message_id, stats_line(event.stats, event.cancelled))
+            elif event.cancelled:  # stopped while reading: the bubble stays, saying so (nothing was saved)
+                live.add_class("stopped-note")
+                await live.finish("", None, "stopped")
             else:
                 await live.stop_stream()
                 await live.remove()
@@ -670,6 +792,7 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.last_sent = ""
         await self.reload()
         self.title_changed()
+        self.transcript.keep_up()
 
     async def on_engine_failed(self, event: ev.EngineFailed) -> None:
         live = self.streaming_view()
@@ -692,3 +815,21 @@ class ChatPane(TranscriptNavigation, Vertical):
 
     def title_changed(self) -> None:
         self.refresh_chrome()
+
+
+PASTE_NOTE_CHARS = 2000  # messages longer than this get their token count and reading time before sending
+
+
+def paste_note(app, text: str) -> str:
+    """For a long message: its tokens and about how long reading them takes, from the speed replies measured."""
+    if len(text) < PASTE_NOTE_CHARS:
+        return ""
+    engine = getattr(app, "engine", None)
+    tokens = engine.count_tokens(text) if engine is not None else None
+    if tokens is None:
+        return f"{len(text):,} characters: the model reads them all before it replies · enter sends"
+    rate = getattr(app, "prefill_tps", 0.0)
+    if rate > 0:
+        return (f"{tokens:,} tokens: reading them takes about {duration(tokens / rate * 1000)} before the reply "
+                f"starts (at {rate:.0f} tok/s measured) · enter sends")
+    return f"{tokens:,} tokens: the model reads them all before it replies · enter sends"
