@@ -87,6 +87,15 @@ class ContextTrimmed(Event):
 
 
 @dataclass(frozen=True)
+class LoreAdded(Event):
+    """Lorebook entries entered the conversation with this user message (they stay in its history)."""
+
+    conversation_id: int
+    message_id: int
+    entries: tuple[str, ...]  # their names, in the order they entered
+
+
+@dataclass(frozen=True)
 class CacheState:
     conversation_id: int
     persona_id: str

@@ -33,7 +33,25 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def transcript_messages(path) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in path if m.role in ("user", "assistant", "system")]
+    """One dict per catalog message; a message that brought lorebook entries carries them as `lore`."""
+    from app.engine.lore import lore_items, lore_note
+
+    out = []
+    for m in path:
+        if m.role in ("user", "assistant", "system"):
+            note = lore_note(lore_items(m.meta))
+            out.append({"role": m.role, "content": m.content, **({"lore": note} if note else {})})
+    return out
+
+
+def with_notes(messages: list[dict]) -> list[dict]:
+    """What the chat template gets: each stored lore note as a system message right after its message."""
+    out = []
+    for m in messages:
+        out.append({k: v for k, v in m.items() if k != "lore"})
+        if m.get("lore"):
+            out.append({"role": "system", "content": m["lore"]})
+    return out
 
 
 def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window: int, reserve: int,
@@ -42,7 +60,7 @@ def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window
     preamble_ids = tokenizer.encode_chat(preamble, add_generation_prompt=False) if preamble else []
 
     def render(first: int) -> tuple[list[dict], list[int]]:
-        messages = preamble + transcript[first:]
+        messages = preamble + with_notes(transcript[first:])
         if post_history:
             messages = messages + [{"role": "system", "content": post_history}]
         return messages, tokenizer.encode_chat(messages)

@@ -11,6 +11,7 @@ from typing import Callable
 
 from app import paths
 from app.catalog.context import context_start, set_context_start
+from app.catalog.store import LEAF
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.generation import decode, prefill
@@ -102,9 +103,21 @@ class Session:
         conv = self._conversation(c.conversation_id)
         persona = self.persona(conv.persona_id)
         self._check_fits(c.text, c.sampling or self._turn(conv, persona, None, None).sampling)
-        user_id = self.catalog.add_message(conv.id, "user", c.text)
-        self.emit(ev.MessageSaved(conv.id, user_id, "user"))
+        user_id = self._add_user_message(conv, persona, c.text)
         self.reply(self._turn(conv, persona, c.sampling, user_id))
+
+    def _add_user_message(self, conv, persona, text: str, parent_id=LEAF) -> int:
+        """Save the user's message with the lorebook entries it brings in (app.engine.lore)."""
+        from app.engine.lore import lore_for_message
+
+        if parent_id is not LEAF:
+            self.catalog.set_leaf(conv.id, parent_id)  # the edited message's siblings are not its context
+        lore = lore_for_message(self.catalog, self.lm.tokenizer, persona, conv.id, text)
+        user_id = self.catalog.add_message(conv.id, "user", text, parent_id=parent_id, meta={"lore": lore} if lore else None)
+        self.emit(ev.MessageSaved(conv.id, user_id, "user"))
+        if lore:
+            self.emit(ev.LoreAdded(conv.id, user_id, tuple(i["name"] for i in lore)))
+        return user_id
 
     def _check_fits(self, text: str, sampling: cmd.Sampling) -> None:
         """Refuse, before anything is written, a message that cannot fit the context window."""
@@ -131,8 +144,7 @@ class Session:
         old = self.catalog.get_message(c.message_id)
         if old is None or old.conversation_id != conv.id or old.role != "user":
             raise ParleyError(f"Message {c.message_id} is not a user message of this conversation.")
-        new_id = self.catalog.add_message(conv.id, "user", c.text, parent_id=old.parent_id)
-        self.emit(ev.MessageSaved(conv.id, new_id, "user"))
+        new_id = self._add_user_message(conv, self.persona(conv.persona_id), c.text, parent_id=old.parent_id)
         self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, new_id))
 
     def _on_Continue(self, c: cmd.Continue) -> None:

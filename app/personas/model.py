@@ -182,6 +182,9 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
     if not isinstance(color, str) or not COLOR_PATTERN.match(color):
         raise ParleyError(f"{_where(origin, 'color')} must look like \"#1a2b3c\", not {color!r:.40}.")
     texts = {n: _text(fields, n, origin) for n in TEXT_FIELDS if n != "name"}
+    card = _json_dict(fields, "card", origin, MAX_CARD_EXTRA_BYTES)
+    if fields.get("lorebook") is not None:  # the persona file's [lorebook] (checked by lore_toml) wins
+        card = _json_dict({"card": {**card, "character_book": fields["lorebook"]}}, "card", origin, MAX_CARD_EXTRA_BYTES)
     return Persona(
         id=persona_id,
         name=name,
@@ -192,7 +195,7 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
         max_tokens=_number(fields, "max_tokens", origin, DEFAULT_MAX_TOKENS, 1, 65536, integer=True),
         color=color.lower(),
         extensions=_json_dict(fields, "extensions", origin, MAX_EXTENSIONS_BYTES),
-        card=_json_dict(fields, "card", origin, MAX_CARD_EXTRA_BYTES),
+        card=card,
         source=source,
         **texts,
     )

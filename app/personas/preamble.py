@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 
+from app.personas.lorebook import lorebook_of
 from app.personas.model import Persona
 
 USER_NAME = "User"
@@ -46,6 +47,7 @@ def system_message(persona: Persona) -> str:
     if examples:
         examples = re.sub(r"\n{3,}", "\n\n", examples)
         parts.append(f"Example dialogue:\n{examples}")
+    parts += [e.content.strip() for e in lorebook_of(persona).constant_entries() if e.content.strip()]
     return fill("\n\n".join(parts), persona)
 
 
