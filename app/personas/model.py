@@ -68,6 +68,8 @@ class Persona:
     extensions: dict[str, Any] = field(default_factory=dict, hash=False)
     card: dict[str, Any] = field(default_factory=dict, hash=False)
     source: Path | None = field(default=None, compare=False)
+    user: Any = None  # this persona's own [user] overrides (a personas.user.UserProfile), written to its file
+    global_user: Any = field(default=None, compare=False)  # the global profile, set by the loader, never written
 
     @property
     def greeting(self) -> str | None:
@@ -196,9 +198,20 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
         color=color.lower(),
         extensions=_json_dict(fields, "extensions", origin, MAX_EXTENSIONS_BYTES),
         card=card,
+        user=_user(fields, origin),
         source=source,
         **texts,
     )
+
+
+def _user(fields: dict, origin: str):
+    from app.personas.user import UserProfile, check_profile
+
+    table = fields.get("user")
+    if table is None or isinstance(table, UserProfile):  # an edited persona keeps its own
+        return table
+    profile = check_profile(table, origin)
+    return profile if (profile.name or profile.description) else None
 
 
 def slugify(name: str) -> str:

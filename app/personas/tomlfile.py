@@ -41,6 +41,7 @@ TOP_KEYS = {
     "sampling",
     "card",
     "lorebook",
+    "user",
 }
 SAMPLING_KEYS = {"temperature", "top_p", "max_tokens"}
 CARD_KEYS = {"extensions", "data"}
@@ -141,6 +142,10 @@ def dump_persona_toml(persona: Persona) -> str:
     for key in ("personality", "scenario", "examples", "post_history_instructions", "creator_notes"):
         if getattr(persona, key):
             lines.append(f"{key} = {_value(getattr(persona, key))}")
+    if persona.user is not None:
+        lines += ["", "# Who you are in this persona's chats (overrides your global persona, `parley user`).", "[user]"]
+        lines.append(f"name = {_value(persona.user.name)}")
+        lines.append(f"description = {_value(persona.user.description)}")
     lines += ["", "[sampling]"]
     lines.append(f"temperature = {_value(float(persona.temperature))}")
     lines.append(f"top_p = {_value(float(persona.top_p))}")
