@@ -127,6 +127,8 @@ def wait_for_reply(events: queue.Queue, stream=None, lore: list[str] | None = No
             lore.extend(event.entries)
         elif isinstance(event, ev.CacheDiscarded):
             print(f"parley: note: the stored cache was not usable ({event.reason}); rebuilt from the transcript.", file=sys.stderr)
+        elif isinstance(event, ev.NotesWritten):
+            print("parley: note: the model wrote notes on the turns leaving its view (see `parley notes`).", file=sys.stderr)
         elif isinstance(event, ev.ContextTrimmed):
             print("parley: note: the conversation outgrew the context window; the oldest turns left the model's view "
                   "(the transcript keeps them).", file=sys.stderr)

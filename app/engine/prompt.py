@@ -54,13 +54,21 @@ def with_notes(messages: list[dict]) -> list[dict]:
     return out
 
 
+NOTES_HEADER = "Notes on the earlier part of this conversation, which is no longer shown:"
+
+
+def notes_messages(notes: str) -> list[dict]:
+    """The conversation's notes (app.engine.notes) as the model reads them, right after the preamble."""
+    return [{"role": "system", "content": f"{NOTES_HEADER}\n{notes.strip()}"}] if notes.strip() else []
+
+
 def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window: int, reserve: int,
-                 start: int = 0, post_history: str = "") -> Prompt:
-    """Render preamble + transcript[start:], moving `start` forward if it would not fit the window."""
+                 start: int = 0, post_history: str = "", notes: str = "") -> Prompt:
+    """Render preamble (+ notes) + transcript[start:], moving `start` forward if it would not fit the window."""
     preamble_ids = tokenizer.encode_chat(preamble, add_generation_prompt=False) if preamble else []
 
     def render(first: int) -> tuple[list[dict], list[int]]:
-        messages = preamble + with_notes(transcript[first:])
+        messages = preamble + notes_messages(notes) + with_notes(transcript[first:])
         if post_history:
             messages = messages + [{"role": "system", "content": post_history}]
         return messages, tokenizer.encode_chat(messages)

@@ -15,7 +15,8 @@ from app.catalog.store import LEAF
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.generation import decode, prefill
-from app.engine.prompt import build_prompt, common_prefix, transcript_messages
+from app.engine.notes import prompt_with_notes
+from app.engine.prompt import common_prefix, transcript_messages
 from app.errors import ParleyError
 
 PROGRESS_MIN_TOKENS = 256  # smaller prefills finish before a progress bar would be seen
@@ -230,12 +231,14 @@ class Session:
         from app.personas import post_history, preamble_hash, preamble_messages
 
         started = time.perf_counter()
-        tok = self.lm.tokenizer
         if transcript is None:
             transcript = transcript_messages(self.catalog.current_path(turn.conversation_id))
         start = context_start(self.catalog, turn.conversation_id, turn.speaker)
-        prompt = build_prompt(tok, preamble_messages(turn.persona), transcript, self.lm.context_window,
-                              reserve=turn.sampling.max_tokens, start=start, post_history=post_history(turn.persona))
+        prompt = prompt_with_notes(self, turn, preamble_messages(turn.persona), transcript, start, post_history(turn.persona))
+        if prompt is None:  # cancelled while writing the notes on the turns leaving the view (app.engine.notes)
+            self.manager.save(turn.key)
+            self.emit(ev.ReplyFinished(turn.conversation_id, 0, "", ev.ReplyStats(0, 0, 0, 0, 0, "ram"), True))
+            return None
         if prompt.start != start:
             set_context_start(self.catalog, turn.conversation_id, prompt.start, turn.speaker)
             self.emit(ev.ContextTrimmed(turn.conversation_id, prompt.start))
