@@ -114,6 +114,7 @@ class LoreAdded(Event):
     conversation_id: int
     message_id: int
     entries: tuple[str, ...]  # their names, in the order they entered
+    speaker: str | None = None  # in a scene: whose lorebook (only that speaker sees them)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ from app.engine.prompt import build_prompt, common_prefix, notes_messages, with_
 
 NOTES_MAX_TOKENS = 96
 NOTES_MIN_TOKENS = 16
+
+
+def notes_sampling(max_tokens: int) -> cmd.Sampling:
+    """Mildly random (greedy small models loop on one token), with a fixed seed: the same view gives the same notes."""
+    return cmd.Sampling(temperature=0.5, top_p=0.9, max_tokens=max_tokens, seed=0)
 INSTRUCTION = (
     "(Out of character.) The oldest part of our conversation is about to be hidden from you. In at most three "
     "short sentences, note the facts from it worth remembering: names, places, events, promises. Write only the notes."
@@ -84,7 +89,7 @@ def write_notes(session, turn, leaving: list[dict]) -> str | None:
             return None
     stream = lm.tokenizer.stream()
     generated = 0
-    for token in decode(lm.model, cache, logits, cmd.Sampling(temperature=0.3, top_p=0.9, max_tokens=max_new), lm.tokenizer.eos_ids):
+    for token in decode(lm.model, cache, logits, notes_sampling(max_new), lm.tokenizer.eos_ids):
         stream.push(token)
         generated += 1
         session.emit(ev.NotesProgressed(cid, len(todo) + generated, total))
