@@ -14,6 +14,7 @@ ACTIONS = [
     ("Copy the last reply", "Copy the last reply to the clipboard (alt+c)", "copy_last"),
     ("New conversation", "Start a new conversation with this persona (ctrl+n)", "new_conversation"),
     ("Conversations…", "List, reopen and delete old conversations (ctrl+o)", "conversations"),
+    ("Conversation notes…", "Read or edit the notes the model keeps of turns that left its view", "notes"),
     ("Next tab", "Go to the next persona tab (ctrl+pagedown)", "tab(1)"),
     ("Previous tab", "Go to the previous persona tab (ctrl+pageup)", "tab(-1)"),
     ("Close tab", "Close this persona's tab (alt+w)", "close_tab"),
