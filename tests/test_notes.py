@@ -146,3 +146,15 @@ def test_edited_notes_are_what_the_model_reads(runner, small_model):
     assert final.stats.prefilled_tokens > 100
     again, _ = runner.run(cmd.Generate(cid, "and now?"))
     assert again.stats.prefilled_tokens <= turn_tokens(small_model, "and now?") + 1
+
+
+def test_notes_cli_per_scene_seat(parley_home, capsys):
+    with Catalog() as catalog:
+        sid = catalog.create_conversation(None, kind="scene", title="Room", members=["ann", "bob"])
+    assert main(["notes", "--conversation", str(sid), "--seat", "ann", "--set", "Ann owes Bob a coin."]) == 0
+    capsys.readouterr()
+    with Catalog() as catalog:
+        assert conversation_notes(catalog, sid, "ann") == "Ann owes Bob a coin."
+        assert conversation_notes(catalog, sid, "bob") == "" and conversation_notes(catalog, sid) == ""
+    assert main(["notes", "--conversation", str(sid), "--seat", "zed"]) == 1
+    assert "not a member" in capsys.readouterr().err
