@@ -53,6 +53,11 @@ def user_personas_dir() -> Path:
     return _subdir("personas")
 
 
+def user_profile_path() -> Path:
+    """Your global persona (name, description), see app.personas.user."""
+    return parley_home() / "user.toml"
+
+
 def catalog_path() -> Path:
     return parley_home() / "catalog.db"
 

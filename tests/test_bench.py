@@ -93,3 +93,14 @@ def test_plot(tmp_path):
     }
     path = write(results, tmp_path / "b.png")
     assert path and path.stat().st_size > 1000
+
+
+def test_memory(tiny_lm):
+    result = get_part("memory")(tiny_lm, _args(memory_turns=40, window=None))
+    _check("memory", result, {"parley", "at_depth", "at_depth_sliding", "overflow_turns", "per_turn"})
+    assert len(result["overflow_turns"]) == 1 and result["lore_turns"]  # the window is chosen for one overflow
+    per = result["per_turn"]
+    after = [r for r in per if r["turn"] > result["overflow_turns"][0]]
+    # after the drop Parley appends again; the at-depth figures are computed from the same transcript
+    assert all(r["prefilled"] < 400 for r in after)
+    assert result["at_depth_sliding"]["total"] > result["parley"]["total"]

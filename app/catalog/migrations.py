@@ -129,3 +129,21 @@ def m001_initial(db: sqlite_utils.Database) -> None:
 # Migrations defined in other modules of this package, in order. Append only.
 from app.catalog import cache_schema  # noqa: E402,F401  (m002_kv_caches)
 from app.catalog import message_tokens  # noqa: E402,F401  (m003_message_tokens)
+
+
+@migration
+def m004_conversation_notes(db: sqlite_utils.Database) -> None:
+    """Notes the model wrote about turns that left its view (issue 17; per scene speaker too).
+
+    One row per conversation and speaker ('' in a chat); `text` grows with each drop and the user may edit it.
+    See app.catalog.notes and app.engine.notes.
+    """
+    db.execute(
+        """CREATE TABLE conversation_notes (
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            speaker TEXT NOT NULL DEFAULT '',
+            text TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (conversation_id, speaker)
+        )"""
+    )

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--context", type=int, default=1024, help="prompt length for prefill (default 1024)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size (default 512)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement, median taken (default 3)")
+    p.add_argument("--window", type=int, default=None,
+                   help="memory: context window in tokens (default: chosen so the conversation overflows once)")
+    p.add_argument("--memory-turns", type=int, default=None, help="memory: turns of the conversation (default 200)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
     p.set_defaults(handler=run)
 

@@ -3,7 +3,8 @@
 Continues the persona's latest conversation (or `--new`), streams the reply
 to stdout, or with `--json` prints exactly one JSON object:
 {"reply", "conversation", "ttft_ms", "reused_tokens", "prefilled_tokens",
- "generated_tokens", "decode_tps", "cache"}. A second run in a new process
+ "generated_tokens", "decode_tps", "cache", "lore"} (`lore`: names of the
+lorebook entries that entered the conversation with this turn). A second run in a new process
 resumes from the cache on disk.
 """
 
@@ -100,7 +101,8 @@ def run(args) -> int:
             # created on the engine's side only once the model is up and the message fits
             conversation_id = create_conversation(persona.id)
         engine.submit(cmd.Generate(conversation_id, args.message, sampling_for(persona, args)))
-        finished = wait_for_reply(events, stream=None if args.json else sys.stdout)
+        lore: list[str] = []
+        finished = wait_for_reply(events, stream=None if args.json else sys.stdout, lore=lore)
     finally:
         engine.shutdown()
     print_late_warnings(events)
@@ -109,7 +111,7 @@ def run(args) -> int:
             delete_if_empty(conversation_id)
         raise failure(finished, printed=not args.json)
     if args.json:
-        print(json.dumps(reply_json(finished)))
+        print(json.dumps({**reply_json(finished), "lore": lore}))
     else:
         print()
     return 0
@@ -160,8 +162,11 @@ def delete_if_empty(conversation_id: int) -> None:
             catalog.delete_conversation(conversation_id)
 
 
-def wait_for_reply(events: queue.Queue, stream=None):
-    """Drain engine events until the reply finishes or the engine fails; echo text to `stream`."""
+def wait_for_reply(events: queue.Queue, stream=None, lore: list[str] | None = None):
+    """Drain engine events until the reply finishes or the engine fails; echo text to `stream`.
+
+    Names of lorebook entries that entered with the turn are appended to `lore`.
+    """
     from app.engine import events as ev
 
     while True:
@@ -171,11 +176,15 @@ def wait_for_reply(events: queue.Queue, stream=None):
         elif isinstance(event, ev.TokensGenerated) and stream is not None:
             stream.write(event.text)
             stream.flush()
+        elif isinstance(event, ev.LoreAdded) and lore is not None:
+            lore.extend(event.entries)
         elif isinstance(event, ev.CacheDiscarded):
             print(f"parley: note: the stored cache was not usable ({event.reason}); rebuilt from the transcript.", file=sys.stderr)
         elif isinstance(event, ev.CacheNotSaved):
             print(f"parley: warning: the reply is saved, but its cache was not ({event.reason}); the next reply "
                   "rebuilds it from the transcript.", file=sys.stderr)
+        elif isinstance(event, ev.NotesWritten):
+            print("parley: note: the model wrote notes on the turns leaving its view (see `parley notes`).", file=sys.stderr)
         elif isinstance(event, ev.ContextTrimmed):
             print("parley: note: the conversation outgrew the context window; the oldest turns left the model's view "
                   "(the transcript keeps them).", file=sys.stderr)

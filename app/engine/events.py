@@ -91,6 +91,37 @@ class ContextTrimmed(Event):
 
 
 @dataclass(frozen=True)
+class NotesProgressed(Event):
+    """The model is writing notes on turns about to leave its view (tokens read + written of the most)."""
+
+    conversation_id: int
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class NotesWritten(Event):
+    """Notes on the turns that left the view were added to the conversation's notes (app.engine.notes)."""
+
+    conversation_id: int
+    text: str  # what this drop added
+    reused_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    ms: float
+
+
+@dataclass(frozen=True)
+class LoreAdded(Event):
+    """Lorebook entries entered the conversation with this user message (they stay in its history)."""
+
+    conversation_id: int
+    message_id: int
+    entries: tuple[str, ...]  # their names, in the order they entered
+    speaker: str | None = None  # in a scene: whose lorebook (only that speaker sees them)
+
+
+@dataclass(frozen=True)
 class CacheState:
     conversation_id: int
     persona_id: str

@@ -34,17 +34,43 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def transcript_messages(path) -> list[dict]:
-    """The path as chat messages; `id` lets the engine attach a reply's stored token ids (the template ignores it)."""
-    return [{"role": m.role, "content": m.content, "id": m.id} for m in path if m.role in ("user", "assistant", "system")]
+    """One dict per catalog message; `id` lets the engine attach a reply's stored token ids (the template ignores
+    it); a message that brought lorebook entries carries them as `lore`."""
+    from app.engine.lore import lore_items, lore_note
+
+    out = []
+    for m in path:
+        if m.role in ("user", "assistant", "system"):
+            note = lore_note(lore_items(m.meta))
+            out.append({"role": m.role, "content": m.content, "id": m.id, **({"lore": note} if note else {})})
+    return out
+
+
+def with_notes(messages: list[dict]) -> list[dict]:
+    """What the chat template gets: each stored lore note as a system message right after its message."""
+    out = []
+    for m in messages:
+        out.append({k: v for k, v in m.items() if k != "lore"})
+        if m.get("lore"):
+            out.append({"role": "system", "content": m["lore"]})
+    return out
+
+
+NOTES_HEADER = "Notes on the earlier part of this conversation, which is no longer shown:"
+
+
+def notes_messages(notes: str) -> list[dict]:
+    """The conversation's notes (app.engine.notes) as the model reads them, right after the preamble."""
+    return [{"role": "system", "content": f"{NOTES_HEADER}\n{notes.strip()}"}] if notes.strip() else []
 
 
 def build_prompt(tokenizer, preamble: list[dict], transcript: list[dict], window: int, reserve: int,
-                 start: int = 0, post_history: str = "") -> Prompt:
-    """Render preamble + transcript[start:], moving `start` forward if it would not fit the window."""
+                 start: int = 0, post_history: str = "", notes: str = "") -> Prompt:
+    """Render preamble (+ notes) + transcript[start:], moving `start` forward if it would not fit the window."""
     preamble_ids = tokenizer.encode_chat(preamble, add_generation_prompt=False) if preamble else []
 
     def render(first: int) -> tuple[list[dict], list[int]]:
-        messages = preamble + transcript[first:]
+        messages = preamble + notes_messages(notes) + with_notes(transcript[first:])
         if post_history:
             messages = messages + [{"role": "system", "content": post_history}]
         return messages, encode_messages(tokenizer, messages)

@@ -49,8 +49,11 @@ from dataclasses import dataclass, field
 from app.catalog.context import context_start, set_context_start
 from app.engine import commands as cmd
 from app.engine import events as ev
-from app.engine.prompt import build_prompt, common_prefix
 from app.engine.faults import save_cache
+from app.engine.lore import add_scene_lore
+from app.engine.notes import prompt_with_notes
+from app.engine.prompt import common_prefix
+from app.personas.user import effective_user
 from app.errors import ParleyError
 
 MIN_MEMBERS, MAX_MEMBERS = 2, 6
@@ -99,11 +102,11 @@ def scene_view(path, speaker: str, names: dict[str, str]) -> list[dict]:
                 j += 1
             group = path[i:j]
             ordered = [g for g in group if g.persona_id == speaker] + [g for g in group if g.persona_id != speaker]
-            view.extend(_line(g, speaker, names) for g in ordered)
+            view.extend(_with_lore(_line(g, speaker, names), g, speaker) for g in ordered)
             i = j
             continue
         if m.role in ("user", "assistant", "system"):
-            view.append(_line(m, speaker, names))
+            view.append(_with_lore(_line(m, speaker, names), m, speaker))
         i += 1
     return view
 
@@ -113,8 +116,16 @@ def _line(m, speaker: str, names: dict[str, str]) -> dict:
         return {"role": "assistant", "content": m.content}
     if m.role == "system":
         return {"role": "system", "content": m.content}
-    who = USER_NAME if m.persona_id is None else names.get(m.persona_id, m.persona_id)
+    who = names.get(None, USER_NAME) if m.persona_id is None else names.get(m.persona_id, m.persona_id)
     return {"role": "user", "content": f"{who}: {m.content}"}
+
+
+def _with_lore(line: dict, m, speaker: str) -> dict:
+    """The speaker's own lorebook entries stored with this message (app.engine.lore), shown right after it."""
+    from app.engine.lore import scene_lore_note
+
+    note = scene_lore_note(m.meta, speaker)
+    return {**line, "lore": note} if note else line
 
 
 @dataclass
@@ -203,6 +214,7 @@ def run_scene_round(session, c: cmd.SceneRound) -> None:
 
     started = time.perf_counter()
     names = member_names(session, members)
+    add_scene_lore(session, cid, [(s.persona, s.turn.speaker) for s in seats], names)
     path = session.catalog.current_path(cid)
     round_id = path[-1].id if path else 0  # marks this round's replies (said at the same time)
     session.manager.pin(seats[0].turn.key)
@@ -232,10 +244,11 @@ def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
 
     turn, persona, catalog = seat.turn, seat.persona, session.catalog
     cid = turn.conversation_id
-    transcript = scene_view(path, seat.pid, names)
+    transcript = scene_view(path, seat.pid, {**names, None: effective_user(persona).name})
     start = context_start(catalog, cid, seat.pid)
-    prompt = build_prompt(session.lm.tokenizer, preamble_messages(persona), transcript, session.lm.context_window,
-                          reserve=turn.sampling.max_tokens, start=start, post_history=post_history(persona))
+    prompt = prompt_with_notes(session, turn, preamble_messages(persona), transcript, start, post_history(persona))
+    if prompt is None:  # cancelled while writing this seat's notes on the turns leaving its view
+        return False
     if prompt.start != start:
         set_context_start(catalog, cid, prompt.start, seat.pid)
         session.emit(ev.ContextTrimmed(cid, prompt.start))

@@ -11,12 +11,14 @@ from typing import Callable
 
 from app import paths
 from app.catalog.context import context_start, set_context_start
+from app.catalog.store import LEAF
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine import faults
 from app.engine.generation import decode, prefill
 from app.catalog.message_tokens import save_token_ids, token_ids_of
-from app.engine.prompt import build_prompt, common_prefix, transcript_messages
+from app.engine.notes import prompt_with_notes
+from app.engine.prompt import common_prefix, transcript_messages
 from app.engine.token_render import attach_token_ids
 from app.errors import ParleyError
 
@@ -114,9 +116,21 @@ class Session:
         conv = self._conversation(c.conversation_id)
         persona = self.persona(conv.persona_id)
         self._check_fits(c.text, c.sampling or self._turn(conv, persona, None, None).sampling)
-        user_id = self.catalog.add_message(conv.id, "user", c.text)
-        self.emit(ev.MessageSaved(conv.id, user_id, "user"))
+        user_id = self._add_user_message(conv, persona, c.text)
         self.reply(self._turn(conv, persona, c.sampling, user_id))
+
+    def _add_user_message(self, conv, persona, text: str, parent_id=LEAF) -> int:
+        """Save the user's message with the lorebook entries it brings in (app.engine.lore)."""
+        from app.engine.lore import lore_for_message
+
+        if parent_id is not LEAF:
+            self.catalog.set_leaf(conv.id, parent_id)  # the edited message's siblings are not its context
+        lore = lore_for_message(self.catalog, self.lm.tokenizer, persona, conv.id, text)
+        user_id = self.catalog.add_message(conv.id, "user", text, parent_id=parent_id, meta={"lore": lore} if lore else None)
+        self.emit(ev.MessageSaved(conv.id, user_id, "user"))
+        if lore:
+            self.emit(ev.LoreAdded(conv.id, user_id, tuple(i["name"] for i in lore)))
+        return user_id
 
     def _check_fits(self, text: str, sampling: cmd.Sampling) -> None:
         """Refuse, before anything is written, a message that cannot fit the context window."""
@@ -143,8 +157,7 @@ class Session:
         old = self.catalog.get_message(c.message_id)
         if old is None or old.conversation_id != conv.id or old.role != "user":
             raise ParleyError(f"Message {c.message_id} is not a user message of this conversation.")
-        new_id = self.catalog.add_message(conv.id, "user", c.text, parent_id=old.parent_id)
-        self.emit(ev.MessageSaved(conv.id, new_id, "user"))
+        new_id = self._add_user_message(conv, self.persona(conv.persona_id), c.text, parent_id=old.parent_id)
         self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, new_id))
 
     def _on_Continue(self, c: cmd.Continue) -> None:
@@ -240,14 +253,16 @@ class Session:
 
         began = time.perf_counter()
         started = min(self.sent_at or began, began)  # ttft counts from the user's send, queue included
-        tok = self.lm.tokenizer
         if transcript is None:  # the path ending at the message this reply answers, not whatever is the leaf now
             transcript = transcript_messages(self.catalog.path_to(turn.parent_id) if turn.parent_id is not None else [])
         transcript = attach_token_ids(transcript, token_ids_of(self.catalog, [m.get("id") for m in transcript
                                                                              if m.get("id")], self.lm.fingerprint))
         start = context_start(self.catalog, turn.conversation_id, turn.speaker)
-        prompt = build_prompt(tok, preamble_messages(turn.persona), transcript, self.lm.context_window,
-                              reserve=turn.sampling.max_tokens, start=start, post_history=post_history(turn.persona))
+        prompt = prompt_with_notes(self, turn, preamble_messages(turn.persona), transcript, start, post_history(turn.persona))
+        if prompt is None:  # cancelled while writing the notes on the turns leaving the view (app.engine.notes)
+            self.manager.save(turn.key)
+            self.emit(ev.ReplyFinished(turn.conversation_id, 0, "", ev.ReplyStats(0, 0, 0, 0, 0, "ram"), True))
+            return None
         if prompt.start != start:
             set_context_start(self.catalog, turn.conversation_id, prompt.start, turn.speaker)
             self.emit(ev.ContextTrimmed(turn.conversation_id, prompt.start))

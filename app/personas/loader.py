@@ -102,6 +102,22 @@ def load_personas(dirs: Iterable[Path | str] | None = None) -> LoadResult:
                 continue
             seen_here[persona.id] = path
             result.personas[persona.id] = persona
+    return _with_global_user(result)
+
+
+def _with_global_user(result: LoadResult) -> LoadResult:
+    """Every persona learns the global user profile (a broken profile file is a problem, not a failure)."""
+    import dataclasses
+
+    from app.paths import user_profile_path
+    from app.personas.user import read_profile
+
+    try:
+        profile = read_profile(user_profile_path())
+    except ParleyError as exc:
+        result.problems.append(str(exc))
+        return result
+    result.personas = {k: dataclasses.replace(p, global_user=profile) for k, p in result.personas.items()}
     return result
 
 

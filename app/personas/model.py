@@ -68,6 +68,8 @@ class Persona:
     extensions: dict[str, Any] = field(default_factory=dict, hash=False)
     card: dict[str, Any] = field(default_factory=dict, hash=False)
     source: Path | None = field(default=None, compare=False)
+    user: Any = None  # this persona's own [user] overrides (a personas.user.UserProfile), written to its file
+    global_user: Any = field(default=None, compare=False)  # the global profile, set by the loader, never written
 
     @property
     def greeting(self) -> str | None:
@@ -182,6 +184,9 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
     if not isinstance(color, str) or not COLOR_PATTERN.match(color):
         raise ParleyError(f"{_where(origin, 'color')} must look like \"#1a2b3c\", not {color!r:.40}.")
     texts = {n: _text(fields, n, origin) for n in TEXT_FIELDS if n != "name"}
+    card = _json_dict(fields, "card", origin, MAX_CARD_EXTRA_BYTES)
+    if fields.get("lorebook") is not None:  # the persona file's [lorebook] (checked by lore_toml) wins
+        card = _json_dict({"card": {**card, "character_book": fields["lorebook"]}}, "card", origin, MAX_CARD_EXTRA_BYTES)
     return Persona(
         id=persona_id,
         name=name,
@@ -192,10 +197,21 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
         max_tokens=_number(fields, "max_tokens", origin, DEFAULT_MAX_TOKENS, 1, 65536, integer=True),
         color=color.lower(),
         extensions=_json_dict(fields, "extensions", origin, MAX_EXTENSIONS_BYTES),
-        card=_json_dict(fields, "card", origin, MAX_CARD_EXTRA_BYTES),
+        card=card,
+        user=_user(fields, origin),
         source=source,
         **texts,
     )
+
+
+def _user(fields: dict, origin: str):
+    from app.personas.user import UserProfile, check_profile
+
+    table = fields.get("user")
+    if table is None or isinstance(table, UserProfile):  # an edited persona keeps its own
+        return table
+    profile = check_profile(table, origin)
+    return profile if (profile.name or profile.description) else None
 
 
 def slugify(name: str) -> str:

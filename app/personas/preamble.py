@@ -13,18 +13,20 @@ import hashlib
 import json
 import re
 
+from app.personas.lorebook import lorebook_of
 from app.personas.model import Persona
+from app.personas.user import effective_user
 
-USER_NAME = "User"
 _CHAR = re.compile(r"\{\{char\}\}|<BOT>", re.IGNORECASE)
 _USER = re.compile(r"\{\{user\}\}|<USER>", re.IGNORECASE)
 _START = re.compile(r"^\s*<START>\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 def fill(text: str, persona: Persona) -> str:
-    """Replace the card macros {{char}}/<BOT> and {{user}}/<USER>."""
+    """Replace the card macros {{char}}/<BOT> and {{user}}/<USER> (your persona's name, `personas.user`)."""
     text = _CHAR.sub(lambda _: persona.name, text)
-    return _USER.sub(lambda _: USER_NAME, text)
+    name = effective_user(persona).name
+    return _USER.sub(lambda _: name, text)
 
 
 def default_system_prompt(persona: Persona) -> str:
@@ -46,6 +48,10 @@ def system_message(persona: Persona) -> str:
     if examples:
         examples = re.sub(r"\n{3,}", "\n\n", examples)
         parts.append(f"Example dialogue:\n{examples}")
+    parts += [e.content.strip() for e in lorebook_of(persona).constant_entries() if e.content.strip()]
+    user = effective_user(persona)
+    if user.description:
+        parts.append(f"About {user.name}, who you are talking to: {user.description}")
     return fill("\n\n".join(parts), persona)
 
 

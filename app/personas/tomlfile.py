@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import ParleyError
+from app.personas.lore_toml import book_from_toml, book_to_toml
 from app.personas.model import (
     DEFAULT_COLOR,
     DEFAULT_MAX_TOKENS,
@@ -39,6 +40,8 @@ TOP_KEYS = {
     "creator_notes",
     "sampling",
     "card",
+    "lorebook",
+    "user",
 }
 SAMPLING_KEYS = {"temperature", "top_p", "max_tokens"}
 CARD_KEYS = {"extensions", "data"}
@@ -64,7 +67,10 @@ def parse_persona_toml(data: bytes, origin: str, default_id: str | None = None, 
         raise ParleyError(f"{origin}: arrays or tables nested too deeply to read; it was skipped. "
                           "Fix the file or remove it.") from None
     warnings = [f"{origin}: unknown key '{k}' ignored" for k in doc if k not in TOP_KEYS]
-    fields = {k: v for k, v in doc.items() if k in TOP_KEYS - {"sampling", "card"}}
+    fields = {k: v for k, v in doc.items() if k in TOP_KEYS - {"sampling", "card", "lorebook"}}
+    if "lorebook" in doc:
+        fields["lorebook"], lore_warnings = book_from_toml(doc["lorebook"], origin)
+        warnings += lore_warnings
     fields.setdefault("id", default_id)
     for table, allowed in (("sampling", SAMPLING_KEYS), ("card", CARD_KEYS)):
         section = doc.get(table, {})
@@ -144,16 +150,24 @@ def dump_persona_toml(persona: Persona) -> str:
     for key in ("personality", "scenario", "examples", "post_history_instructions", "creator_notes"):
         if getattr(persona, key):
             lines.append(f"{key} = {_value(getattr(persona, key))}")
+    if persona.user is not None:
+        lines += ["", "# Who you are in this persona's chats (overrides your global persona, `parley user`).", "[user]"]
+        lines.append(f"name = {_value(persona.user.name)}")
+        lines.append(f"description = {_value(persona.user.description)}")
     lines += ["", "[sampling]"]
     lines.append(f"temperature = {_value(float(persona.temperature))}")
     lines.append(f"top_p = {_value(float(persona.top_p))}")
     lines.append(f"max_tokens = {_value(int(persona.max_tokens))}")
-    if persona.extensions or persona.card:
+    book = persona.card.get("character_book")
+    card = {k: v for k, v in persona.card.items() if k != "character_book" or not isinstance(book, dict)}
+    if persona.extensions or card:
         lines += ["", "# Character-card data kept for export (JSON).", "[card]"]
         if persona.extensions:
             lines.append(f"extensions = {_value(json.dumps(persona.extensions, ensure_ascii=False))}")
-        if persona.card:
-            lines.append(f"data = {_value(json.dumps(persona.card, ensure_ascii=False))}")
+        if card:
+            lines.append(f"data = {_value(json.dumps(card, ensure_ascii=False))}")
+    if isinstance(book, dict):
+        lines += book_to_toml(book)
     return "\n".join(lines) + "\n"
 
 

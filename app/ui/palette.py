@@ -14,6 +14,7 @@ ACTIONS = [
     ("Copy the last reply", "Copy the last reply to the clipboard (ctrl+l)", "copy_last"),
     ("New conversation", "Start a new conversation with this persona (ctrl+n)", "new_conversation"),
     ("Conversations…", "List, reopen and delete old conversations (ctrl+o)", "conversations"),
+    ("Conversation notes…", "Read or edit the notes the model keeps of turns that left its view", "notes"),
     ("Next tab", "Go to the next tab (F7 or ctrl+pagedown)", "tab(1)"),
     ("Previous tab", "Go to the previous tab (F6 or ctrl+pageup)", "tab(-1)"),
     ("Go to tab…", "Go to tab 1 to 9 by its number (ctrl+g, then the number)", "go_to_tab"),

@@ -572,6 +572,16 @@ class ChatScreen(Screen):
         pid = self.query_one(PersonaList).highlighted_id
         return self.app.personas.get(pid) if pid else None
 
+    def action_notes(self) -> None:
+        from app.ui.notes import NotesScreen
+
+        pane = self.active_pane()
+        if pane is None:
+            self.app.notify("Open a chat to see its notes (scenes: `parley notes --conversation ID --seat PERSONA`).",
+                            severity="warning")
+            return
+        self.app.push_screen(NotesScreen(pane.conversation_id, pane.persona.name))
+
     def action_edit_persona(self) -> None:
         persona = self._current_persona()
         if persona is None:

@@ -67,6 +67,20 @@ def duration(ms: float) -> str:
     return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
 
 
+def lore_of(catalog, message) -> tuple[dict, ...]:
+    """Lorebook entries stored with the user message a reply answers (app.engine.lore writes meta["lore"])."""
+    if message is None or message.role != "assistant" or not message.parent_id:
+        return ()
+    parent = catalog.get_message(message.parent_id)
+    items = parent.meta.get("lore") if parent is not None else None
+    return tuple(i for i in items if isinstance(i, dict)) if isinstance(items, list) else ()
+
+
+def lore_mark(lore) -> str:
+    """The quiet marker on a reply whose turn added lorebook entries (key l on the reply shows them)."""
+    return f" · lore: {', '.join(str(i.get('name', '?')) for i in lore)} (l)" if lore else ""
+
+
 @dataclass
 class CacheSummary:
     where: str = "none"  # "ram" | "disk" | "none"
@@ -257,13 +271,14 @@ class MessageView(Vertical, can_focus=True):
         Binding("right", "alternative(1)", "Next alternative"),
         Binding("e", "edit", "Edit & resend"),
         Binding("c", "copy", "Copy"),
+        Binding("l", "lore", "Lorebook entries", show=False),
         Binding("up", "move(-1)", "Previous message", show=False),
         Binding("down", "move(1)", "Next message", show=False),
     ]
 
     def __init__(self, role: str, text: str, message_id: int | None = None, *, speaker: str = "",
                  color: str = "", stats: str = "", alternatives: tuple[int, int] = (1, 1),
-                 streaming: bool = False, greeting: bool = False) -> None:
+                 streaming: bool = False, greeting: bool = False, lore: tuple[dict, ...] = ()) -> None:
         classes = f"message {role}" + (" streaming" if streaming else "") + (" greeting" if greeting else "")
         super().__init__(classes=classes)
         self.role = role
@@ -274,6 +289,7 @@ class MessageView(Vertical, can_focus=True):
         self.stats = stats
         self.alternatives = alternatives
         self.greeting = greeting
+        self.lore = lore  # lorebook entries that entered with the turn this reply answers (key l shows them)
         self.alternatives_known = message_id is not None and not streaming
         self._stream = None
         if greeting:
@@ -353,6 +369,13 @@ class MessageView(Vertical, can_focus=True):
 
     def action_copy(self) -> None:
         self.post_message(msg.CopyRequested(self.text))
+
+    def action_lore(self) -> None:
+        if not self.lore:
+            self.app.notify("No lorebook entries entered the conversation with this reply.")
+            return
+        body = "\n\n".join(f"{i.get('name', '?')}: {i.get('content', '')}" for i in self.lore)
+        self.app.notify(body, title="Lorebook entries added with this turn", timeout=30)
 
     def action_move(self, step: int) -> None:
         pane = next((a for a in self.ancestors if hasattr(a, "move_focus_from")), None)  # a chat or a scene
@@ -566,8 +589,10 @@ class ChatPane(TranscriptNavigation, Vertical):
         stats = ""
         if message.role == "assistant":
             stats = stats_line(message.meta.get("stats"), bool(message.meta.get("cancelled")))
+        lore = lore_of(self.app.catalog, message)
         return MessageView(message.role, message.content, message.id, speaker=self.persona.name,
-                           color=self.persona.color, stats=stats, alternatives=self._alternatives(message))
+                           color=self.persona.color, stats=stats + lore_mark(lore), alternatives=self._alternatives(message),
+                           lore=lore)
 
     async def reload(self) -> None:
         """Bring the transcript in line with the catalog: keep the views that still match, replace the rest."""
@@ -781,7 +806,9 @@ class ChatPane(TranscriptNavigation, Vertical):
         live = self.streaming_view()
         if live is not None:
             if event.message_id:
-                await live.finish(event.text, event.message_id, stats_line(event.stats, event.cancelled))
+                live.lore = lore_of(self.app.catalog, self.app.catalog.get_message(event.message_id))
+                await live.finish(event.text, event.message_id,
+                                  stats_line(event.stats, event.cancelled) + lore_mark(live.lore))
             elif event.cancelled:  # stopped while reading: the bubble stays, saying so (nothing was saved)
                 live.add_class("stopped-note")
                 await live.finish("", None, "stopped")

@@ -1,0 +1,56 @@
+"""The conversation's notes in the app: read and edit what the model wrote about turns that left its view.
+
+The notes live in the catalog (app.catalog.notes); the engine reads them at the next turn, so an edit
+takes effect then (the view after the preamble is read again once).
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Label, Static, TextArea
+
+from app.errors import ParleyError
+
+EMPTY_HINT = "No notes yet: the model writes them when the conversation first outgrows its context window."
+
+
+class NotesScreen(ModalScreen):
+    """Edit one conversation's (or one scene seat's) notes; ctrl+s saves, escape closes."""
+
+    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, conversation_id: int, title: str, speaker: str | None = None) -> None:
+        super().__init__()
+        self.conversation_id = conversation_id
+        self.title_text = title
+        self.speaker = speaker
+
+    def compose(self) -> ComposeResult:
+        from app.catalog.notes import conversation_notes
+
+        notes = conversation_notes(self.app.catalog, self.conversation_id, self.speaker)
+        with Vertical(id="notes-box", classes="dialog"):
+            yield Label(f"Notes · {self.title_text}", classes="dialog-title")
+            yield Static(EMPTY_HINT if not notes else "What the model keeps of the turns it no longer sees.",
+                         classes="dialog-hint")
+            yield TextArea(notes, id="notes-text")
+            yield Static("", id="notes-error")
+            yield Static("ctrl+s saves · escape closes", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        self.query_one(TextArea).focus()
+
+    def action_save(self) -> None:
+        from app.catalog.notes import set_conversation_notes
+
+        try:
+            set_conversation_notes(self.app.catalog, self.conversation_id, self.query_one(TextArea).text, self.speaker)
+        except ParleyError as exc:
+            self.query_one("#notes-error", Static).update(Text(str(exc), style="bold red"))
+            return
+        self.app.notify("Notes saved; the model reads them from the next turn.")
+        self.dismiss(True)
