@@ -15,7 +15,7 @@ import sys
 
 from app import fastblas
 
-SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene"]
+SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

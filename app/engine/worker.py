@@ -38,6 +38,7 @@ class Engine:
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
         self._session: Session | None = None
+        self._cancelled_requests: set[str] = set()  # shared with the session: per-request cancel, out of band
         self.ready = threading.Event()
         self.stopped = threading.Event()
 
@@ -49,6 +50,9 @@ class Engine:
     def submit(self, command: cmd.Command) -> None:
         if isinstance(command, cmd.Cancel):
             self._cancel.set()
+            return
+        if isinstance(command, cmd.CancelCompletion):
+            self._cancelled_requests.add(command.request_id)
             return
         self._queue.put(command)
 
@@ -75,6 +79,7 @@ class Engine:
     def _run(self) -> None:
         try:
             self._session = Session.open(emit=self._emit, cancelled=self._cancel.is_set, **self._options)
+            self._session.cancelled_requests = self._cancelled_requests
         except ParleyError as exc:
             self._emit(ev.EngineFailed(str(exc)))
         except Exception as exc:
