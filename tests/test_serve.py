@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_helpers import LiveServer
+from app.serve.child import LiveServer
 
 
 @pytest.fixture(scope="module")
