@@ -93,3 +93,11 @@ def test_plot(tmp_path):
     }
     path = write(results, tmp_path / "b.png")
     assert path and path.stat().st_size > 1000
+
+
+def test_serve(tiny_model_dir, tiny_lm, parley_home):
+    """K clients against a live server, fresh and after a restart: the restart turn's prompt comes from disk."""
+    result = get_part("serve")(tiny_lm, _args(model=str(tiny_model_dir), serve_clients=(2,)))
+    _check("serve", result, {"k2_fresh_ttft_ms", "k2_restart_cached_tokens", "k2_fresh_aggregate_tps"})
+    assert result["k2_fresh_turns"] == 4 and result["k2_restart_turns"] == 2
+    assert result["k2_restart_cached_tokens"] > result["k2_fresh_cached_tokens"] > 0

@@ -25,6 +25,7 @@ PARTS: dict[str, str] = {
     "agents": "app.bench.agents:run",
     "peer": "app.bench.peer:run",
     "scene": "app.bench.scene:run",
+    "serve": "app.bench.serve:run",
 }
 
 
