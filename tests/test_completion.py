@@ -135,3 +135,35 @@ def test_alternatives_and_cancel(tiny_model_dir, personas_dir):
         assert isinstance(failed, ev.CompletionFailed) and "cancelled" in failed.message
     finally:
         runner.close()
+
+
+def test_concurrent_requests_decode_together_and_match_solo_replies(tiny_model_dir, personas_dir, tmp_path, monkeypatch):
+    """Requests queued while one decodes join its batch (RaggedDecoder); greedy replies equal the solo ones."""
+    tok = ChatTokenizer(tiny_model_dir)
+    prompts = [long_ids(tok, 60 + 20 * i, f"client {i}") for i in range(3)]
+    bias = ((0, -1e9), (1, -1e9), (2, -1e9))  # no end of turn: every reply runs its full length
+    options = cmd.CompletionOptions(max_tokens=24, temperature=0.0, logit_bias=bias)
+
+    def replies(together: bool) -> tuple[dict, dict]:
+        runner = EngineRunner(tiny_model_dir, personas_dir)
+        texts, rows = {}, {}
+        try:
+            for i, ids in enumerate(prompts):
+                runner.engine.submit(cmd.Complete(f"r{i}", tuple(ids), options))
+                if not together:
+                    done = runner.until((ev.CompletionFinished, ev.CompletionFailed), 120)
+                    texts[done.request_id], rows[done.request_id] = done.text, done.batch_rows
+            while len(texts) < len(prompts):
+                done = runner.until((ev.CompletionFinished, ev.CompletionFailed), 120)
+                texts[done.request_id], rows[done.request_id] = done.text, done.batch_rows
+        finally:
+            runner.close()
+        return texts, rows
+
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "solo"))
+    solo, solo_rows = replies(together=False)
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "together"))
+    together, together_rows = replies(together=True)
+    assert set(solo_rows.values()) == {1}
+    assert max(together_rows.values()) >= 2
+    assert together == solo

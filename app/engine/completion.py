@@ -14,6 +14,14 @@ the result like a chat's cache. Server caches live under keys "srv:...":
   that prefix, so the first one stays whole;
 - a session hint (X-Session-ID / `user`) names the cache the result goes to.
 
+Requests that arrive while others decode join them between two decode steps
+(after their own prefill) and decode together in one ragged batch
+(`app.engine.batch.RaggedDecoder`, the scenes' decoder: weights read once per
+step for every row, each row attending over its own cache; greedy replies are
+the same as alone). Alternatives (`n`) are rows of the same batch sharing one
+prefill. A request's `seed` seeds MLX's generator when it starts, so replies
+sampled while other requests decode are not repeatable.
+
 Caches of the app's chats and persona preambles are only ever read here, never
 changed. The number of server caches is bounded; the least recently saved go.
 Only the engine thread runs this module.
@@ -42,6 +50,7 @@ log = logging.getLogger(__name__)
 SERVER_PERSONA = "serve"  # persona_id recorded on server caches (they belong to no persona)
 SERVER_PREFIX = "srv:"
 MAX_SERVER_CACHES = 64
+MAX_ROWS = 8  # rows decoded together (app.engine.batch's kernels take up to 8 at once)
 IN_PLACE_SLACK = 64  # a continuation may re-render this many trailing tokens differently and still extend in place
 
 
@@ -68,24 +77,10 @@ def describe_model(session, c: cmd.DescribeModel) -> None:
 
 
 def run_completion(session, c: cmd.Complete) -> None:
-    """One request; every outcome ends in `CompletionFinished` (per alternative) or `CompletionFailed`."""
-    cancels = getattr(session, "cancelled_requests", set())
-
-    def cancelled() -> bool:
-        return c.request_id in cancels or session.cancelled()
-
-    try:
-        if cancelled():
-            session.emit(ev.CompletionFailed(c.request_id, "The request was cancelled before it started."))
-            return
-        _complete(session, c, cancelled)
-    except ParleyError as exc:
-        session.emit(ev.CompletionFailed(c.request_id, str(exc)))
-    except Exception as exc:  # the client gets a message, the log gets the traceback
-        log.error("completion %s failed:\n%s", c.request_id, traceback.format_exc())
-        session.emit(ev.CompletionFailed(c.request_id, f"Internal error while generating: {exc}"))
-    finally:
-        cancels.discard(c.request_id)
+    """Serve `c`, and every `Complete` that queues up meanwhile, decoding them together in one ragged batch."""
+    batch = _Batch(session)
+    batch.admit(c)
+    batch.run()
 
 
 @dataclass
@@ -96,51 +91,221 @@ class _Prepared:
     source: str
 
 
-def _complete(session, c: cmd.Complete, cancelled) -> None:
-    ids = list(c.prompt_ids)
-    window = session.lm.context_window
-    if not ids:
-        raise ParleyError("The prompt is empty: send some text.")
-    if len(ids) + 1 > window:
-        raise ParleyError(f"The prompt is {len(ids)} tokens; the model's context window holds {window}. Send a shorter prompt.")
-    started = time.perf_counter()
-    prep = _prepare_cache(session, ids, c.session)
-    logits = None
-    for step in prefill(session.lm.model, prep.cache, ids[prep.reused:]):
-        logits = step.logits
-        if cancelled() and step.logits is None:
-            _persist(session, prep.key)
-            session.emit(ev.CompletionFailed(c.request_id, "The request was cancelled."))
+@dataclass
+class _Job:
+    """One request: its cache key, what was reused, and how many alternatives are still decoding."""
+
+    command: cmd.Complete
+    key: str
+    prompt_tokens: int
+    reused: int
+    source: str
+    started: float
+    prompt_ms: float
+    rows_left: int
+    most_rows: int = 1  # the most requests' rows decoded in one batch step while this one was decoding
+
+
+@dataclass
+class _Row:
+    """One alternative of one request being decoded: its own cache, logits, sampler and text."""
+
+    job: _Job
+    index: int
+    cache: object
+    logits: mx.array
+    sample: object
+    bias: mx.array | None
+    stream: object
+    limit: int
+    holdback: int
+    text: str = ""
+    emitted: int = 0
+    generated: int = 0
+    last: int = -1
+    first_at: float | None = None
+    reason: str = ""
+    word: str = ""
+
+    def next_token(self) -> int:
+        logits = self.logits + self.bias if self.bias is not None else self.logits
+        self.last = int(self.sample(logits).item())
+        self.generated += 1
+        self.first_at = self.first_at or time.perf_counter()
+        return self.last
+
+    def take(self, token: int, eos_ids: set[int]) -> list[str]:
+        """Record `token`; returns the text pieces to stream. Sets `reason` when this row is done."""
+        if token in eos_ids:
+            self.reason = "stop"
+            return []
+        self.text += self.stream.push(token)
+        cut, word = _find_stop(self.text, self.job.command.options.stop)
+        if cut is not None:
+            self.text, self.reason, self.word = self.text[:cut], "stop", word
+            return []
+        if self.generated >= self.limit:
+            self.reason = "length"
+            return []
+        if len(self.text) - self.holdback > self.emitted:
+            piece = self.text[self.emitted : len(self.text) - self.holdback]
+            self.emitted = len(self.text) - self.holdback
+            return [piece]
+        return []
+
+
+class _Batch:
+    """The requests decoding now. New requests join between two decode steps (after their own prefill)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.rows: list[_Row] = []
+        self.cancels = getattr(session, "cancelled_requests", set())
+
+    def cancelled(self, request_id: str) -> bool:
+        return request_id in self.cancels or self.session.cancelled()
+
+    def active_keys(self) -> set[str]:
+        return {row.job.key for row in self.rows}
+
+    # -- joining ----------------------------------------------------------------------------------
+    def admit(self, c: cmd.Complete) -> None:
+        try:
+            if self.cancelled(c.request_id):
+                self.session.emit(ev.CompletionFailed(c.request_id, "The request was cancelled before it started."))
+                self.cancels.discard(c.request_id)
+                return
+            self.rows += self._start(c)
+        except ParleyError as exc:
+            self._failed(c, str(exc))
+        except Exception as exc:  # the client gets a message, the log gets the traceback
+            log.error("completion %s failed:\n%s", c.request_id, traceback.format_exc())
+            self._failed(c, f"Internal error while generating: {exc}")
+
+    def _failed(self, c: cmd.Complete, message: str) -> None:
+        self.session.emit(ev.CompletionFailed(c.request_id, message))
+        self.cancels.discard(c.request_id)
+
+    def _start(self, c: cmd.Complete) -> list[_Row]:
+        """Restore the longest stored prefix, prefill the rest, and make one row per alternative."""
+        session = self.session
+        ids = list(c.prompt_ids)
+        window = session.lm.context_window
+        if not ids:
+            raise ParleyError("The prompt is empty: send some text.")
+        if len(ids) + 1 > window:
+            raise ParleyError(f"The prompt is {len(ids)} tokens; the model's context window holds {window}. "
+                              "Send a shorter prompt.")
+        started = time.perf_counter()
+        prep = _prepare_cache(session, ids, c.session, busy=self.active_keys())
+        logits = None
+        for step in prefill(session.lm.model, prep.cache, ids[prep.reused:]):
+            logits = step.logits
+            if self.cancelled(c.request_id) and step.logits is None:
+                _persist(session, prep.key, prep.cache)
+                self._failed(c, "The request was cancelled.")
+                return []
+        prompt_ms = (time.perf_counter() - started) * 1000
+        session.emit(ev.CompletionStarted(c.request_id, len(ids), prep.reused, prep.source, prompt_ms))
+        opts = c.options
+        if opts.seed is not None:
+            mx.random.seed(opts.seed)
+        job = _Job(c, prep.key, len(ids), prep.reused, prep.source, started, prompt_ms, opts.n)
+        caches = [prep.cache, *(prep.cache.copy_prefix(prep.cache.n_tokens) for _ in range(opts.n - 1))]
+        limit = max(1, min(opts.max_tokens, window - len(ids)))
+        holdback = max((len(s) for s in opts.stop), default=1) - 1
+        bias = _bias_vector(opts.logit_bias, logits.shape[-1])
+        return [_Row(job, i, cache, logits.reshape(1, -1), _sampler(opts), bias, session.lm.tokenizer.stream(), limit,
+                     holdback) for i, cache in enumerate(caches)]
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Decode step by step until every row is done; requests queued meanwhile join the batch."""
+        while self.rows:
+            self._admit_queued()
+            self._step()
+
+    def _admit_queued(self) -> None:
+        take = getattr(self.session, "take_queued", None)
+        while take is not None and len(self.rows) < MAX_ROWS:
+            queued = take(cmd.Complete)
+            if queued is None:
+                return
+            self.admit(queued)
+
+    def _step(self) -> None:
+        eos = self.session.lm.tokenizer.eos_ids
+        going: list[_Row] = []
+        for row in self.rows:
+            if self.cancelled(row.job.command.request_id):
+                row.reason = "cancelled"
+                self._finish(row)
+                continue
+            token = row.next_token()
+            for piece in row.take(token, eos):
+                self.session.emit(ev.CompletionTokens(row.job.command.request_id, row.index, piece))
+            if row.reason:
+                self._finish(row)
+            else:
+                going.append(row)
+        self.rows = going
+        if not going:
             return
-    prompt_ms = (time.perf_counter() - started) * 1000
-    session.emit(ev.CompletionStarted(c.request_id, len(ids), prep.reused, prep.source, prompt_ms))
-    opts = c.options
-    if opts.seed is not None:
-        mx.random.seed(opts.seed)
-    copies = [prep.cache.copy_prefix(prep.cache.n_tokens) for _ in range(max(0, opts.n - 1))]
-    for index, cache in enumerate([prep.cache, *copies]):
-        finished = _generate(session, c, index, cache, logits, cancelled)
-        if index == 0:
-            _persist(session, prep.key)  # only the first alternative's cache is kept; saved before the reply ends
+        jobs = {id(row.job) for row in going}
+        for row in going:
+            row.job.most_rows = max(row.job.most_rows, len(jobs))
+        if len(going) == 1:
+            row = going[0]
+            logits = self.session.lm.model(mx.array([[row.last]]), cache=row.cache.layers)[:, -1, :]
+        else:
+            logits = _decoder(self.session).step([row.cache for row in going], [row.last for row in going])
+        for i, row in enumerate(going):
+            row.cache.appended([row.last])
+            row.logits = logits[i : i + 1]
+
+    def _finish(self, row: _Row) -> None:
+        job, session = row.job, self.session
+        ended = time.perf_counter()
+        first_at = row.first_at or ended
+        if len(row.text) > row.emitted and row.reason != "cancelled":
+            session.emit(ev.CompletionTokens(job.command.request_id, row.index, row.text[row.emitted:]))
+        if row.index == 0:
+            _persist(session, job.key, row.cache)  # only the first alternative's cache is kept; saved before the reply ends
+        job.rows_left -= 1
         session.emit(ev.CompletionFinished(
-            c.request_id, index, finished.text, finished.reason, finished.stopping_word, len(ids), prep.reused,
-            finished.generated, prompt_ms, finished.decode_ms, (finished.first_at - started) * 1000, prep.source))
-        if finished.reason == "cancelled":
-            break
+            job.command.request_id, row.index, row.text, row.reason, row.word, job.prompt_tokens, job.reused,
+            row.generated, job.prompt_ms, (ended - first_at) * 1000, (first_at - job.started) * 1000, job.source,
+            job.most_rows))
+        if job.rows_left == 0:
+            self.cancels.discard(job.command.request_id)
 
 
-def _prepare_cache(session, ids: list[int], hint: str | None) -> _Prepared:
-    """Restore the longest stored prefix into the cache this request will extend (see module doc)."""
+def _decoder(session):
+    from app.engine.batch import RaggedDecoder
+
+    decoder = getattr(session, "_completion_decoder", None)
+    if decoder is None or decoder.model is not session.lm.model:
+        decoder = session._completion_decoder = RaggedDecoder(session.lm.model)
+    return decoder
+
+
+def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) -> _Prepared:
+    """Restore the longest stored prefix into the cache this request will extend (see module doc).
+
+    `busy`: keys of requests decoding right now; they are only ever copied from, never trimmed or reused.
+    """
     from app.kvstore.conversation_cache import ConversationCache
 
     manager = session.manager
     target = session_key(hint) if hint else None
+    if target in busy:
+        target = None  # the same session twice at once: the second gets its own cache
     match = _lookup(session).best(ids, prefer=target)
     if match is not None:
         source, where, miss = manager.get(match.key)
         if source is not None:
             reused = min(match.tokens, len(ids) - 1, source.n_tokens)  # the last prompt token is fed for logits
-            in_place = match.key.startswith(SERVER_PREFIX) and (
+            in_place = match.key.startswith(SERVER_PREFIX) and match.key not in busy and (
                 match.key == target or (target is None and source.n_tokens - reused <= IN_PLACE_SLACK))
             if in_place:
                 source.trim_to(reused)
@@ -160,10 +325,14 @@ def _prepare_cache(session, ids: list[int], hint: str | None) -> _Prepared:
     return _Prepared(key, cache, 0, "none")
 
 
-def _persist(session, key: str) -> None:
-    """Save like a chat's cache, keep RAM within budget, bound the number of server caches."""
+def _persist(session, key: str, cache) -> None:
+    """Save like a chat's cache, keep RAM within budget, bound the number of server caches.
+
+    The cache is put back first: while other requests joined the batch, pinning them may have
+    compacted (or the budget evicted) this key's entry, which then holds an older snapshot.
+    """
     manager = session.manager
-    manager.mark_dirty(key)
+    manager.put(key, cache, None, SERVER_PERSONA)
     manager.save(key)
     manager.enforce_budget()
     old = [r["key"] for r in manager.pool.db.query(
@@ -175,70 +344,9 @@ def _persist(session, key: str) -> None:
         manager.pool.gc()
 
 
-@dataclass
-class _Finished:
-    text: str
-    reason: str
-    stopping_word: str
-    generated: int
-    first_at: float
-    decode_ms: float
-
-
-def _generate(session, c: cmd.Complete, index: int, cache, logits, cancelled) -> _Finished:
-    """Decode one alternative, streaming text that cannot be the start of a stop string."""
-    lm = session.lm
-    opts = c.options
-    tok = lm.tokenizer
-    stream = tok.stream()
-    limit = max(0, min(opts.max_tokens, lm.context_window - cache.n_tokens))
-    holdback = max((len(s) for s in opts.stop), default=1) - 1
-    text, emitted, generated = "", 0, 0
-    reason, word = "length", ""
-    first_at = None
-    for token in _decode(lm.model, cache, logits, opts, tok.eos_ids, limit):
-        first_at = first_at or time.perf_counter()
-        generated += 1
-        if token in tok.eos_ids:
-            reason = "stop"
-            break
-        text += stream.push(token)
-        cut, word = _find_stop(text, opts.stop)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
-            break
-        if len(text) - holdback > emitted:
-            session.emit(ev.CompletionTokens(c.request_id, index, text[emitted : len(text) - holdback]))
-            emitted = len(text) - holdback
-        if cancelled():
-            reason = "cancelled"
-            break
-    ended = time.perf_counter()
-    first_at = first_at or ended
-    if len(text) > emitted and reason != "cancelled":
-        session.emit(ev.CompletionTokens(c.request_id, index, text[emitted:]))
-    return _Finished(text, reason, word, generated, first_at, (ended - first_at) * 1000)
-
-
 def _find_stop(text: str, stops: tuple[str, ...]) -> tuple[int | None, str]:
     hits = [(text.find(s), s) for s in stops if s and s in text]
     return min(hits) if hits else (None, "")
-
-
-def _decode(model, cache, logits, opts: cmd.CompletionOptions, eos_ids: set[int], limit: int):
-    """Yield sampled token ids (at most `limit`); each yielded token is fed back before the next."""
-    sample = _sampler(opts)
-    bias = _bias_vector(opts.logit_bias, logits.shape[-1])
-    logits = logits.reshape(1, -1)
-    for _ in range(limit):
-        if bias is not None:
-            logits = logits + bias
-        token_id = int(sample(logits).item())
-        yield token_id
-        if token_id in eos_ids:
-            return
-        logits = model(mx.array([[token_id]]), cache=cache.layers)[:, -1, :]
-        cache.appended([token_id])
 
 
 def _sampler(opts: cmd.CompletionOptions):

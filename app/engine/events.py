@@ -207,6 +207,7 @@ class CompletionFinished(Event):
     decode_ms: float
     ttft_ms: float
     source: str
+    batch_rows: int = 1  # the most requests that decoded together in one batch step while this one decoded
 
 
 @dataclass(frozen=True)

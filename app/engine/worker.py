@@ -80,6 +80,7 @@ class Engine:
         try:
             self._session = Session.open(emit=self._emit, cancelled=self._cancel.is_set, **self._options)
             self._session.cancelled_requests = self._cancelled_requests
+            self._session.take_queued = self._take_queued
         except ParleyError as exc:
             self._emit(ev.EngineFailed(str(exc)))
         except Exception as exc:
@@ -94,6 +95,20 @@ class Engine:
                 return
             self._cancel.clear()
             self._handle(command)
+
+    def _take_queued(self, kind: type) -> cmd.Command | None:
+        """Take the first queued command of `kind` out of the queue (None if there is none before a Shutdown).
+
+        Lets a running batch of server completions admit requests that arrived meanwhile.
+        """
+        with self._queue.mutex:
+            for i, command in enumerate(self._queue.queue):
+                if isinstance(command, cmd.Shutdown):
+                    return None
+                if isinstance(command, kind):
+                    del self._queue.queue[i]
+                    return command
+        return None
 
     def _stop(self) -> None:
         """Save, release the model, then park this thread for good.

@@ -40,7 +40,8 @@ def parley_extra(outcome: Outcome) -> dict:
     first = outcome.finished.get(0)
     return {"cache": s.source if s else "none", "cached_tokens": s.cached_tokens if s else 0,
             "prefilled_tokens": (s.prompt_tokens - s.cached_tokens) if s else 0,
-            "prompt_ms": round(s.prompt_ms, 2) if s else 0.0, "ttft_ms": round(first.ttft_ms, 2) if first else 0.0}
+            "prompt_ms": round(s.prompt_ms, 2) if s else 0.0, "ttft_ms": round(first.ttft_ms, 2) if first else 0.0,
+            "batch_requests": first.batch_rows if first else 1}
 
 
 def _reason(f: ev.CompletionFinished) -> str:
