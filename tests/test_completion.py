@@ -167,3 +167,37 @@ def test_concurrent_requests_decode_together_and_match_solo_replies(tiny_model_d
     assert set(solo_rows.values()) == {1}
     assert max(together_rows.values()) >= 2
     assert together == solo
+
+
+def test_a_damaged_chat_cache_is_borrowed_never_dropped(tiny_model_dir, personas_dir, parley_home):
+    """The server only reads a chat's cache: if it cannot be restored, the chat's row stays (its owner decides)."""
+    from app.catalog import Catalog
+
+    tok = ChatTokenizer(tiny_model_dir)
+    persona = load_personas([personas_dir]).personas["ada"]
+    text = " ".join(f"word{i}" for i in range(200))
+    runner = EngineRunner(tiny_model_dir, personas_dir)
+    try:
+        with Catalog() as catalog:
+            conv = catalog.create_conversation("ada")
+        final, _ = runner.run(cmd.Generate(conv, text))
+        assert isinstance(final, ev.ReplyFinished)
+    finally:
+        runner.close()
+    with Catalog() as catalog:
+        row = next(iter(catalog.query("select chain from caches where key = ?", [f"conv:{conv}"])))
+    blocks = __import__("json").loads(row["chain"])
+    assert blocks, "the chat must have a sealed block for this test"
+    first = blocks[0]
+    (parley_home / "caches" / "blocks" / first[:2] / f"{first}.safetensors").unlink()
+    runner = EngineRunner(tiny_model_dir, personas_dir)
+    try:
+        ids = tok.encode_chat(preamble_messages(persona) + [{"role": "user", "content": text}])
+        started, _ = complete(runner, "borrow", ids)
+        assert started.cached_tokens < 256  # the damaged chain was not used
+        started, _ = complete(runner, "again", ids + tok.encode(" more"))
+        assert started.cached_tokens >= len(ids) - 1  # its own cache now; the broken one is skipped
+    finally:
+        runner.close()
+    with Catalog() as catalog:
+        assert list(catalog.query("select key from caches where key = ?", [f"conv:{conv}"]))

@@ -302,7 +302,7 @@ def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) ->
         target = None  # the same session twice at once: the second gets its own cache
     match = _lookup(session).best(ids, prefer=target)
     if match is not None:
-        source, where, miss = manager.get(match.key)
+        source, where = _source(manager, match.key)
         if source is not None:
             reused = min(match.tokens, len(ids) - 1, source.n_tokens)  # the last prompt token is fed for logits
             in_place = match.key.startswith(SERVER_PREFIX) and match.key not in busy and (
@@ -317,12 +317,29 @@ def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) ->
             manager.pin(key)
             manager.compact(match.key)
             return _Prepared(key, cache, reused, where)
+        _lookup(session).unusable(match.key)
     key = target or _new_key()
     pool = manager.pool
     cache = ConversationCache.empty(session.lm.n_layers, pool.scheme, pool.fingerprint)
     manager.put(key, cache, None, SERVER_PERSONA)
     manager.pin(key)
     return _Prepared(key, cache, 0, "none")
+
+
+def _source(manager, key: str):
+    """(cache, "ram" | "disk") to copy or extend; (None, "none") if it cannot be read.
+
+    Server caches go through the manager (they are the server's own). A chat's or a persona
+    preamble's cache is only read from disk, never registered here, so this process never
+    saves, evicts or drops it: the app may be writing it at this moment.
+    """
+    from app.kvstore.conversation_cache import ConversationCache
+
+    if key.startswith(SERVER_PREFIX) or key in manager.entries:
+        cache, where, _ = manager.get(key)
+        return cache, where
+    loaded = manager.pool.load(key, shared=manager._shared_blocks(), drop_bad=False)
+    return (loaded, "disk") if isinstance(loaded, ConversationCache) else (None, "none")
 
 
 def _persist(session, key: str, cache) -> None:

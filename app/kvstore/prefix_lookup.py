@@ -38,8 +38,11 @@ class PrefixMatch:
 
 
 def common_prefix(a, b) -> int:
+    """Length of the common prefix of two lists; whole 256-item slices compared at C speed first."""
     n = min(len(a), len(b))
     i = 0
+    while i + BLOCK_TOKENS <= n and a[i : i + BLOCK_TOKENS] == b[i : i + BLOCK_TOKENS]:
+        i += BLOCK_TOKENS
     while i < n and a[i] == b[i]:
         i += 1
     return i
@@ -78,6 +81,7 @@ class PrefixLookup:
     def __init__(self, manager):
         self.manager = manager
         self._tails: dict[str, list[int] | None] = {}  # tail file name -> its token ids
+        self._skip: dict[str, str] = {}  # key -> tail file it could not be restored with
 
     def best(self, ids: list[int], prefer: str | None = None) -> PrefixMatch | None:
         """The cache holding the most leading tokens of `ids` (ties: `prefer`, then RAM); None if none holds any."""
@@ -98,7 +102,7 @@ class PrefixLookup:
         rows = pool.db.query("select key, chain, tail_file from caches where fingerprint = ? and scheme = ?",
                              [pool.fingerprint, pool.scheme_id])
         for row in rows:
-            if row["key"] in self.manager.entries:
+            if row["key"] in self.manager.entries or self._skip.get(row["key"]) == row["tail_file"]:
                 continue
             chain = json.loads(row["chain"])
             blocks = common_prefix(chain, wanted)
@@ -110,6 +114,12 @@ class PrefixLookup:
                 n += common_prefix(tail, ids[n:])
             matches.append(PrefixMatch(row["key"], n, False))
         return matches
+
+    def unusable(self, key: str) -> None:
+        """`key` could not be restored: skip it until it is saved again (a new tail file)."""
+        rows = list(self.manager.pool.db.query("select tail_file from caches where key = ?", [key]))
+        if rows:
+            self._skip[key] = rows[0]["tail_file"]
 
     def _tail(self, name: str) -> list[int] | None:
         if name not in self._tails:
