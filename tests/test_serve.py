@@ -116,6 +116,29 @@ def test_logit_bias_bans_a_token(server):
     assert forced["content"] == "\n" * forced["tokens_predicted"]
 
 
+def test_stop_strings_end_the_reply_and_are_not_streamed(server):
+    """A forced token "the" repeats: the stop "et" (across two tokens) cuts the reply to "th", also when streaming."""
+    word = next(w for w in ("the", "and", "in", "of", "to") if len(tokenize(server, w)) == 1)
+    stop = word[-1] + word[0]
+    token = tokenize(server, word)[0]
+    body = {"prompt": "Say it:", "n_predict": 30, "temperature": 0, "logit_bias": [[token, 100]], "stop": [stop, "zzz"]}
+    plain = httpx.post(f"{server.url}/completion", json=body, timeout=120).json()
+    assert plain["content"] == word[:-1], json.dumps(plain)
+    assert (plain["stop_type"], plain["stopping_word"], plain["tokens_predicted"]) == ("word", stop, 2)
+    streamed = []
+    stream_llama(server.url, body, streamed)
+    assert "".join(e["content"] for e in streamed[:-1]) == word[:-1] and streamed[-1]["stop_type"] == "word"
+    chat = client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                                  max_tokens=30, temperature=0, logit_bias={str(token): 100},
+                                                  stop=word * 3)
+    assert chat.choices[0].message.content == "" and chat.choices[0].finish_reason == "stop"
+    assert chat.usage.completion_tokens == 3
+
+
+def tokenize(live, text: str) -> list[int]:
+    return httpx.post(f"{live.url}/tokenize", json={"content": text}, timeout=30).json()["tokens"]
+
+
 # -- several clients ------------------------------------------------------------------------------
 
 
