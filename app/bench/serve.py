@@ -45,6 +45,7 @@ def run(lm, args) -> dict:
         for phase, row in rows.items():
             for name, value in row.items():
                 results[f"k{k}_{phase}_{name}"] = value
+        common.log(args, report({key: v for key, v in results.items() if key.startswith(f"k{k}_")}))
     return results
 
 
