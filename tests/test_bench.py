@@ -104,3 +104,11 @@ def test_memory(tiny_lm):
     # after the drop Parley appends again; the at-depth figures are computed from the same transcript
     assert all(r["prefilled"] < 400 for r in after)
     assert result["at_depth_sliding"]["total"] > result["parley"]["total"]
+
+
+def test_serve(tiny_model_dir, tiny_lm, parley_home):
+    """K clients against a live server, fresh and after a restart: the restart turn's prompt comes from disk."""
+    result = get_part("serve")(tiny_lm, _args(model=str(tiny_model_dir), serve_clients=(2,)))
+    _check("serve", result, {"k2_fresh_ttft_ms", "k2_restart_cached_tokens", "k2_fresh_aggregate_tps"})
+    assert result["k2_fresh_turns"] == 4 and result["k2_restart_turns"] == 2
+    assert result["k2_restart_cached_tokens"] > result["k2_fresh_cached_tokens"] > 0

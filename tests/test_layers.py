@@ -1,4 +1,5 @@
-"""Lower layers never import upper ones: engine, kvstore, catalog, personas, model never import textual or app.ui."""
+"""Lower layers never import upper ones: engine, kvstore, catalog, personas, model never import textual, app.ui
+or the server (app.serve, starlette, uvicorn)."""
 
 import ast
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 
 APP = Path(__file__).resolve().parent.parent / "app"
 LOWER = ["engine", "kvstore", "catalog", "personas", "model"]
-FORBIDDEN = ("textual", "app.ui", "rich")
+FORBIDDEN = ("textual", "app.ui", "rich", "app.serve", "starlette", "uvicorn")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -28,7 +29,7 @@ def test_lower_layer_does_not_import_ui(layer):
         f"{f.relative_to(APP)} imports {name}"
         for f in files
         for name in imported_modules(f)
-        if name.split(".")[0] in FORBIDDEN or name.startswith("app.ui")
+        if name.split(".")[0] in FORBIDDEN or name.startswith(("app.ui", "app.serve"))
     }
     assert not offenders, sorted(offenders)
 
@@ -41,3 +42,14 @@ def test_catalog_and_personas_do_not_import_mlx():
         if any(n.split(".")[0] in ("mlx", "mlx_lm") for n in imported_modules(f))
     ]
     assert not offenders
+
+
+def test_server_does_not_import_mlx_or_the_ui():
+    """app.serve is an upper layer like app.ui: it talks to the engine thread, never to MLX or Textual."""
+    offenders = {
+        f"{f.relative_to(APP)} imports {name}"
+        for f in (APP / "serve").rglob("*.py")
+        for name in imported_modules(f)
+        if name.split(".")[0] in ("mlx", "mlx_lm", "textual") or name.startswith("app.ui")
+    }
+    assert not offenders, sorted(offenders)

@@ -26,6 +26,7 @@ PARTS: dict[str, str] = {
     "peer": "app.bench.peer:run",
     "scene": "app.bench.scene:run",
     "memory": "app.bench.memory:run",
+    "serve": "app.bench.serve:run",
 }
 
 

@@ -136,3 +136,49 @@ class Forget(Command):
     """The conversation was deleted: drop its caches from RAM and disk, free blocks nothing else uses."""
 
     conversation_id: int
+
+
+# -- completions for `parley serve` (app.engine.completion) -------------------
+
+
+@dataclass(frozen=True)
+class CompletionOptions:
+    """How to pick tokens for one server request (the fields front-ends send)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); -inf bans the token
+    n: int = 1  # alternatives; they share one prefill
+
+
+@dataclass(frozen=True)
+class Complete(Command):
+    """Continue these exact token ids, reusing the longest prefix stored in any cache (RAM or disk).
+
+    `session` optionally names the cache the result is saved under (X-Session-ID or `user`);
+    without it the engine picks or creates one by content.
+    """
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    options: CompletionOptions = CompletionOptions()
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelCompletion(Command):
+    """The client went away: stop (or skip) this request. Handled out of band."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class DescribeModel(Command):
+    """Ask for a `ModelDescribed` event (the server needs the model folder for its tokenizer)."""
+
+    request_id: str

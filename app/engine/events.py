@@ -205,3 +205,57 @@ class SceneRoundFinished(Event):
     speakers: tuple[str, ...] = ()
     batch_tps: float = 0.0  # tokens/s of all speakers together while they decoded as one batch
     cancelled: bool = False
+
+
+# -- completions for `parley serve` (app.engine.completion) -------------------
+
+
+@dataclass(frozen=True)
+class ModelDescribed(Event):
+    request_id: str
+    name: str
+    folder: str
+    fingerprint: str
+    context_window: int
+    scheme: str
+
+
+@dataclass(frozen=True)
+class CompletionStarted(Event):
+    """The prompt is in the cache; `cached_tokens` of it were restored instead of prefilled."""
+
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    source: str  # "ram" | "disk" | "none"
+    prompt_ms: float
+
+
+@dataclass(frozen=True)
+class CompletionTokens(Event):
+    request_id: str
+    index: int  # which alternative (n > 1)
+    text: str  # new text since this alternative's previous event
+
+
+@dataclass(frozen=True)
+class CompletionFinished(Event):
+    request_id: str
+    index: int
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) | "length" | "cancelled"
+    stopping_word: str
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    prompt_ms: float
+    decode_ms: float
+    ttft_ms: float
+    source: str
+    batch_rows: int = 1  # the most requests that decoded together in one batch step while this one decoded
+
+
+@dataclass(frozen=True)
+class CompletionFailed(Event):
+    request_id: str
+    message: str

@@ -56,6 +56,7 @@ class Session:
         self.personas_dirs = personas_dirs
         self.sent_at: float | None = None  # when the command being handled was made (ttft counts from there)
         self.disk_loads: dict[str, float] = {}  # key -> ms, caches read from disk on open/prefetch, not yet replied in
+        self.cancelled_requests: set[str] = set()  # server requests whose clients went away (app.engine.completion)
 
     @classmethod
     def open(cls, emit, cancelled, model=None, scheme="q4", budget_mb=512.0, personas_dirs=None, catalog_path=None):
@@ -202,6 +203,16 @@ class Session:
                 self.manager.pinned = None
         self.manager.pool.forget_conversation(c.conversation_id)
         self.emit_states()
+
+    def _on_Complete(self, c: cmd.Complete) -> None:
+        from app.engine.completion import run_completion
+
+        run_completion(self, c)
+
+    def _on_DescribeModel(self, c: cmd.DescribeModel) -> None:
+        from app.engine.completion import describe_model
+
+        describe_model(self, c)
 
     def _on_RefreshCacheStates(self, c: cmd.RefreshCacheStates) -> None:
         self.emit_states()

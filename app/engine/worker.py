@@ -39,6 +39,7 @@ class Engine:
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name="parley-engine", daemon=True)
         self._session: Session | None = None
+        self._cancelled_requests: set[str] = set()  # shared with the session: per-request cancel, out of band
         self.ready = threading.Event()
         self.stopped = threading.Event()
 
@@ -50,6 +51,9 @@ class Engine:
     def submit(self, command: cmd.Command) -> None:
         if isinstance(command, cmd.Cancel):
             self._cancel.set()
+            return
+        if isinstance(command, cmd.CancelCompletion):
+            self._cancelled_requests.add(command.request_id)
             return
         self._queue.put(command)
 
@@ -86,6 +90,8 @@ class Engine:
     def _run(self) -> None:
         try:
             self._session = Session.open(emit=self._emit, cancelled=self._cancel.is_set, **self._options)
+            self._session.cancelled_requests = self._cancelled_requests
+            self._session.take_queued = self._take_queued
         except Exception as exc:
             problem = storage_problem(exc)
             if problem is None:
@@ -101,6 +107,20 @@ class Engine:
                 return
             self._cancel.clear()
             self._handle(command)
+
+    def _take_queued(self, kind: type) -> cmd.Command | None:
+        """Take the first queued command of `kind` out of the queue (None if there is none before a Shutdown).
+
+        Lets a running batch of server completions admit requests that arrived meanwhile.
+        """
+        with self._queue.mutex:
+            for i, command in enumerate(self._queue.queue):
+                if isinstance(command, cmd.Shutdown):
+                    return None
+                if isinstance(command, kind):
+                    del self._queue.queue[i]
+                    return command
+        return None
 
     def _stop(self) -> None:
         """Save, release the model, then park this thread for good.

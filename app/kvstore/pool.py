@@ -149,20 +149,25 @@ class BlockPool:
         return SaveReport(blocks_written, written, time.perf_counter() - started)
 
     # -- load --------------------------------------------------------------
-    def load(self, key: str, shared: dict[str, dict] | None = None) -> ConversationCache | LoadMiss | None:
-        """The stored cache for `key`, a `LoadMiss` if it was bad (and is now dropped), or None."""
+    def load(self, key: str, shared: dict[str, dict] | None = None, drop_bad: bool = True) -> ConversationCache | LoadMiss | None:
+        """The stored cache for `key`, a `LoadMiss` if it was bad (and is now dropped), or None.
+
+        `drop_bad=False`: a reader that does not own the cache (`parley serve` borrowing a chat's prefix)
+        leaves a bad one in place; its owner may be rewriting it this very moment in another process.
+        """
         row = self._row(key)
         if row is None:
             return None
+        miss = self._miss if drop_bad else LoadMiss
         if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
-            return self._miss(key, f"it was made with another model or scheme ({row['scheme']})")
+            return miss(key, f"it was made with another model or scheme ({row['scheme']})")
         try:
             hashes = json.loads(row["chain"])
             layers, tokens = self._restore(row, hashes, shared or {})
         except BadCacheFile as exc:
-            return self._miss(key, str(exc))
+            return miss(key, str(exc))
         except (ValueError, KeyError, IndexError) as exc:  # arrays that do not fit this model or scheme
-            return self._miss(key, f"its arrays do not fit this model ({exc})")
+            return miss(key, f"its arrays do not fit this model ({exc})")
         if hashes:
             self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
                             [time.time(), *hashes])
