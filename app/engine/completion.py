@@ -41,6 +41,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from app.engine import commands as cmd
 from app.engine import events as ev
+from app.engine.faults import save_cache
 from app.engine.generation import prefill
 from app.errors import ParleyError
 from app.kvstore.prefix_lookup import PrefixLookup
@@ -350,7 +351,7 @@ def _persist(session, key: str, cache) -> None:
     """
     manager = session.manager
     manager.put(key, cache, None, SERVER_PERSONA)
-    manager.save(key)
+    save_cache(session, key, None)  # a full disk is a warning: the reply was already sent
     manager.enforce_budget()
     old = [r["key"] for r in manager.pool.db.query(
         "select key from caches where key like 'srv:%' order by updated_at desc limit -1 offset ?", [MAX_SERVER_CACHES])]
