@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from app.engine.commands import Sampling
-from app.model.cpu_fast import prefill_logits
+from app.model.cpu_fast import prefill_logits, text_body
 
 PREFILL_CHUNK = 512
 
@@ -44,8 +44,7 @@ def _forward(model, piece: list[int], cache, last_only: bool) -> mx.array:
     inputs = mx.array([piece])
     if last_only:
         return prefill_logits(model, inputs, cache.layers)[:, -1, :]
-    inner = getattr(model, "model", None)
-    return (inner or model)(inputs, cache=cache.layers)
+    return (text_body(model) or model)(inputs, cache=cache.layers)
 
 
 def make_token_sampler(sampling: Sampling):

@@ -278,8 +278,7 @@ class _CpuAttention:
             q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
         else:
             q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
-        q = q.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        q, k = self._qk_heads(q, k, B, L)
         v = v.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = a.rope(q, offset=offset)
@@ -303,9 +302,19 @@ class _CpuAttention:
         out = (scores @ v).reshape(B, H, L, D)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def _qk_heads(self, q, k, B: int, L: int):
+        """Queries and keys split into heads, [B, heads, L, D], through the model's q/k norms where it has them
+        (qwen3, gemma3: RMSNorm over each head's vector, as the model's own __call__ applies them)."""
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+
     def _o_q4(self) -> "_Q4 | None":
+        # the attention output is n_heads * (q_proj rows / n_heads) wide; not every model names head_dim (qwen2/3)
         o = self.o_proj.__dict__.get("_q4")
-        return o if o is not None and "bias" not in self.o_proj and o.K == self.n_heads * self.head_dim else None
+        return o if o is not None and "bias" not in self.o_proj and o.K == self.q_proj.weight.shape[0] else None
 
     def _decode_host(self, xa, cache):
         """The one-token step of __call__ from a host (numpy) input row to o_proj's host output, or None.
@@ -321,8 +330,7 @@ class _CpuAttention:
         y = mx.array(qkv.numpy(xa)).reshape(1, 1, qkv.O)
         nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
         q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
-        q = q.reshape(1, 1, H, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
+        q, k = self._qk_heads(q, k, 1, 1)
         v = v.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
         offset = cache.offset
         q = a.rope(q, offset=offset)
@@ -531,7 +539,16 @@ def _dequantized(m) -> mx.array:
 
 
 def _is_llama_attention(m) -> bool:
-    return all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"))
+    """Attention whose math is `_CpuAttention`'s: q/k/v projections (biases allowed), optional q/k RMSNorm per
+    head, the module's own rope, softmax(scale q k^T) v with a causal mask, o_proj. Named classes only: a class
+    that merely has the same attributes may add softcaps, other norms or scales (gemma2, deepseek_v2)."""
+    return type(m) in _attention_classes()
+
+
+def _attention_classes() -> tuple:
+    from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
+
+    return llama.Attention, qwen2.Attention, qwen3.Attention, gemma3_text.Attention
 
 
 def _is_llama_block(m) -> bool:
@@ -541,9 +558,10 @@ def _is_llama_block(m) -> bool:
 
 
 def _is_swiglu_mlp(m) -> bool:
-    from mlx_lm.models import llama
+    """down(silu(gate(x)) * up(x)) with separate gate/up projections (`_CpuMLP`'s math)."""
+    from mlx_lm.models import llama, qwen2, qwen3
 
-    return isinstance(m, llama.MLP)
+    return type(m) in (llama.MLP, qwen2.MLP, qwen3.MLP)
 
 
 def speed_up_for_cpu(model: nn.Module) -> None:
@@ -605,18 +623,43 @@ def _retype(module: nn.Module, mixin: type) -> None:
     module._cpu_prepare()
 
 
+def text_body(model: nn.Module) -> nn.Module | None:
+    """The module that maps token ids to final hidden states (`model.model`; for wrappers such as
+    mlx-community's gemma3, the text model's), or None if the model has none."""
+    lm = getattr(model, "language_model", None)
+    if lm is not None and getattr(model, "model", None) is None:
+        model = lm
+    return getattr(model, "model", None)
+
+
+def _plain_head_models() -> tuple:
+    """Model classes whose __call__ is exactly head(model.model(x)): lm_head or tied embeddings, nothing after."""
+    from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
+
+    return llama.Model, qwen2.Model, qwen3.Model, gemma3_text.Model
+
+
 def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
     """Run `tokens` (shape [B, L]) through the model, filling `cache`; return logits for the LAST position only.
 
     Shape [B, 1, vocab], equal to `model(tokens, cache=cache)[:, -1:]` but without computing the
     vocabulary head (49152 x 576 for SmolLM2) over every prompt position. Use it for prefill chunks;
-    decode steps (L == 1) can call the model as usual. Works for mlx-lm models whose `model.model`
-    returns hidden states and whose head is `lm_head` or tied embeddings (falls back to the full
-    forward otherwise).
+    decode steps (L == 1) can call the model as usual. For models whose head is plain (`_plain_head_models`)
+    the head runs on the last hidden state; any other model (final softcaps, wrappers) gets all but the
+    last token through its body and the last one through its own __call__, so its own post-processing
+    makes the logits.
     """
+    from mlx_lm.models import gemma3
+
+    if type(model) is gemma3.Model:  # a pure pass-through to its text model
+        model = model.language_model
     inner = getattr(model, "model", None)
     if inner is None:
         return model(tokens, cache=cache)[:, -1:]
+    if type(model) not in _plain_head_models():
+        if tokens.shape[1] > 1:
+            inner(tokens[:, :-1], cache=cache)
+        return model(tokens[:, -1:], cache=cache)
     h = inner(tokens, cache=cache)[:, -1:]
     head = getattr(model, "lm_head", None)
     if head is not None:
