@@ -14,6 +14,8 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from app.engine.commands import Sampling
+from app.kvstore.window import apply_windows
+from app.model.arch import sliding_windows
 from app.model.cpu_fast import prefill_logits, text_body
 
 PREFILL_CHUNK = 512
@@ -28,6 +30,7 @@ class Prefilled:
 
 def prefill(model, cache, ids: list[int], chunk: int = PREFILL_CHUNK) -> Iterator[Prefilled]:
     """Feed `ids` through the model into `cache`, one chunk per step; the last step has the logits."""
+    apply_windows(cache, sliding_windows(model))
     total = len(ids)
     done = 0
     while done < total:
@@ -57,6 +60,7 @@ def make_token_sampler(sampling: Sampling):
 
 def decode(model, cache, logits: mx.array, sampling: Sampling, eos_ids: set[int]) -> Iterator[int]:
     """Yield sampled token ids until end of turn or max_tokens; each yielded token is fed back lazily."""
+    apply_windows(cache, sliding_windows(model))
     sample = make_token_sampler(sampling)
     logits = logits.reshape(1, -1)
     for _ in range(sampling.max_tokens):

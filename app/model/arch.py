@@ -82,3 +82,21 @@ def check_tensor_types(model, source: str) -> None:
                     f"{source}: tensor {name} is quantized as {mode} {m.bits}-bit, which Parley cannot run. "
                     "Supported: unquantized (fp32/fp16/bf16) and mlx affine 2/3/4/5/6/8-bit."
                 )
+
+
+def sliding_windows(model) -> list[int | None]:
+    """Per layer, its attention window if it is a sliding-window layer (gemma3's local layers), else None.
+
+    Memoised on the model (its layers do not change)."""
+    known = getattr(model, "_parley_windows", None)
+    if known is not None:
+        return known
+    from mlx_lm.models import gemma3_text
+
+    from app.model.cpu_fast import text_body
+
+    window = getattr(text_body(model), "window_size", None)
+    windows = [int(window) if window and isinstance(layer.self_attn, gemma3_text.Attention)
+               and layer.self_attn.is_sliding else None for layer in model.layers]
+    object.__setattr__(model, "_parley_windows", windows)
+    return windows
