@@ -200,10 +200,12 @@ void attn_decode(const float *q, const float *k, const float *v, float *out, flo
     }
 }
 
-/* g[i] = silu(g[i]) * u[i], in place over g. */
+/* g[i] = silu(g[i]) * u[i], in place over g. expf's argument is capped at 80: beyond ~88 it overflows
+   to inf, which the fast-math vector expf does not handle (NaN for gates below -88); silu(x) there is
+   x * e^x ~ 0 either way. */
 void silu_mul(float *g, const float *u, long n) {
     #pragma omp simd
-    for (long i = 0; i < n; i++) { float x = g[i]; g[i] = x / (1.f + expf(-x)) * u[i]; }
+    for (long i = 0; i < n; i++) { float x = g[i]; g[i] = x / (1.f + expf(fminf(-x, 80.f))) * u[i]; }
 }
 """
 _kernels: ctypes.CDLL | None | bool = False  # False: not tried yet

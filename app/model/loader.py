@@ -67,6 +67,10 @@ def resolve_model_folder(spec: str | None, progress: Progress | None = None) -> 
             convert_gguf(embedded_gguf(), folder, progress)
         return folder
     local = Path(spec).expanduser()
+    if local.is_file():
+        from app.model.gguf_convert import gguf_model_folder
+
+        return gguf_model_folder(local, progress)
     if local.exists():
         if not (local / "config.json").is_file():
             raise ParleyError(f"{local} is not an mlx-lm model folder (no config.json). Pass a folder made by mlx_lm.convert.")
