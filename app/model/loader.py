@@ -75,8 +75,14 @@ def resolve_model_folder(spec: str | None, progress: Progress | None = None) -> 
         if not (local / "config.json").is_file():
             raise ParleyError(f"{local} is not an mlx-lm model folder (no config.json). Pass a folder made by mlx_lm.convert.")
         return local
+    from app.model.registry import find
+
+    known = find(spec)
+    if known is not None:
+        return known.folder
     if _looks_like_path(spec):
-        raise ParleyError(f"No such file or folder: {spec}. Check the path given to --model.")
+        raise ParleyError(f"No such file or folder: {spec}. Check the path given to --model, "
+                          "or pass a name that `parley models` lists.")
     return _fetch_from_hub(spec)
 
 
