@@ -162,3 +162,19 @@ def test_resumed_from_disk_continues_like_a_fresh_prefill(built, arch, tmp_path)
     resumed = continue_from(restored, message)
     fresh, _ = fill(lm, pool, [])
     assert continue_from(fresh, history + message) == resumed
+
+
+@pytest.mark.parametrize("quant", ["q4g64", "q4g32"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_lean_cpu_path_equals_mlx_lm(built, arch, quant, monkeypatch):
+    """Weights kept 4-bit in RAM (`PARLEY_LEAN_MB=0` makes every model lean): same logits as mlx-lm."""
+    import mlx.nn as nn
+
+    from app.model.loader import load_model
+
+    monkeypatch.setenv("PARLEY_LEAN_MB", "0")
+    folder = built(arch, quant)
+    lm = load_model(str(folder))
+    assert any(isinstance(m, cpu_fast._LeanLinear) for _, m in lm.model.named_modules())
+    assert not any(type(m) is nn.Linear or isinstance(m, cpu_fast._CpuLinear) for _, m in lm.model.named_modules())
+    assert_same_logits(parley_logits(lm), reference_logits(folder))

@@ -574,6 +574,9 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     C-kernel versions above when the kernels compile. Outputs stay equal to the original
     within fp32 rounding (tests/test_cpu_fast.py).
     """
+    if lean_on_cpu(model):
+        _keep_quantized(model)
+        return
     replacements = []
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
@@ -606,6 +609,59 @@ def speed_up_for_cpu(model: nn.Module) -> None:
             _retype(mlp, _CpuMLP)
         if _is_llama_block(layer) and not isinstance(layer, _CpuBlock):
             _retype(layer, _CpuBlock)
+
+
+LEAN_MB_DEFAULT = 1024
+
+
+def lean_on_cpu(model: nn.Module) -> bool:
+    """Keep this model's weights quantized in RAM? Yes when their fp32 copies would pass `PARLEY_LEAN_MB`
+    (default 1024 MB): a 3B model's fp32 copy is ~13 GB, an 8B one's does not fit 16-24 GB machines. Smaller
+    models (the embedded one: 540 MB) keep the fp32 copies, whose decode through BLAS gemv is ~2x faster."""
+    import os
+
+    limit = float(os.environ.get("PARLEY_LEAN_MB", LEAN_MB_DEFAULT))
+    fp32 = sum(m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits * 4 for _, m in model.named_modules()
+               if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+    return fp32 > limit * 2**20
+
+
+def _keep_quantized(model: nn.Module) -> None:
+    """The lean CPU rewrite: quantized layers stay quantized (`_LeanLinear`), fp16/bf16 values become fp32
+    (scales and biases included, so dequantizing is exact in fp32), the C kernels for softmax/SiLU apply."""
+    model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
+    mx.eval(model.parameters())
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear) and not isinstance(module, _LeanLinear):
+            _retype(module, _LeanLinear)
+    if kernels() is None:
+        return
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is not None and _is_llama_attention(attn) and not isinstance(attn, _CpuAttention):
+            _retype(attn, _CpuAttention)
+        if mlp is not None and _is_swiglu_mlp(mlp) and not isinstance(mlp, _CpuMLP):
+            _retype(mlp, _CpuMLP)
+
+
+class _LeanLinear:
+    """A quantized Linear that stays 4-bit in RAM on the CPU path.
+
+    Several rows (prefill): the weight is dequantized to fp32 for this call only and multiplied through BLAS
+    sgemm (the same values as the fp32 copy the non-lean path keeps; MLX frees it after the matmul and
+    reuses the buffer for the next layer's). One row (decode): MLX's quantized matmul reads the 4-bit weight.
+    """
+
+    def _cpu_prepare(self) -> None:
+        pass
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size == x.shape[-1]:
+            return super().__call__(x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
+                          mode=getattr(self, "mode", "affine"))
+        y = x @ w.T
+        return y + self.bias if "bias" in self else y
 
 
 _retyped: dict = {}
