@@ -70,3 +70,12 @@ def test_unsupported_tensor_type_names_it(tmp_path, parley_home):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ParleyError, match="mxfp4.*Supported"):
         load_model(str(folder))
+
+
+def test_cache_commands_read_a_nested_gemma3_config(tmp_path, parley_home, capsys):
+    """`parley cache` builds its pool from config.json alone: gemma3 keeps num_hidden_layers in text_config."""
+    from app.cli import main
+    from app.model.tiny_zoo import build_tiny_arch
+
+    folder = build_tiny_arch(tmp_path / "g3", "gemma3", "q4g64")
+    assert main(["--model", str(folder), "cache", "ls"]) == 0
