@@ -78,4 +78,4 @@ def test_cache_commands_read_a_nested_gemma3_config(tmp_path, parley_home, capsy
     from app.model.tiny_zoo import build_tiny_arch
 
     folder = build_tiny_arch(tmp_path / "g3", "gemma3", "q4g64")
-    assert main(["--model", str(folder), "cache", "ls"]) == 0
+    assert main(["--model", str(folder), "cache", "verify"]) == 0
