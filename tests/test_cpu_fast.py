@@ -155,3 +155,18 @@ def test_host_decode_block_is_bitwise_the_layerwise_path(tiny_model_dir, monkeyp
     assert len(calls) == 6 * 2 * len(layers)  # the host block ran every decode step
     for x, y in zip(ca, cb):
         assert (np.array(x.state[0]) == np.array(y.state[0])).all() and (np.array(x.state[1]) == np.array(y.state[1])).all()
+
+
+def test_silu_kernel_stays_finite_for_gates_below_minus_88():
+    """The fast-math vector expf overflowed to NaN for silu(x) with x < -88 (seen on a Q6_K GGUF model)."""
+    import numpy as np
+
+    from app.model.cpu_fast import kernels
+
+    if kernels() is None:
+        pytest.skip("no C compiler: the CPU kernels are off")
+    x = np.array([-139.0, -90.0, -88.5, -10.0, 0.0, 3.0, 100.0] * 3, np.float32)
+    g, u = x.copy(), np.full_like(x, 2.0)
+    kernels().silu_mul(g.ctypes.data, u.ctypes.data, g.size)
+    expected = 2.0 * x.astype(np.float64) / (1.0 + np.exp(-x.astype(np.float64)))
+    assert np.isfinite(g).all() and np.allclose(g, expected, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import sys
 
 from app import fastblas
 
-SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene", "user", "notes", "serve"]
+SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene", "user", "notes", "serve", "models"]
 
 
 def budget_mb(text: str) -> float:
@@ -33,7 +33,7 @@ def budget_mb(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Chat with many persistent personas on a local MLX model.")
-    parser.add_argument("--model", default=None, help="a local mlx-lm folder or a Hugging Face repo id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="a name from `parley models`, a .gguf file, a local mlx-lm folder or a Hugging Face repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--kv-scheme", default="q4", help="how caches are stored: q4 (default), k8v4, q8, f16")
     parser.add_argument("--budget-mb", type=budget_mb, default=512.0, help="RAM for conversation caches, in MB (default 512)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

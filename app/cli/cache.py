@@ -48,7 +48,8 @@ def offline_pool(catalog, args):
 
     folder = resolve_model_folder(args.model)
     config = json.loads((folder / "config.json").read_text())
-    n_layers = int(config.get("num_hidden_layers") or config.get("n_layers"))
+    text = config.get("text_config") or {}  # mlx-community gemma3 nests the text model's settings
+    n_layers = int(config.get("num_hidden_layers") or text.get("num_hidden_layers") or config.get("n_layers"))
     return BlockPool(catalog, paths.caches_dir(), model_fingerprint(folder), get_scheme(args.kv_scheme), n_layers)
 
 

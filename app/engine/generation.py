@@ -14,7 +14,9 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from app.engine.commands import Sampling
-from app.model.cpu_fast import prefill_logits
+from app.kvstore.window import apply_windows
+from app.model.arch import sliding_windows
+from app.model.cpu_fast import prefill_logits, text_body
 
 PREFILL_CHUNK = 512
 
@@ -28,6 +30,7 @@ class Prefilled:
 
 def prefill(model, cache, ids: list[int], chunk: int = PREFILL_CHUNK) -> Iterator[Prefilled]:
     """Feed `ids` through the model into `cache`, one chunk per step; the last step has the logits."""
+    apply_windows(cache, sliding_windows(model))
     total = len(ids)
     done = 0
     while done < total:
@@ -44,8 +47,7 @@ def _forward(model, piece: list[int], cache, last_only: bool) -> mx.array:
     inputs = mx.array([piece])
     if last_only:
         return prefill_logits(model, inputs, cache.layers)[:, -1, :]
-    inner = getattr(model, "model", None)
-    return (inner or model)(inputs, cache=cache.layers)
+    return (text_body(model) or model)(inputs, cache=cache.layers)
 
 
 def make_token_sampler(sampling: Sampling):
@@ -58,6 +60,7 @@ def make_token_sampler(sampling: Sampling):
 
 def decode(model, cache, logits: mx.array, sampling: Sampling, eos_ids: set[int]) -> Iterator[int]:
     """Yield sampled token ids until end of turn or max_tokens; each yielded token is fed back lazily."""
+    apply_windows(cache, sliding_windows(model))
     sample = make_token_sampler(sampling)
     logits = logits.reshape(1, -1)
     for _ in range(sampling.max_tokens):

@@ -382,9 +382,10 @@ class Session:
 
 def kv_shape(model) -> tuple[int, int, int] | None:
     """(KV heads, key dim, value dim) of the model's attention layers, or None if it does not say."""
+    from app.model.arch import kv_shape as model_kv_shape
+
     try:
-        attn = model.layers[0].self_attn
-        return int(attn.n_kv_heads), int(attn.head_dim), int(attn.head_dim)
+        return model_kv_shape(model)
     except (AttributeError, IndexError, TypeError):
         return None
 

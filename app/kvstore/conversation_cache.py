@@ -90,8 +90,7 @@ class ConversationCache:
         layers = []
         for layer in self.layers:
             start = sealed_blocks * BLOCK_TOKENS
-            tail_k = layer.keys[0, :, start:n, :] if layer.keys is not None else None
-            tail_v = layer.values[0, :, start:n, :] if layer.values is not None else None
+            tail_k, tail_v = layer.span(start, n) if layer.keys is not None else (None, None)
             dtype = layer.keys.dtype if layer.keys is not None else mx.float32
             layers.append(SealingKVCache.restore(layer.scheme, layer.sealed[:sealed_blocks], tail_k, tail_v, dtype))
         return ConversationCache(layers, self.fingerprint, self.scheme_id, self.tokens[:n], self._hashes[:sealed_blocks])

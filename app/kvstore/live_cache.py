@@ -34,6 +34,8 @@ class SealingKVCache(KVCache):
         self.block_tokens = block_tokens
         self.sealed: list[dict[str, mx.array]] = []  # encoded blocks, oldest first
 
+    base = 0  # absolute position of the working copy's first row (sliding-window layers drop old blocks)
+
     @property
     def sealed_tokens(self) -> int:
         return len(self.sealed) * self.block_tokens
@@ -45,7 +47,7 @@ class SealingKVCache(KVCache):
         return self.keys_and_values()
 
     def _seal_next_block(self) -> None:
-        start, end = self.sealed_tokens, self.sealed_tokens + self.block_tokens
+        start, end = self.sealed_tokens - self.base, self.sealed_tokens + self.block_tokens - self.base
         k = self.keys[0, :, start:end, :]
         v = self.values[0, :, start:end, :]
         encoded = self.scheme.encode(k, v)
@@ -72,11 +74,11 @@ class SealingKVCache(KVCache):
         copying them whole (that copy made a save cost more the longer the conversation).
         """
         todo = [c for c in layers if c.keys is not None and c.keys.dtype == mx.float32 and c.offset > c.sealed_tokens]
-        rounded = [[b[..., c.sealed_tokens:c.offset, :].astype(mx.float16).astype(mx.float32) for b in (c.keys, c.values)]
-                   for c in todo]
+        rounded = [[b[..., c.sealed_tokens - c.base:c.offset - c.base, :].astype(mx.float16).astype(mx.float32)
+                    for b in (c.keys, c.values)] for c in todo]
         mx.eval(rounded)
         for c, (k, v) in zip(todo, rounded):
-            start, end = c.sealed_tokens, c.offset
+            start, end = c.sealed_tokens - c.base, c.offset - c.base
             c.keys[..., start:end, :] = k
             c.values[..., start:end, :] = v
 
@@ -87,7 +89,12 @@ class SealingKVCache(KVCache):
             shape_k = (0, 0, 0) if self.keys is None else (self.keys.shape[1], 0, self.keys.shape[3])
             shape_v = (0, 0, 0) if self.values is None else (self.values.shape[1], 0, self.values.shape[3])
             return mx.zeros(shape_k), mx.zeros(shape_v)
-        return self.keys[0, :, start : self.offset, :], self.values[0, :, start : self.offset, :]
+        return self.span(start, self.offset)
+
+    def span(self, start: int, end: int) -> tuple[mx.array, mx.array]:
+        """Keys and values of absolute positions [start, end), shape (heads, end - start, dim)."""
+        a, b = start - self.base, end - self.base
+        return self.keys[0, :, a:b, :], self.values[0, :, a:b, :]
 
     @classmethod
     def restore(cls, scheme, sealed: list[dict], tail_k: mx.array | None, tail_v: mx.array | None,

@@ -200,10 +200,12 @@ void attn_decode(const float *q, const float *k, const float *v, float *out, flo
     }
 }
 
-/* g[i] = silu(g[i]) * u[i], in place over g. */
+/* g[i] = silu(g[i]) * u[i], in place over g. expf's argument is capped at 80: beyond ~88 it overflows
+   to inf, which the fast-math vector expf does not handle (NaN for gates below -88); silu(x) there is
+   x * e^x ~ 0 either way. */
 void silu_mul(float *g, const float *u, long n) {
     #pragma omp simd
-    for (long i = 0; i < n; i++) { float x = g[i]; g[i] = x / (1.f + expf(-x)) * u[i]; }
+    for (long i = 0; i < n; i++) { float x = g[i]; g[i] = x / (1.f + expf(fminf(-x, 80.f))) * u[i]; }
 }
 """
 _kernels: ctypes.CDLL | None | bool = False  # False: not tried yet
@@ -278,8 +280,7 @@ class _CpuAttention:
             q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
         else:
             q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
-        q = q.reshape(B, L, H, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        q, k = self._qk_heads(q, k, B, L)
         v = v.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = a.rope(q, offset=offset)
@@ -303,9 +304,19 @@ class _CpuAttention:
         out = (scores @ v).reshape(B, H, L, D)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def _qk_heads(self, q, k, B: int, L: int):
+        """Queries and keys split into heads, [B, heads, L, D], through the model's q/k norms where it has them
+        (qwen3, gemma3: RMSNorm over each head's vector, as the model's own __call__ applies them)."""
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+
     def _o_q4(self) -> "_Q4 | None":
+        # the attention output is n_heads * (q_proj rows / n_heads) wide; not every model names head_dim (qwen2/3)
         o = self.o_proj.__dict__.get("_q4")
-        return o if o is not None and "bias" not in self.o_proj and o.K == self.n_heads * self.head_dim else None
+        return o if o is not None and "bias" not in self.o_proj and o.K == self.q_proj.weight.shape[0] else None
 
     def _decode_host(self, xa, cache):
         """The one-token step of __call__ from a host (numpy) input row to o_proj's host output, or None.
@@ -321,8 +332,7 @@ class _CpuAttention:
         y = mx.array(qkv.numpy(xa)).reshape(1, 1, qkv.O)
         nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
         q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
-        q = q.reshape(1, 1, H, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
+        q, k = self._qk_heads(q, k, 1, 1)
         v = v.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
         offset = cache.offset
         q = a.rope(q, offset=offset)
@@ -531,7 +541,16 @@ def _dequantized(m) -> mx.array:
 
 
 def _is_llama_attention(m) -> bool:
-    return all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale"))
+    """Attention whose math is `_CpuAttention`'s: q/k/v projections (biases allowed), optional q/k RMSNorm per
+    head, the module's own rope, softmax(scale q k^T) v with a causal mask, o_proj. Named classes only: a class
+    that merely has the same attributes may add softcaps, other norms or scales (gemma2, deepseek_v2)."""
+    return type(m) in _attention_classes()
+
+
+def _attention_classes() -> tuple:
+    from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
+
+    return llama.Attention, qwen2.Attention, qwen3.Attention, gemma3_text.Attention
 
 
 def _is_llama_block(m) -> bool:
@@ -541,9 +560,10 @@ def _is_llama_block(m) -> bool:
 
 
 def _is_swiglu_mlp(m) -> bool:
-    from mlx_lm.models import llama
+    """down(silu(gate(x)) * up(x)) with separate gate/up projections (`_CpuMLP`'s math)."""
+    from mlx_lm.models import llama, qwen2, qwen3
 
-    return isinstance(m, llama.MLP)
+    return type(m) in (llama.MLP, qwen2.MLP, qwen3.MLP)
 
 
 def speed_up_for_cpu(model: nn.Module) -> None:
@@ -554,6 +574,9 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     C-kernel versions above when the kernels compile. Outputs stay equal to the original
     within fp32 rounding (tests/test_cpu_fast.py).
     """
+    if lean_on_cpu(model):
+        _keep_quantized(model)
+        return
     replacements = []
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
@@ -588,6 +611,59 @@ def speed_up_for_cpu(model: nn.Module) -> None:
             _retype(layer, _CpuBlock)
 
 
+LEAN_MB_DEFAULT = 1024
+
+
+def lean_on_cpu(model: nn.Module) -> bool:
+    """Keep this model's weights quantized in RAM? Yes when their fp32 copies would pass `PARLEY_LEAN_MB`
+    (default 1024 MB): a 3B model's fp32 copy is ~13 GB, an 8B one's does not fit 16-24 GB machines. Smaller
+    models (the embedded one: 540 MB) keep the fp32 copies, whose decode through BLAS gemv is ~2x faster."""
+    import os
+
+    limit = float(os.environ.get("PARLEY_LEAN_MB", LEAN_MB_DEFAULT))
+    fp32 = sum(m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits * 4 for _, m in model.named_modules()
+               if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+    return fp32 > limit * 2**20
+
+
+def _keep_quantized(model: nn.Module) -> None:
+    """The lean CPU rewrite: quantized layers stay quantized (`_LeanLinear`), fp16/bf16 values become fp32
+    (scales and biases included, so dequantizing is exact in fp32), the C kernels for softmax/SiLU apply."""
+    model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
+    mx.eval(model.parameters())
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear) and not isinstance(module, _LeanLinear):
+            _retype(module, _LeanLinear)
+    if kernels() is None:
+        return
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is not None and _is_llama_attention(attn) and not isinstance(attn, _CpuAttention):
+            _retype(attn, _CpuAttention)
+        if mlp is not None and _is_swiglu_mlp(mlp) and not isinstance(mlp, _CpuMLP):
+            _retype(mlp, _CpuMLP)
+
+
+class _LeanLinear:
+    """A quantized Linear that stays 4-bit in RAM on the CPU path.
+
+    Several rows (prefill): the weight is dequantized to fp32 for this call only and multiplied through BLAS
+    sgemm (the same values as the fp32 copy the non-lean path keeps; MLX frees it after the matmul and
+    reuses the buffer for the next layer's). One row (decode): MLX's quantized matmul reads the 4-bit weight.
+    """
+
+    def _cpu_prepare(self) -> None:
+        pass
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.size == x.shape[-1]:
+            return super().__call__(x)
+        w = mx.dequantize(self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
+                          mode=getattr(self, "mode", "affine"))
+        y = x @ w.T
+        return y + self.bias if "bias" in self else y
+
+
 _retyped: dict = {}
 
 
@@ -605,18 +681,43 @@ def _retype(module: nn.Module, mixin: type) -> None:
     module._cpu_prepare()
 
 
+def text_body(model: nn.Module) -> nn.Module | None:
+    """The module that maps token ids to final hidden states (`model.model`; for wrappers such as
+    mlx-community's gemma3, the text model's), or None if the model has none."""
+    lm = getattr(model, "language_model", None)
+    if lm is not None and getattr(model, "model", None) is None:
+        model = lm
+    return getattr(model, "model", None)
+
+
+def _plain_head_models() -> tuple:
+    """Model classes whose __call__ is exactly head(model.model(x)): lm_head or tied embeddings, nothing after."""
+    from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
+
+    return llama.Model, qwen2.Model, qwen3.Model, gemma3_text.Model
+
+
 def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
     """Run `tokens` (shape [B, L]) through the model, filling `cache`; return logits for the LAST position only.
 
     Shape [B, 1, vocab], equal to `model(tokens, cache=cache)[:, -1:]` but without computing the
     vocabulary head (49152 x 576 for SmolLM2) over every prompt position. Use it for prefill chunks;
-    decode steps (L == 1) can call the model as usual. Works for mlx-lm models whose `model.model`
-    returns hidden states and whose head is `lm_head` or tied embeddings (falls back to the full
-    forward otherwise).
+    decode steps (L == 1) can call the model as usual. For models whose head is plain (`_plain_head_models`)
+    the head runs on the last hidden state; any other model (final softcaps, wrappers) gets all but the
+    last token through its body and the last one through its own __call__, so its own post-processing
+    makes the logits.
     """
+    from mlx_lm.models import gemma3
+
+    if type(model) is gemma3.Model:  # a pure pass-through to its text model
+        model = model.language_model
     inner = getattr(model, "model", None)
     if inner is None:
         return model(tokens, cache=cache)[:, -1:]
+    if type(model) not in _plain_head_models():
+        if tokens.shape[1] > 1:
+            inner(tokens[:, :-1], cache=cache)
+        return model(tokens[:, -1:], cache=cache)
     h = inner(tokens, cache=cache)[:, -1:]
     head = getattr(model, "lm_head", None)
     if head is not None:

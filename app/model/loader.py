@@ -21,6 +21,7 @@ from typing import Callable
 
 from app import paths
 from app.errors import ParleyError
+from app.model.arch import check_architecture, check_tensor_types, context_window, kv_shape
 from app.model.chat_tokenizer import ChatTokenizer
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct-Q4_1"
@@ -37,8 +38,9 @@ class LoadedModel:
     fingerprint: str
     n_layers: int
     n_kv_heads: int
-    head_dim: int
+    head_dim: int  # key width; value_dim differs on deepseek_v2
     context_window: int
+    value_dim: int = 0
 
 
 def embedded_gguf() -> Path:
@@ -65,11 +67,31 @@ def resolve_model_folder(spec: str | None, progress: Progress | None = None) -> 
             convert_gguf(embedded_gguf(), folder, progress)
         return folder
     local = Path(spec).expanduser()
+    if local.is_file():
+        from app.model.gguf_convert import gguf_model_folder
+
+        return gguf_model_folder(local, progress)
     if local.exists():
         if not (local / "config.json").is_file():
             raise ParleyError(f"{local} is not an mlx-lm model folder (no config.json). Pass a folder made by mlx_lm.convert.")
         return local
+    from app.model.registry import find
+
+    known = find(spec)
+    if known is not None:
+        return known.folder
+    if _looks_like_path(spec):
+        raise ParleyError(f"No such file or folder: {spec}. Check the path given to --model, "
+                          "or pass a name that `parley models` lists.")
     return _fetch_from_hub(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that cannot be a Hugging Face repo id ("owner/name") is meant as a local path."""
+    if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or "\\" in spec:
+        return True
+    parts = spec.split("/")
+    return len(parts) != 2 or not all(parts)
 
 
 def _fetch_from_hub(repo: str) -> Path:
@@ -79,7 +101,8 @@ def _fetch_from_hub(repo: str) -> Path:
         return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
     except Exception as exc:
         raise ParleyError(
-            f"Could not fetch model {repo!r} from Hugging Face ({type(exc).__name__}). "
+            f"No such file or folder: {repo}, and it could not be fetched from Hugging Face as a repo id "
+            f"({type(exc).__name__}). "
             "Without a network, pass a local mlx-lm folder with --model, or leave --model out for the embedded model."
         ) from exc
 
@@ -114,17 +137,18 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
     from mlx_lm.utils import load_model as mlx_load_model
 
     folder = resolve_model_folder(spec, progress)
+    check_architecture(_read_config(folder), str(folder))
     tokenizer = ChatTokenizer(folder)
     try:
         model, config = mlx_load_model(folder)
     except ValueError as exc:
-        raise ParleyError(f"Cannot load the model in {folder}: {exc}. Is its architecture supported by mlx-lm?") from exc
+        raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
+    check_tensor_types(model, str(folder))
     if fast_cpu and mx.default_device() == mx.cpu:
         from app.model.cpu_fast import speed_up_for_cpu
 
         speed_up_for_cpu(model)
-    args = model.args
-    n_heads = args.num_attention_heads
+    n_kv_heads, key_dim, value_dim = kv_shape(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -132,7 +156,15 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
         name=EMBEDDED_NAME if spec is None else folder.name,
         fingerprint=model_fingerprint(folder),
         n_layers=len(model.layers),
-        n_kv_heads=getattr(args, "num_key_value_heads", None) or n_heads,
-        head_dim=getattr(args, "head_dim", None) or args.hidden_size // n_heads,
-        context_window=int(config.get("max_position_embeddings") or 4096),
+        n_kv_heads=n_kv_heads,
+        head_dim=key_dim,
+        context_window=context_window(config, model),
+        value_dim=value_dim,
     )
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ParleyError(f"{folder / 'config.json'} is not readable JSON ({exc}).") from exc
