@@ -340,3 +340,26 @@ def test_an_existing_world_readable_catalog_is_tightened(parley_home):
         side = parley_home / f"catalog.db{suffix}"
         if side.exists():
             assert stat.S_IMODE(side.stat().st_mode) == 0o600, suffix
+
+
+# -- 6. an immutable catalog ---------------------------------------------------------------------------------------------
+
+def _chattr(flag: str, path: Path) -> bool:
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", flag, str(path)],
+                                                                 capture_output=True).returncode == 0
+
+
+def test_immutable_catalog_says_it_cannot_be_written(tiny_model_dir, tiny_persona, parley_home):
+    with Catalog() as catalog:
+        catalog.create_conversation("tester")
+    path = parley_home / "catalog.db"
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i is not allowed here (needs root on a file system with the immutable flag)")
+    try:
+        proc = parley("--model", str(tiny_model_dir), "chat", tiny_persona, "hi")
+    finally:
+        _chattr("-i", path)
+    assert proc.returncode == 77, proc.stderr
+    assert "cannot be written" in proc.stderr and "immutable" in proc.stderr
+    assert "model could not be started" not in proc.stderr and "aside" not in proc.stderr
+    assert integrity_ok(parley_home)

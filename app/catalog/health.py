@@ -85,15 +85,18 @@ def is_damage(exc: BaseException) -> bool:
 
 def damaged(path: Path, detail: str) -> CatalogDamaged:
     backup = backup_path(path)
-    keep = (f"  - or put back the copy Parley keeps: {backup} (from "
-            f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(backup.stat().st_mtime))}; newer messages are not in it):"
-            f" mv {path} {path}.damaged && cp {backup} {path}\n") if backup.is_file() else ""
+    steps = []
+    if backup.is_file():
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
+        steps.append(f"  - put back the copy Parley keeps: {backup} (from {stamp}; newer messages are not in it):"
+                     f" mv {path} {path}.damaged && cp {backup} {path}")
+    steps.append(f"  - {'or ' if steps else ''}rescue what SQLite can still read (the sqlite3 shell, 3.29 or later):"
+                 f" sqlite3 {path} .recover | sqlite3 {path}.recovered && mv {path} {path}.damaged && "
+                 f"mv {path}.recovered {path}")
     return CatalogDamaged(
         f"The catalog {path} is damaged ({detail}). Parley will not write to it, so nothing more is lost.\n"
-        f"To recover, quit every Parley, then:\n"
-        f"  - rescue what SQLite can read: sqlite3 {path} .recover | sqlite3 {path}.recovered && "
-        f"mv {path} {path}.damaged && mv {path}.recovered {path}\n{keep}"
-        "Caches are rebuilt from the transcript on their own."
+        "To recover, quit every Parley, then:\n" + "\n".join(steps) +
+        "\nCaches are rebuilt from the transcript on their own."
     )
 
 
