@@ -100,6 +100,10 @@ def test_bad_lorebook_in_a_persona_file_names_the_entry_and_field():
 def test_card_lorebook_is_lenient_but_skips_bad_entries():
     book = parse_book({"entries": [{"keys": ["/(/"], "content": "bad"}, {"keys": ["ok"], "content": "good"}]}, "card")
     assert [e.content for e in book.entries] == ["good"]
+    huge = {"entries": [{"keys": ["k"], "content": "c"}] * 1500}
+    assert len(parse_book(huge, "card").entries) == 1000  # an oversized card book is cut, never refused
+    with pytest.raises(ParleyError, match="at most 1000"):
+        parse_book(huge, "p.toml", strict=True)
 
 
 def test_constant_entries_join_the_preamble():

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from app.errors import ParleyError
-from app.personas.lorebook import parse_book, parse_entry
+from app.personas.lorebook import MAX_ENTRIES, parse_book, parse_entry
 
 ENTRY_TEXT = ("name", "comment", "content")
 ENTRY_BOOL = ("constant", "enabled", "case_sensitive", "use_regex")
@@ -83,6 +83,8 @@ def book_from_toml(table: Any, origin: str) -> tuple[dict, list[str]]:
     entries = table.get("entries", [])
     if not isinstance(entries, list):
         raise ParleyError(f"{origin}: field 'lorebook.entries' must be a list of tables ([[lorebook.entries]]).")
+    if len(entries) > MAX_ENTRIES:
+        raise ParleyError(f"{origin}: the lorebook has {len(entries)} entries; at most {MAX_ENTRIES} are allowed.")
     known = set(ENTRY_TEXT) | set(ENTRY_BOOL) | set(ENTRY_INT) | {"keys", "id"}
     book["entries"] = []
     for i, entry in enumerate(entries):

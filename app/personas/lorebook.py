@@ -135,7 +135,9 @@ def parse_book(book: Any, origin: str, strict: bool = False) -> Lorebook:
             raise ParleyError(f"{origin}: field 'lorebook.entries' must be a list of entries ([[lorebook.entries]]).")
         raw_entries = []
     if len(raw_entries) > MAX_ENTRIES:
-        raise ParleyError(f"{origin}: the lorebook has {len(raw_entries)} entries; at most {MAX_ENTRIES} are allowed.")
+        if strict:
+            raise ParleyError(f"{origin}: the lorebook has {len(raw_entries)} entries; at most {MAX_ENTRIES} are allowed.")
+        raw_entries = raw_entries[:MAX_ENTRIES]  # an imported card: the rest is kept for export, not used
     entries = []
     for index, raw in enumerate(raw_entries):
         try:
