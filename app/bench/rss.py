@@ -44,7 +44,7 @@ def build(dest: Path, shape: dict) -> Path:
     return dest
 
 
-def measure(folder: Path) -> dict:
+def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
     import resource
     import time
 
@@ -57,13 +57,13 @@ def measure(folder: Path) -> dict:
 
     lm = load_model(str(folder))
     cache = ConversationCache.empty(lm.n_layers, get_scheme("q4"), lm.fingerprint)
-    ids = [5 + i % 300 for i in range(512)]
+    ids = [5 + i % 300 for i in range(n_prefill)]
     t0 = time.perf_counter()
     logits = None
     for step in prefill(lm.model, cache, ids):
         logits = step.logits
     t1 = time.perf_counter()
-    for i in range(32):
+    for i in range(n_decode):
         logits = lm.model(mx.array([[int(mx.argmax(logits).item()) % 300]]), cache=cache.layers)[:, -1, :]
         cache.appended([0])
     mx.eval(logits)
@@ -72,23 +72,29 @@ def measure(folder: Path) -> dict:
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"weights_mb": weights / 2**20, "kv_working_copy_mb": kv / 2**20, "peak_rss_mb": peak / 2**20,
-            "budget_mb": (1.5 * weights + kv) / 2**20 + 300, "prefill_tps": 512 / (t1 - t0), "decode_tps": 32 / (t2 - t1)}
+            "budget_mb": (1.5 * weights + kv) / 2**20 + 300, "prefill_tps": n_prefill / (t1 - t0),
+            "decode_tps": n_decode / (t2 - t1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--folder", help="measure this model folder (in this process)")
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--decode", type=int, default=32, help="decode steps (default 32)")
+    parser.add_argument("--only", choices=("fp32", "lean"), help="measure one way only")
     args = parser.parse_args(argv)
     if args.folder:
-        print(json.dumps(measure(Path(args.folder))))
+        print(json.dumps(measure(Path(args.folder), args.prefill, args.decode)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(Path(tmp) / "random-0.5b", SHAPE)
         results = {}
-        for label, lean_mb in (("fp32 copies (before)", "1000000"), ("lean (after)", None)):
+        ways = (("fp32 copies (before)", "1000000"), ("lean (after)", None))
+        for label, lean_mb in [w for w in ways if args.only is None or (w[1] is None) == (args.only == "lean")]:
             env = {**os.environ, "PARLEY_LEAN_MB": lean_mb} if lean_mb else {
                 k: v for k, v in os.environ.items() if k != "PARLEY_LEAN_MB"}
-            out = subprocess.run([sys.executable, "-m", "app.bench.rss", "--folder", str(folder)],
+            out = subprocess.run([sys.executable, "-m", "app.bench.rss", "--folder", str(folder), "--prefill",
+                                  str(args.prefill), "--decode", str(args.decode)],
                                  capture_output=True, text=True, check=True, env=env)
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])
     labels = list(results)
