@@ -326,7 +326,9 @@ def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[s
 class NewSceneScreen(ModalScreen):
     """Name a scene and pick 2 to 6 personas (their speaking order is the order they are picked in)."""
 
-    BINDINGS = [Binding("ctrl+s", "create", "Create"), Binding("escape", "dismiss(None)", "Cancel")]
+    BINDINGS = [Binding("ctrl+s", "create", "Create"), Binding("escape", "dismiss(None)", "Cancel"),
+                Binding("tab", "app.focus_next", "Next field", show=False, priority=True),  # see PersonaEditorScreen
+                Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True)]
 
     def compose(self) -> ComposeResult:
         personas = sorted(self.app.personas.values(), key=lambda p: p.name.lower())
