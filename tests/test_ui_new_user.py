@@ -10,8 +10,6 @@ import pytest
 
 from app.engine import commands as cmd
 from app.engine import events as ev
-from app.ui import tab_state
-from app.ui.keys import GoToTabScreen
 from app.ui.screens import ExportCardScreen, PersonaEditorScreen
 from app.ui.widgets import PersonaList
 from tests.test_ui import SIZE, open_persona, replies, send
@@ -57,7 +55,7 @@ async def test_every_tab_action_has_a_ctrl_or_function_key(make_app):
         await pilot.press("f7")
         assert screen.active_pane() is other
         await pilot.press("ctrl+g")
-        await wait_until(pilot, lambda: isinstance(app.screen, GoToTabScreen), what="the go-to-tab prompt")
+        await wait_until(pilot, lambda: type(app.screen).__name__ == "GoToTabScreen", what="the go-to-tab prompt")
         await pilot.press("1")
         await wait_until(pilot, lambda: screen.active_pane() is tester, what="tab 1")
         await send(pilot, tester, "hello")
@@ -212,7 +210,7 @@ async def test_returning_to_a_tab_whose_reply_finished_in_the_background_shows_i
         await open_persona(pilot, "Other")  # the reply finishes while its tab is hidden
         await wait_until(pilot, lambda: not pane.generating, what="the background reply")
         await pilot.pause(0.2)
-        await pilot.press("f6")
+        await pilot.press("ctrl+pageup")
         await wait_until(pilot, lambda: app.chat_screen.active_pane() is pane, what="the Tester tab")
         transcript = pane.transcript
         await wait_until(pilot, lambda: transcript.max_scroll_y > 0 and transcript.scroll_y >= transcript.max_scroll_y - 1,
