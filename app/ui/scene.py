@@ -114,6 +114,13 @@ class SceneTab(TranscriptNavigation, Vertical):
 
     def _hint(self) -> str:
         if self.generating:
+            screen = getattr(self.app, "chat_screen", None)
+            running = getattr(screen, "running", None)
+            if screen is not None and running is not None and running != self.conversation_id:
+                other = screen.pane_for_conversation(running)
+                scene = screen.scene_for_conversation(running)
+                who = other.persona.name if other else f"the scene {scene.scene_title}" if scene else "another tab"
+                return f"Queued: waits for {who} to finish replying, then this round starts"
             return "They are replying… escape stops the round"
         return "enter send (empty: they go on) · @name picks who replies · tab to the ticks · F1 keys"
 
