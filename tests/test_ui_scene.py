@@ -173,7 +173,9 @@ async def test_restart_reopens_the_scene_and_reuses_caches_from_disk(make_app):
     again = make_app()
     async with again.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: events_of(again, ev.ModelLoaded), what="the model")
-        assert again.chat_screen.active_view() is None
+        # the scene's tab comes back by itself (it was open when the app quit); the list reopens it all the same
+        restored = again.chat_screen.active_scene()
+        assert restored is not None and restored.conversation_id == scene_id
         await pilot.press("f9")
         await wait_until(pilot, lambda: isinstance(again.screen, ScenesScreen), what="the scenes list")
         assert again.screen.query_one("#scene-list").option_count == 1

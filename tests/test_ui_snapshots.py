@@ -134,6 +134,8 @@ def test_scene_with_messages(app, snap_compare):
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.chat_screen.active_scene() is not None
                          and len(app.chat_screen.active_scene().message_views()) == 4, what="the scene tab")
+        app.chat_screen.active_scene().composer.focus()  # the message box has the cursor, every run
+        await pilot.pause()
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

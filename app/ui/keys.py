@@ -1,17 +1,16 @@
 """Keys that act in every terminal, and what alt keys turn into where they do not.
 
-With default settings tmux, GNOME Terminal/VTE and Windows Terminal send alt+key as ESC then the key
-(Textual reads that as alt+key), but the macOS Terminal and iTerm2 send the character the Option key
-composes (option+1 is "¡", option+2 "™") and an xterm in 8-bit mode sends the key with its high bit
-set (alt+1 is "±"). So every action has a ctrl or function key that reaches the app everywhere; the
-alt keys stay as extras, and a composed digit character arriving in an empty message box while
-several tabs are open is taken as the tab switch it was meant to be instead of being typed there.
-Pressing the same character again right away types it.
+With default settings tmux, GNOME Terminal/VTE and Windows Terminal send alt+digit as ESC then the digit,
+and Textual turns ESC 1 … ESC 9 into the characters a Mac's option key composes ("¡", "™", "£", …: its
+table does that for WezTerm); the macOS Terminal and iTerm2 send those characters themselves, and an xterm
+in 8-bit mode sends the digit with its high bit set (alt+1 is "±"). So alt+digit never arrives as alt+digit
+and used to be typed into the message box. Every action therefore has a ctrl or function key that reaches
+the app everywhere; and one of those characters arriving in an empty message box while several tabs are
+open is taken as the tab switch it was meant to be, never typed. (To start a message with "¡" while several
+tabs are open, type it after another character, or paste it.)
 """
 
 from __future__ import annotations
-
-import time
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -23,25 +22,16 @@ from textual.widgets import Label, Static
 OPTION_DIGITS = {ch: n for n, ch in enumerate("¡™£¢∞§¶•ª", start=1)}
 EIGHT_BIT_DIGITS = {chr(0xB0 + n): n for n in range(1, 10) if chr(0xB0 + n) not in OPTION_DIGITS}
 TAB_CHARACTERS = {**EIGHT_BIT_DIGITS, **OPTION_DIGITS}
-REPEAT_TYPES_S = 2.0  # the same character again within this many seconds is typed
 
 
 class TabCharacterGuard:
     """Decides whether a typed character is a tab switch (see the module docstring); one per app."""
-
-    def __init__(self) -> None:
-        self._last: tuple[str, float] | None = None
 
     def tab_for(self, character: str | None, box_empty: bool, tabs: int) -> int | None:
         """The tab number `character` asks for, or None to type it."""
         number = TAB_CHARACTERS.get(character or "")
         if number is None or not box_empty or tabs < 2:
             return None
-        now = time.monotonic()
-        if self._last is not None and self._last[0] == character and now - self._last[1] < REPEAT_TYPES_S:
-            self._last = None
-            return None
-        self._last = (character, now)
         return number
 
 

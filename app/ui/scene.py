@@ -114,6 +114,13 @@ class SceneTab(TranscriptNavigation, Vertical):
 
     def _hint(self) -> str:
         if self.generating:
+            screen = getattr(self.app, "chat_screen", None)
+            running = getattr(screen, "running", None)
+            if screen is not None and running is not None and running != self.conversation_id:
+                other = screen.pane_for_conversation(running)
+                scene = screen.scene_for_conversation(running)
+                who = other.persona.name if other else f"the scene {scene.scene_title}" if scene else "another tab"
+                return f"Queued: waits for {who} to finish replying, then this round starts"
             return "They are replying… escape stops the round"
         return "enter send (empty: they go on) · @name picks who replies · tab to the ticks · F1 keys"
 
@@ -326,7 +333,9 @@ def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[s
 class NewSceneScreen(ModalScreen):
     """Name a scene and pick 2 to 6 personas (their speaking order is the order they are picked in)."""
 
-    BINDINGS = [Binding("ctrl+s", "create", "Create"), Binding("escape", "dismiss(None)", "Cancel")]
+    BINDINGS = [Binding("ctrl+s", "create", "Create"), Binding("escape", "dismiss(None)", "Cancel"),
+                Binding("tab", "app.focus_next", "Next field", show=False, priority=True),  # see PersonaEditorScreen
+                Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True)]
 
     def compose(self) -> ComposeResult:
         personas = sorted(self.app.personas.values(), key=lambda p: p.name.lower())

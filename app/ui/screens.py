@@ -61,8 +61,8 @@ message with **@name** (e.g. `@ann @bob what now?`) to pick who replies this rou
 them go on without you; **escape** stops the round; **tab** reaches the ticks (**space** toggles one).
 
 Every key above works in tmux, GNOME Terminal, iTerm2, Windows Terminal and the macOS Terminal with their
-default settings. Where option+digit types a character (macOS: ¡ ™ £ …), that character in an empty message box
-goes to the tab instead; press it twice to type it.
+default settings. Where alt/option+digit arrives as a character (¡ ™ £ …), that character in an empty message box
+goes to the tab instead of being typed (type it after another character, or paste it, to write it).
 
 Persona list: **ram** = cache in memory (instant), **disk** = on disk (loads in a moment), **none** = built on the first reply.
 """
@@ -127,7 +127,7 @@ class ChatScreen(Screen):
 
     async def on_mount(self) -> None:
         self.refresh_personas()
-        self.query_one("#persona-filter").focus()
+        self.set_focus(self.query_one("#persona-filter"))
         self._update_empty()
         await self.restore_tabs()
 
@@ -136,6 +136,8 @@ class ChatScreen(Screen):
         records = []
         for pane_id in self.pane_ids():
             pane = self.tabs.get_pane(pane_id)
+            if pane is None or not pane.is_attached or pane._closing or pane._pruning:
+                continue
             view = next(iter(pane.query(ChatPane)), None) or next(iter(pane.query(SceneTab)), None)
             if isinstance(view, ChatPane):
                 records.append(tab_state.TabRecord("chat", view.conversation_id, view.persona.id, view.scroll_record()))
@@ -177,7 +179,7 @@ class ChatScreen(Screen):
             if ids:
                 self.tabs.active = ids[min(max(state.active, 0), len(ids) - 1)]
                 self._tab_shown()
-                self.active_view().composer.focus()
+                self.set_focus(self.active_view().composer)
         finally:
             self._restoring = False
 
@@ -304,7 +306,7 @@ class ChatScreen(Screen):
             self.tabs.active = tab_id
         else:
             self._tab_shown()
-        pane.composer.focus()
+        self.set_focus(pane.composer)
         return pane
 
     def _tab_shown(self) -> None:
@@ -339,7 +341,7 @@ class ChatScreen(Screen):
         self._tab_shown()
         pane = self.active_view()
         if pane is not None and not isinstance(self.app.focused, (TextArea,)):
-            pane.composer.focus()
+            self.set_focus(pane.composer)
 
     def action_tab(self, step: int) -> None:
         ids = self.pane_ids()
@@ -347,13 +349,13 @@ class ChatScreen(Screen):
             return
         i = ids.index(self.tabs.active) if self.tabs.active in ids else 0
         self.tabs.active = ids[(i + step) % len(ids)]
-        self.active_view().composer.focus()
+        self.set_focus(self.active_view().composer)
 
     def action_show_tab(self, number: int) -> None:
         ids = self.pane_ids()
         if 1 <= number <= len(ids):
             self.tabs.active = ids[number - 1]
-            self.active_view().composer.focus()
+            self.set_focus(self.active_view().composer)
         elif ids:
             self.app.notify(f"There is no tab {number}: {len(ids)} open.", timeout=2)
 
@@ -379,9 +381,9 @@ class ChatScreen(Screen):
         self._update_empty()
         if self.active_view() is not None:
             self._tab_shown()
-            self.active_view().composer.focus()
+            self.set_focus(self.active_view().composer)
         else:
-            self.query_one("#persona-filter").focus()
+            self.set_focus(self.query_one("#persona-filter"))
         self.save_tabs()
 
     # -- sidebar -----------------------------------------------------------------
@@ -395,7 +397,7 @@ class ChatScreen(Screen):
 
     def action_filter_personas(self) -> None:
         self.query_one("#sidebar").display = True
-        self.query_one("#persona-filter", Input).focus()
+        self.set_focus(self.query_one("#persona-filter", Input))
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar")
@@ -403,7 +405,7 @@ class ChatScreen(Screen):
         if not sidebar.display and self.focused is not None and sidebar in self.focused.ancestors:
             pane = self.active_pane()
             if pane is not None:
-                pane.composer.focus()
+                self.set_focus(pane.composer)
 
     # -- chat actions --------------------------------------------------------------
     async def on_composer_submitted(self, message: msg.ComposerSubmitted) -> None:
@@ -439,7 +441,7 @@ class ChatScreen(Screen):
             return
         if isinstance(pane, ChatPane) and pane.cancel_edit():
             return
-        pane.composer.focus()
+        self.set_focus(pane.composer)
 
     async def action_regenerate(self) -> None:
         pane = self.active_pane()
@@ -486,7 +488,7 @@ class ChatScreen(Screen):
             return
         if pane is not None and not self.app.catalog.message_count(pane.conversation_id):
             self.app.notify("This conversation is new already: type a message.", timeout=2)
-            pane.composer.focus()
+            self.set_focus(pane.composer)
             return
         await self.open_persona(persona_id, new=True)
         self.app.notify(f"New conversation with {self.app.personas[persona_id].name}.", timeout=2)
@@ -531,7 +533,7 @@ class ChatScreen(Screen):
         else:
             self._tab_shown()
         self.refresh_caches()
-        tab.composer.focus()
+        self.set_focus(tab.composer)
         return tab
 
     async def close_scene(self, conversation_id: int) -> None:
@@ -748,7 +750,11 @@ class HelpScreen(ModalScreen):
 class PersonaEditorScreen(ModalScreen):
     """Create or edit a persona; saving writes `<id>.toml` into the user's persona folder."""
 
-    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel")]
+    # tab as a priority binding: the app moves the focus before it hands the next key to a widget, so text typed
+    # right after tab (a fast typist, a paste) lands in the next field, not in the one tab left
+    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel"),
+                Binding("tab", "app.focus_next", "Next field", show=False, priority=True),
+                Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True)]
 
     def __init__(self, persona=None) -> None:
         super().__init__()
@@ -871,6 +877,7 @@ class PersonaEditorScreen(ModalScreen):
             if warning and warning != self.warned:
                 self.warned = warning
                 self.query_one("#ed-error", Static).update(Text(warning, style="bold yellow"))
+                self.query_one("#ed-error").scroll_visible(animate=False)
                 return
             if self.persona is None or persona.id != self.persona.id:
                 taken = persona.id in self.app.personas
@@ -880,6 +887,7 @@ class PersonaEditorScreen(ModalScreen):
             path = save_persona(persona, self.app.user_persona_dir())
         except ParleyError as exc:
             self.query_one("#ed-error", Static).update(Text(str(exc), style="bold red"))
+            self.query_one("#ed-error").scroll_visible(animate=False)  # below the fold on a small terminal
             return
         self.dismiss(dataclasses.replace(persona, source=path))
 

@@ -426,6 +426,8 @@ class TranscriptNavigation:
 
     def show_in_view(self) -> None:
         """The tab came on screen: back to its saved scroll position, or to the newest message if following."""
+        if not self.query(".transcript"):  # being closed
+            return
         transcript = self.transcript
         if self.restore_scroll is not None:
             y, self.restore_scroll = self.restore_scroll, None
@@ -438,8 +440,9 @@ class TranscriptNavigation:
         """What to save: the scroll position, or None when the reader is at the newest message."""
         if self.restore_scroll is not None:
             return self.restore_scroll
-        transcript = self.transcript
-        return None if transcript.following else float(transcript.scroll_y)
+        found = self.query(".transcript")
+        transcript = found.first() if found else None
+        return None if transcript is None or transcript.following else float(transcript.scroll_y)
 
     def focus_message(self, index: int) -> bool:
         views = [v for v in self.message_views() if v.message_id is not None]
