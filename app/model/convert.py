@@ -14,9 +14,6 @@ into place, so an interrupted conversion leaves nothing half-written.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +21,7 @@ import mlx.core as mx
 
 from app.errors import ParleyError
 from app.model.gguf_check import check_gguf
-from app.model.gguf_tokenizer import build_tokenizer, dump_json, tokenizer_config
+from app.model.gguf_tokenizer import build_tokenizer
 
 Progress = Callable[[int, int, str], None]
 
@@ -143,24 +140,9 @@ def convert_gguf(gguf: Path, dest: Path, progress: Progress | None = None) -> Pa
         config["quantization"] = quantization_of(out)
         if config["quantization"]["bits"] != 4:
             raise ParleyError(f"{gguf}: only Q4_0/Q4_1 quantized GGUF files are supported.")
-    tok = build_tokenizer(meta, str(gguf))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tok.save(str(tmp / "tokenizer.json"))
-        tok_config = tokenizer_config(meta)
-        (tmp / "tokenizer_config.json").write_text(dump_json(tok_config))
-        if "chat_template" in tok_config:
-            (tmp / "chat_template.jinja").write_text(tok_config["chat_template"])
-        (tmp / "parley-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-        if progress:
-            progress(len(weights), len(weights), "saved")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from app.model.gguf_convert import write_model_folder
+
+    write_model_folder(gguf, dest, out, config, build_tokenizer(meta, str(gguf)), meta)
+    if progress:
+        progress(len(weights), len(weights), "saved")
     return dest

@@ -328,7 +328,7 @@ class _CpuAttention:
         qkv, o = self.__dict__.get("_qkv"), self._o_q4()
         if qkv is None or o is None or cache is None or hasattr(cache, "bits") or qkv.K != xa.size:
             return None
-        H, Hkv = a.n_heads, a.n_kv_heads
+        Hkv = a.n_kv_heads
         y = mx.array(qkv.numpy(xa)).reshape(1, 1, qkv.O)
         nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
         q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]

@@ -76,6 +76,8 @@ def convert_any_gguf(gguf: Path, dest: Path, progress: Progress | None = None) -
     """Convert `gguf` into an mlx-lm folder at `dest` (atomic); return `dest`."""
     import mlx.core as mx
 
+    from app.model.convert import unpermute_rows
+
     reader = open_gguf(gguf)
     meta = read_meta(reader)
     arch = gguf_arch.check_gguf_architecture(meta.get("general.architecture"), str(gguf))
@@ -105,7 +107,7 @@ def convert_any_gguf(gguf: Path, dest: Path, progress: Progress | None = None) -
             if part in out:
                 a = out[part]
                 if which:
-                    a = _unpermute_rows(a, config["num_attention_heads" if which == "q" else "num_key_value_heads"])
+                    a = unpermute_rows(a, config["num_attention_heads" if which == "q" else "num_key_value_heads"])
                 offset = gguf_arch.norm_offset(arch, tensor.name)
                 if offset:
                     a = (a.astype(mx.float32) + offset).astype(a.dtype)
@@ -116,20 +118,14 @@ def convert_any_gguf(gguf: Path, dest: Path, progress: Progress | None = None) -
     if quant:
         bits = [q["bits"] for q in quant.values()]
         config["quantization"] = {"group_size": 32, "bits": max(set(bits), key=bits.count), **quant}
-    _write_folder(gguf, dest, weights, config, tokenizer, meta)
+    write_model_folder(gguf, dest, weights, config, tokenizer, meta)
     if progress:
         progress(total, total, "saved")
     return dest
 
 
-def _unpermute_rows(w, n_heads: int):
-    """Undo llama.cpp's rotary row permutation (rows: reshape(h, 2, d/2).swapaxes(1, 2) in the file)."""
-    rows = w.shape[0]
-    half = rows // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _write_folder(gguf: Path, dest: Path, weights: dict, config: dict, tokenizer, meta: dict) -> None:
+def write_model_folder(gguf: Path, dest: Path, weights: dict, config: dict, tokenizer, meta: dict) -> None:
+    """Write an mlx-lm folder (weights, config, tokenizer, template, where it came from) at `dest`, atomically."""
     import mlx.core as mx
 
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def _random_k_blocks(rows: int, cols: int, kind: str, rng) -> np.ndarray:
 
 
 def _permute_rows(data: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's Q/K row permutation (inverse of the converter's `_unpermute_rows`)."""
+    """llama.cpp's Q/K row permutation (inverse of the converter's `unpermute_rows`)."""
     rows = data.shape[0]
     return data.reshape(heads, 2, rows // heads // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
