@@ -246,15 +246,21 @@ async def test_an_empty_reply_and_a_reply_stopped_before_its_first_token_say_so(
                                                                      "decode_tps": 0.0, "cache": "ram"}})
         await pane.reload()
         assert "(empty reply)" in pane.last_reply().query_one(".msg-body").source
-        before = len(replies(app, pane.conversation_id))
-        progressed = len(events_of(app, ev.PrefillProgressed))
         per_word = app.engine.count_tokens("long " * 100) / 100
-        pane.composer.text = "long " * int(1500 / per_word)  # three prefill chunks: stopped while reading
+        relay = app._engine_event
+
+        def stop_while_reading(event):  # on the engine thread, as the first chunk is read: no race with the UI
+            if isinstance(event, ev.PrefillProgressed) and event.done < event.total:
+                app.engine.cancel()
+            relay(event)
+
+        app.engine._on_event = stop_while_reading
+        before = len(replies(app, pane.conversation_id))
+        pane.composer.text = "long " * int(1500 / per_word)  # three prefill chunks
         await pilot.press("enter")
-        await wait_until(pilot, lambda: len(events_of(app, ev.PrefillProgressed)) > progressed, what="the read")
-        await pilot.press("escape")
         await wait_until(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating,
                          what="the stop")
+        app.engine._on_event = relay
         stopped = replies(app, pane.conversation_id)[-1]
         assert stopped.cancelled and stopped.message_id == 0
         notes = pane.transcript.query(".stopped-note")
