@@ -3,7 +3,6 @@ and the smaller things a first hour trips on. Pilot, on the tiny model."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -65,7 +64,7 @@ async def test_every_tab_action_has_a_ctrl_or_function_key(make_app):
         await pilot.press("ctrl+l")
         assert copied == [tester.last_reply().text]
         await pilot.press("ctrl+w")
-        await wait_until(pilot, lambda: screen.pane_ids() == [f"tab-other"], what="the tab to close")
+        await wait_until(pilot, lambda: screen.pane_ids() == ["tab-other"], what="the tab to close")
 
 
 async def type_character(pilot, character: str) -> None:
