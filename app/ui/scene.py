@@ -20,10 +20,11 @@ from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
 from app.engine import events as ev
+from app.engine.lore import lore_items
 from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
 from app.errors import ParleyError
 from app.ui.handles import handle_hint, take_handles
-from app.ui.widgets import ChatInput, MessageView, Transcript, TranscriptNavigation, stats_line
+from app.ui.widgets import ChatInput, MessageView, Transcript, TranscriptNavigation, lore_mark, stats_line
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -37,6 +38,22 @@ def round_line(speakers: int, batch_tps: float, cancelled: bool = False) -> str:
     """The figures of a whole round: how many spoke together and their tokens/s as one batch."""
     line = f"round · {speakers} speaker{'s' if speakers != 1 else ''} · batch {batch_tps:.0f} tok/s"
     return line + (" · stopped" if cancelled else "")
+
+
+def scene_lore_of(catalog, message) -> tuple[dict, ...]:
+    """Lorebook entries that entered this speaker's view with the round of this reply.
+
+    app.engine.lore keeps them on the round's newest message (meta["lore_by"][speaker]); every reply of that
+    round carries that message's id as meta["round"] (app.engine.scene), so a reopened scene finds them again.
+    """
+    if message is None or message.role != "assistant" or not message.persona_id:
+        return ()
+    anchor_id = message.meta.get("round")
+    anchor = catalog.get_message(anchor_id) if isinstance(anchor_id, int) and anchor_id else None
+    if anchor is None or anchor.conversation_id != message.conversation_id:
+        return ()
+    by = anchor.meta.get("lore_by")
+    return tuple(lore_items({"lore": by.get(message.persona_id)})) if isinstance(by, dict) else ()
 
 
 class SceneLine(MessageView):
@@ -175,9 +192,10 @@ class SceneTab(TranscriptNavigation, Vertical):
         if message.role == "user" or message.persona_id is None:
             return SceneLine("user", message.content, message.id)
         stats = stats_line(message.meta.get("stats"), bool(message.meta.get("cancelled")))
+        lore = scene_lore_of(self.app.catalog, message)
         return SceneLine("assistant", message.content, message.id, persona_id=message.persona_id,
                          speaker=self.name_of(message.persona_id), color=self.color_of(message.persona_id),
-                         stats=stats)
+                         stats=stats + lore_mark(lore), lore=lore)
 
     async def reload(self) -> None:
         """Bring the transcript in line with the catalog: keep the views that still match, replace the rest."""
@@ -275,7 +293,9 @@ class SceneTab(TranscriptNavigation, Vertical):
         if live is None:
             return
         if event.message_id:
-            await live.finish(event.text, event.message_id, stats_line(event.stats, event.cancelled))
+            live.lore = scene_lore_of(self.app.catalog, self.app.catalog.get_message(event.message_id))
+            await live.finish(event.text, event.message_id,
+                              stats_line(event.stats, event.cancelled) + lore_mark(live.lore))
         else:
             await live.stop_stream()
             await live.remove()
