@@ -1,17 +1,20 @@
 """The conversation's notes in the app: read and edit what the model wrote about turns that left its view.
 
 The notes live in the catalog (app.catalog.notes); the engine reads them at the next turn, so an edit
-takes effect then (the view after the preamble is read again once).
+takes effect then (the view after the preamble is read again once). A scene keeps notes per seat (each
+member sees the room from its own seat), so in a scene tab the user first picks whose notes to open.
 """
 
 from __future__ import annotations
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, Static, TextArea
+from textual.widgets import Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
 
 from app.errors import ParleyError
 
@@ -54,3 +57,42 @@ class NotesScreen(ModalScreen):
             return
         self.app.notify("Notes saved; the model reads them from the next turn.")
         self.dismiss(True)
+
+
+class SeatScreen(ModalScreen):
+    """Pick the scene member whose notes to open; enter picks (dismisses with its persona id), escape closes."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, title: str, seats: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.seats = seats  # (persona id, name, colour), in speaking order
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="seats-box", classes="dialog"):
+            yield Label(f"Notes · {self.title_text} · whose?", classes="dialog-title")
+            yield OptionList(*[Option(Text(name, style=f"bold {color}"), id=pid) for pid, name, color in self.seats],
+                             id="seat-list")
+            yield Static("each member keeps its own notes · enter opens · escape closes", classes="dialog-hint")
+
+    def on_mount(self) -> None:
+        options = self.query_one(OptionList)
+        options.highlighted = 0 if self.seats else None
+        options.focus()
+
+    @on(OptionList.OptionSelected)
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+def open_scene_notes(app, scene) -> None:
+    """The notes dialog for a scene tab: pick the seat, then read or edit that member's notes."""
+
+    def picked(persona_id: str | None) -> None:
+        if persona_id:
+            app.push_screen(NotesScreen(scene.conversation_id, f"{scene.scene_title} · {scene.name_of(persona_id)}",
+                                        persona_id))
+
+    seats = [(pid, scene.name_of(pid), scene.color_of(pid)) for pid in scene.members]
+    app.push_screen(SeatScreen(scene.scene_title, seats), picked)

@@ -575,12 +575,15 @@ class ChatScreen(Screen):
         return self.app.personas.get(pid) if pid else None
 
     def action_notes(self) -> None:
-        from app.ui.notes import NotesScreen
+        from app.ui.notes import NotesScreen, open_scene_notes
 
         pane = self.active_pane()
+        scene = self.active_scene() if pane is None else None
+        if scene is not None:
+            open_scene_notes(self.app, scene)  # a scene keeps notes per seat: pick whose first
+            return
         if pane is None:
-            self.app.notify("Open a chat to see its notes (scenes: `parley notes --conversation ID --seat PERSONA`).",
-                            severity="warning")
+            self.app.notify("Open a chat or a scene to see its notes.", severity="warning")
             return
         self.app.push_screen(NotesScreen(pane.conversation_id, pane.persona.name))
 
