@@ -20,11 +20,11 @@ from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
 from app.engine import events as ev
-from app.engine.lore import lore_items
 from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
 from app.errors import ParleyError
 from app.ui.handles import handle_hint, take_handles
-from app.ui.widgets import ChatInput, MessageView, Transcript, TranscriptNavigation, lore_mark, stats_line
+from app.ui.widgets import (ChatInput, MessageView, Transcript, TranscriptNavigation, lore_entries, lore_mark,
+                            stats_line)
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -53,7 +53,7 @@ def scene_lore_of(catalog, message) -> tuple[dict, ...]:
     if anchor is None or anchor.conversation_id != message.conversation_id:
         return ()
     by = anchor.meta.get("lore_by")
-    return tuple(lore_items({"lore": by.get(message.persona_id)})) if isinstance(by, dict) else ()
+    return lore_entries(by.get(message.persona_id)) if isinstance(by, dict) else ()
 
 
 class SceneLine(MessageView):

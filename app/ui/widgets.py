@@ -72,7 +72,11 @@ def lore_of(catalog, message) -> tuple[dict, ...]:
     if message is None or message.role != "assistant" or not message.parent_id:
         return ()
     parent = catalog.get_message(message.parent_id)
-    items = parent.meta.get("lore") if parent is not None else None
+    return lore_entries(parent.meta.get("lore") if parent is not None else None)
+
+
+def lore_entries(items) -> tuple[dict, ...]:
+    """The entries of a stored lore list (meta may be hand-edited: anything else is no entries)."""
     return tuple(i for i in items if isinstance(i, dict)) if isinstance(items, list) else ()
 
 
