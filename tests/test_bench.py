@@ -112,3 +112,10 @@ def test_serve(tiny_model_dir, tiny_lm, parley_home):
     _check("serve", result, {"k2_fresh_ttft_ms", "k2_restart_cached_tokens", "k2_fresh_aggregate_tps"})
     assert result["k2_fresh_turns"] == 4 and result["k2_restart_turns"] == 2
     assert result["k2_restart_cached_tokens"] > result["k2_fresh_cached_tokens"] > 0
+
+
+def test_bench_serve_takes_the_client_counts_from_the_command_line():
+    from app.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "serve", "--clients", "1", "4"])
+    assert args.parts == ["serve"] and args.serve_clients == [1, 4]

@@ -39,6 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--window", type=int, default=None,
                    help="memory: context window in tokens (default: chosen so the conversation overflows once)")
     p.add_argument("--memory-turns", type=int, default=None, help="memory: turns of the conversation (default 200)")
+    p.add_argument("--clients", type=int, nargs="+", dest="serve_clients", default=None, metavar="K",
+                   help="serve: numbers of simulated clients to run (default 1 4 8)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
     p.set_defaults(handler=run)
 
