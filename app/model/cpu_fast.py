@@ -599,16 +599,7 @@ def speed_up_for_cpu(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(replacements))
     model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
     mx.eval(model.parameters())
-    if kernels() is None:
-        return
-    for layer in getattr(getattr(model, "model", model), "layers", []):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is not None and _is_llama_attention(attn) and not isinstance(attn, _CpuAttention):
-            _retype(attn, _CpuAttention)
-        if mlp is not None and _is_swiglu_mlp(mlp) and not isinstance(mlp, _CpuMLP):
-            _retype(mlp, _CpuMLP)
-        if _is_llama_block(layer) and not isinstance(layer, _CpuBlock):
-            _retype(layer, _CpuBlock)
+    _use_kernels(model, blocks=True)
 
 
 LEAN_MB_DEFAULT = 1024
@@ -634,6 +625,12 @@ def _keep_quantized(model: nn.Module) -> None:
     for _, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear) and not isinstance(module, _LeanLinear):
             _retype(module, _LeanLinear)
+    _use_kernels(model, blocks=False)
+
+
+def _use_kernels(model: nn.Module, blocks: bool) -> None:
+    """Give attention and MLP modules whose math is llama's the C-kernel classes (and, with `blocks`, whole
+    blocks the host-side one-token step); nothing when the kernels could not be built."""
     if kernels() is None:
         return
     for layer in getattr(getattr(model, "model", model), "layers", []):
@@ -642,6 +639,8 @@ def _keep_quantized(model: nn.Module) -> None:
             _retype(attn, _CpuAttention)
         if mlp is not None and _is_swiglu_mlp(mlp) and not isinstance(mlp, _CpuMLP):
             _retype(mlp, _CpuMLP)
+        if blocks and _is_llama_block(layer) and not isinstance(layer, _CpuBlock):
+            _retype(layer, _CpuBlock)
 
 
 class _LeanLinear:
