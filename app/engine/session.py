@@ -11,12 +11,12 @@ from typing import Callable
 
 from app import paths
 from app.catalog.context import context_start, set_context_start
+from app.catalog.message_tokens import save_token_ids, token_ids_of
 from app.catalog.store import LEAF
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine import faults
 from app.engine.generation import decode, prefill
-from app.catalog.message_tokens import save_token_ids, token_ids_of
 from app.engine.notes import prompt_with_notes
 from app.engine.prompt import common_prefix, transcript_messages
 from app.engine.token_render import attach_token_ids
