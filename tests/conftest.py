@@ -36,3 +36,24 @@ def embedded_model_dir(tmp_path_factory) -> Path:
     from app.model.loader import embedded_gguf
 
     return convert_gguf(embedded_gguf(), tmp_path_factory.mktemp("embedded") / "smollm2")
+
+
+@pytest.fixture
+def runner(tiny_model_dir, personas_dir):
+    """An engine thread on the tiny model over the test module's own `personas_dir`."""
+    from tests.engine_helpers import EngineRunner
+
+    r = EngineRunner(tiny_model_dir, personas_dir)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def make_app(tiny_model_dir, personas_dir):
+    """Builds the app on the tiny model over the test module's own `personas_dir` (`run_test` starts it)."""
+    from app.ui.app import ParleyApp
+
+    def make(**kwargs) -> ParleyApp:
+        return ParleyApp(model=str(tiny_model_dir), personas_dirs=[personas_dir], **kwargs)
+
+    return make

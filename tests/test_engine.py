@@ -20,13 +20,6 @@ def personas_dir(tmp_path):
     return folder
 
 
-@pytest.fixture
-def runner(tiny_model_dir, personas_dir):
-    r = EngineRunner(tiny_model_dir, personas_dir)
-    yield r
-    r.close()
-
-
 def new_conversation(persona_id="tester") -> int:
     with Catalog() as catalog:
         return catalog.create_conversation(persona_id)

@@ -9,7 +9,7 @@ import pytest
 from app.catalog import Catalog
 from app.engine import commands as cmd
 from app.engine import events as ev
-from tests.engine_helpers import EngineRunner, write_persona
+from tests.engine_helpers import write_persona
 
 LORE = '''
 [lorebook]
@@ -36,13 +36,6 @@ def personas_dir(tmp_path):
     with open(folder / "keeper.toml", "a") as f:
         f.write(LORE)
     return folder
-
-
-@pytest.fixture
-def runner(tiny_model_dir, personas_dir):
-    r = EngineRunner(tiny_model_dir, personas_dir)
-    yield r
-    r.close()
 
 
 def new_conversation() -> int:

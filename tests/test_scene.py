@@ -23,13 +23,6 @@ def personas_dir(tmp_path):
     return folder
 
 
-@pytest.fixture
-def runner(tiny_model_dir, personas_dir):
-    r = EngineRunner(tiny_model_dir, personas_dir)
-    yield r
-    r.close()
-
-
 def new_scene(members=MEMBERS, title="Room") -> int:
     with Catalog() as catalog:
         return catalog.create_conversation(None, kind="scene", title=title, members=list(members))

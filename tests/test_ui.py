@@ -22,14 +22,6 @@ def personas_dir(tmp_path) -> Path:
     return write_personas(tmp_path / "personas")
 
 
-@pytest.fixture
-def make_app(tiny_model_dir, personas_dir):
-    def make(**kwargs) -> ParleyApp:
-        return ParleyApp(model=str(tiny_model_dir), personas_dirs=[personas_dir], **kwargs)
-
-    return make
-
-
 async def open_persona(pilot, name: str, type_it: bool = False) -> ChatPane:
     """Filter the persona list (typed key by key, or pasted) and press enter, as a user would."""
     app = pilot.app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_ui import SIZE, make_app, open_persona, personas_dir, send  # noqa: F401 (fixtures)
+from tests.test_ui import SIZE, open_persona, personas_dir, send  # noqa: F401 (a fixture)
 from tests.test_ui_helpers import wait_until, write_personas
 
 pytestmark = pytest.mark.asyncio

@@ -22,16 +22,6 @@ def personas_dir(tmp_path) -> Path:
     return write_personas(tmp_path / "personas")
 
 
-@pytest.fixture
-def make_app(tiny_model_dir, personas_dir):
-    from app.ui.app import ParleyApp
-
-    def make(**kwargs) -> ParleyApp:
-        return ParleyApp(model=str(tiny_model_dir), personas_dirs=[personas_dir], **kwargs)
-
-    return make
-
-
 def header(pane) -> str:
     return str(pane.query_one(".chat-header").render())
 

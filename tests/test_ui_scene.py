@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from app.engine import events as ev
-from app.ui.app import ParleyApp
 from app.ui.scene import NewSceneScreen, SceneLine, SceneTab, ScenesScreen
 from tests.test_ui_helpers import events_of, wait_until, write_personas
 
@@ -19,14 +18,6 @@ SIZE = (120, 40)
 @pytest.fixture
 def personas_dir(tmp_path) -> Path:
     return write_personas(tmp_path / "personas")
-
-
-@pytest.fixture
-def make_app(tiny_model_dir, personas_dir):
-    def make(**kwargs) -> ParleyApp:
-        return ParleyApp(model=str(tiny_model_dir), personas_dirs=[personas_dir], **kwargs)
-
-    return make
 
 
 def rounds(app, conversation_id: int) -> list[ev.SceneRoundFinished]:
