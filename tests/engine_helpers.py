@@ -57,3 +57,24 @@ class EngineRunner:
 
     def close(self) -> None:
         self.engine.shutdown()
+
+
+def teacher_forced_logits(lm, prompt: list[int], forced: list[int], chunk: int) -> list:
+    """The engine's path as numpy rows: `prefill` in chunks (last position's logits only), then one
+    model call per forced token; compared with mlx-lm's own model by the architecture and GGUF tests."""
+    import mlx.core as mx
+    import numpy as np
+
+    from app.engine.generation import prefill
+    from app.kvstore.conversation_cache import ConversationCache
+    from app.kvstore.schemes import get_scheme
+
+    cache = ConversationCache.empty(lm.n_layers, get_scheme("f16"), lm.fingerprint)
+    logits = None
+    for step in prefill(lm.model, cache, prompt, chunk=chunk):
+        logits = step.logits
+    out = [logits[0]]
+    for t in forced:
+        out.append(lm.model(mx.array([[t]]), cache=cache.layers)[0, -1])
+        cache.appended([t])
+    return [np.array(o) for o in out]

@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from app.model import cpu_fast
 from app.model.tiny_zoo import ARCHITECTURES, QUANTIZATIONS, build_tiny_arch
+from tests.engine_helpers import teacher_forced_logits
 
 PROMPT = [5 + (i * 7) % 300 for i in range(21)]  # longer than gemma3's tiny sliding window (8)
 FORCED = [11, 42, 7, 250, 99, 3]
@@ -57,20 +58,7 @@ def reference_logits(folder) -> list[np.ndarray]:
 
 
 def parley_logits(lm, chunk: int = 8) -> list[np.ndarray]:
-    """The engine's path: `prefill` in chunks (last position's logits only), then one-token model calls."""
-    from app.engine.generation import prefill
-    from app.kvstore.conversation_cache import ConversationCache
-    from app.kvstore.schemes import get_scheme
-
-    cache = ConversationCache.empty(lm.n_layers, get_scheme("f16"), lm.fingerprint)
-    logits = None
-    for step in prefill(lm.model, cache, PROMPT, chunk=chunk):
-        logits = step.logits
-    out = [logits[0]]
-    for t in FORCED:
-        out.append(lm.model(mx.array([[t]]), cache=cache.layers)[0, -1])
-        cache.appended([t])
-    return [np.array(o) for o in out]
+    return teacher_forced_logits(lm, PROMPT, FORCED, chunk)
 
 
 def assert_same_logits(ours, ref) -> None:

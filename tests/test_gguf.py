@@ -15,6 +15,7 @@ import mlx.core as mx
 from app.errors import ParleyError
 from app.model.gguf_tensors import SUPPORTED_TYPES
 from app.model.tiny_gguf import write_tiny_gguf
+from tests.engine_helpers import teacher_forced_logits
 
 PROMPT = [5 + (i * 7) % 300 for i in range(13)]
 FORCED = [11, 42, 7, 250]
@@ -39,19 +40,7 @@ def reference_logits(reference: dict, config: dict) -> list[np.ndarray]:
 
 
 def parley_logits(lm) -> list[np.ndarray]:
-    from app.engine.generation import prefill
-    from app.kvstore.conversation_cache import ConversationCache
-    from app.kvstore.schemes import get_scheme
-
-    cache = ConversationCache.empty(lm.n_layers, get_scheme("f16"), lm.fingerprint)
-    logits = None
-    for step in prefill(lm.model, cache, PROMPT, chunk=5):
-        logits = step.logits
-    out = [logits[0]]
-    for t in FORCED:
-        out.append(lm.model(mx.array([[t]]), cache=cache.layers)[0, -1])
-        cache.appended([t])
-    return [np.array(o) for o in out]
+    return teacher_forced_logits(lm, PROMPT, FORCED, chunk=5)
 
 
 def check(arch: str, kind: str, tmp_path) -> None:
