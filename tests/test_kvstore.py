@@ -8,6 +8,7 @@ import mlx.core as mx
 import pytest
 
 from app.catalog import Catalog
+from app.catalog.caches import CacheStore
 from app.kvstore.blockfile import FORMAT_VERSION
 from app.kvstore.manager import CacheManager
 from app.kvstore.pool import BlockPool
@@ -96,7 +97,7 @@ def _corrupt(kind: str, pool, lm):
         files[0].write_bytes(data.replace(stamp, b'"format":"9"'))
     elif kind == "foreign":
         # the same tokens cached by another model: same layout, other fingerprint
-        other = BlockPool(Catalog(pool.root.parent / "other.db"), pool.root.parent / "other", "0" * 64, pool.scheme, lm.n_layers)
+        other = BlockPool(CacheStore(Catalog(pool.root.parent / "other.db")), pool.root.parent / "other", "0" * 64, pool.scheme, lm.n_layers)
         other.save("conv:1", fill(lm, other, tokens(600)), None, "p")
         for mine, theirs in zip(files, _block_files(other)):
             shutil.copyfile(theirs, mine)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from app.catalog.context import context_start, set_context_start
+from app.catalog.caches import context_start, conversation_key, preamble_key, set_context_start
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.faults import save_cache
@@ -182,9 +182,7 @@ def member_names(session, members) -> dict[str, str]:
 
 
 def run_scene_round(session, c: cmd.SceneRound) -> None:
-    from app.engine.session import conversation_key
-
-    conv = session._conversation(c.conversation_id)
+    conv = session.conversation(c.conversation_id)
     if conv.kind != "scene":
         raise ParleyError(f"Conversation {conv.id} is a chat, not a scene: use `parley chat` for it.")
     members = list(conv.members)
@@ -201,11 +199,11 @@ def run_scene_round(session, c: cmd.SceneRound) -> None:
     seats = []
     for pid in speakers:
         persona = session.persona(pid)
-        turn = session._turn(conv, persona, c.sampling, None, speaker=pid, key=conversation_key(cid, pid))
+        turn = session.make_turn(conv, persona, c.sampling, None, speaker=pid, key=conversation_key(cid, pid))
         seed = turn.sampling.seed
         seats.append(_Speaker(persona, turn, _Sampler(turn.sampling, None if seed is None else seed + members.index(pid))))
     if text:
-        session._check_fits(text, max((s.turn.sampling for s in seats), key=lambda s: s.max_tokens))
+        session.check_fits(text, max((s.turn.sampling for s in seats), key=lambda s: s.max_tokens))
         user_id = session.catalog.add_message(cid, "user", text)
         session.emit(ev.MessageSaved(cid, user_id, "user"))
     else:
@@ -229,7 +227,7 @@ def run_scene_round(session, c: cmd.SceneRound) -> None:
     except BaseException:
         for seat in prepared:  # a step that failed half-way may have left a cache out of step with its tokens
             if seat.cache is not None and not all(l.offset == seat.cache.n_tokens for l in seat.cache.layers):
-                session.manager.entries.pop(seat.turn.key, None)  # the copy on disk is the last good one
+                session.manager.discard(seat.turn.key)  # the copy on disk is the last good one
                 seat.cache = None
         _persist(session, cid, prepared)
         raise
@@ -239,7 +237,7 @@ def run_scene_round(session, c: cmd.SceneRound) -> None:
 def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
     """Build the speaker's prompt and feed its cache what it lacks; False if cancelled on the way."""
     from app.engine.generation import prefill
-    from app.engine.session import PROGRESS_MIN_TOKENS, preamble_key
+    from app.engine.session import PROGRESS_MIN_TOKENS
     from app.personas import post_history, preamble_hash, preamble_messages
 
     turn, persona, catalog = seat.turn, seat.persona, session.catalog
@@ -252,7 +250,7 @@ def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
     if prompt.start != start:
         set_context_start(catalog, cid, prompt.start, seat.pid)
         session.emit(ev.ContextTrimmed(cid, prompt.start))
-    seat.cache, seat.source = session._cache_for(turn, preamble_key(persona.id, preamble_hash(persona)))
+    seat.cache, seat.source = session.cache_for(turn, preamble_key(persona.id, preamble_hash(persona)))
     reused = min(common_prefix(seat.cache.tokens, prompt.ids), len(prompt.ids) - 1)
     seat.cache.trim_to(reused)
     seat.reused = reused
@@ -266,14 +264,14 @@ def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
         elif session.cancelled():
             seat.prefilled = step.done
             return False
-    session._snapshot_preamble(turn, seat.cache, prompt.preamble_ids)
+    session.snapshot_preamble(turn, seat.cache, prompt.preamble_ids)
     seat.stream = session.lm.tokenizer.stream()
     return True
 
 
 def _decode_together(session, cid: int, seats: list[_Speaker]) -> tuple[float, float] | None:
     """Sample every speaker's next token, then feed all of them in one batch step, until all are done."""
-    decoder = _decoder(session)
+    decoder = session.batch_decoder("scene")
     eos = session.lm.tokenizer.eos_ids
     active = list(seats)
     first_at = None
@@ -303,16 +301,6 @@ def _decode_together(session, cid: int, seats: list[_Speaker]) -> tuple[float, f
     for seat in seats:
         seat.ended = seat.ended or ended
     return (first_at, ended) if first_at is not None else None
-
-
-def _decoder(session):
-    from app.engine.batch import RaggedDecoder
-
-    decoder = getattr(session, "_scene_decoder", None)
-    if decoder is None or decoder.model is not session.lm.model:
-        decoder = RaggedDecoder(session.lm.model)
-        session._scene_decoder = decoder
-    return decoder
 
 
 def _finish(session, cid: int, seats, prepared, started: float, round_id: int, cancelled: bool, decode_span) -> None:
