@@ -187,9 +187,9 @@ class Session:
         self.emit_states()
 
     def _on_SceneRound(self, c: cmd.SceneRound) -> None:
-        from app.engine.scene import run_scene_round
+        from app.engine.scene import SceneRunner
 
-        run_scene_round(self, c)
+        SceneRunner(self).run(c)
 
     def _on_Forget(self, c: cmd.Forget) -> None:
         for key in [k for k, e in self.manager.entries.items() if e.conversation_id == c.conversation_id]:
