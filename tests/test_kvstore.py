@@ -182,6 +182,20 @@ def test_eviction_keeps_ram_under_budget(lm):
     assert source == "disk" and cache.n_tokens == 600
 
 
+def test_discard_drops_from_ram_unsaved_and_unpins(lm):
+    """What a scene round does with a cache a failed step left out of step: the copy on disk stays the last good one."""
+    pool = make_pool(lm)
+    manager = CacheManager(pool, budget_bytes=1 << 40)
+    manager.put("conv:1", fill(lm, pool, tokens(300)), None, "p")
+    manager.save("conv:1")
+    manager.put("conv:1", fill(lm, pool, tokens(400)), None, "p")  # newer, dirty, never saved
+    manager.pin("conv:1")
+    manager.discard("conv:1")
+    assert "conv:1" not in manager.entries and manager.pinned is None
+    cache, source, _ = manager.get("conv:1")
+    assert source == "disk" and cache.n_tokens == 300
+
+
 def test_compact_caches_take_less_ram_and_come_back_exact(lm):
     pool = make_pool(lm)
     manager = CacheManager(pool, budget_bytes=1 << 40)
