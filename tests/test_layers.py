@@ -44,6 +44,17 @@ def test_catalog_and_personas_do_not_import_mlx():
     assert not offenders
 
 
+def test_kvstore_does_not_import_the_catalog():
+    """The block pool is handed its store of cache records (app.catalog.caches.CacheStore) instead."""
+    offenders = {
+        f"{f.relative_to(APP)} imports {name}"
+        for f in (APP / "kvstore").rglob("*.py")
+        for name in imported_modules(f)
+        if name == "app.catalog" or name.startswith("app.catalog.")
+    }
+    assert not offenders, sorted(offenders)
+
+
 def test_server_does_not_import_mlx_or_the_ui():
     """app.serve is an upper layer like app.ui: it talks to the engine thread, never to MLX or Textual."""
     offenders = {
