@@ -15,7 +15,8 @@ from pathlib import Path
 from app.errors import ParleyError
 
 
-def _default_home() -> Path:
+def default_home() -> Path:
+    """Where user data lives when PARLEY_HOME is not set (the platform's usual place)."""
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "parley"
     if os.name == "nt":
@@ -26,7 +27,7 @@ def _default_home() -> Path:
 
 def parley_home() -> Path:
     """The user data folder, created on first use, readable by its owner only."""
-    home = Path(os.environ.get("PARLEY_HOME") or _default_home()).expanduser()
+    home = Path(os.environ.get("PARLEY_HOME") or default_home()).expanduser()
     try:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         # a probe name of its own: the engine thread and the UI may check at the same moment

@@ -6,13 +6,14 @@ import mlx.core as mx
 
 from app import paths
 from app.catalog import Catalog
+from app.catalog.caches import CacheStore
 from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.pool import BlockPool
 from app.kvstore.schemes import get_scheme
 
 
 def make_pool(lm, scheme: str = "q4", fingerprint: str | None = None) -> BlockPool:
-    return BlockPool(Catalog(), paths.caches_dir(), fingerprint or lm.fingerprint, get_scheme(scheme), lm.n_layers)
+    return BlockPool(CacheStore(Catalog()), paths.caches_dir(), fingerprint or lm.fingerprint, get_scheme(scheme), lm.n_layers)
 
 
 def fill(lm, pool: BlockPool, token_ids: list[int], chunk: int = 128) -> ConversationCache:

@@ -8,6 +8,7 @@ import mlx.core as mx
 import pytest
 
 from app.catalog import Catalog
+from app.catalog.caches import CacheStore
 from app.kvstore.blockfile import FORMAT_VERSION
 from app.kvstore.manager import CacheManager
 from app.kvstore.pool import BlockPool
@@ -96,7 +97,7 @@ def _corrupt(kind: str, pool, lm):
         files[0].write_bytes(data.replace(stamp, b'"format":"9"'))
     elif kind == "foreign":
         # the same tokens cached by another model: same layout, other fingerprint
-        other = BlockPool(Catalog(pool.root.parent / "other.db"), pool.root.parent / "other", "0" * 64, pool.scheme, lm.n_layers)
+        other = BlockPool(CacheStore(Catalog(pool.root.parent / "other.db")), pool.root.parent / "other", "0" * 64, pool.scheme, lm.n_layers)
         other.save("conv:1", fill(lm, other, tokens(600)), None, "p")
         for mine, theirs in zip(files, _block_files(other)):
             shutil.copyfile(theirs, mine)
@@ -179,6 +180,20 @@ def test_eviction_keeps_ram_under_budget(lm):
     assert "conv:5" in manager.entries  # the pinned one stays
     cache, source, _ = manager.get("conv:1")  # evicted earlier: comes back from disk
     assert source == "disk" and cache.n_tokens == 600
+
+
+def test_discard_drops_from_ram_unsaved_and_unpins(lm):
+    """What a scene round does with a cache a failed step left out of step: the copy on disk stays the last good one."""
+    pool = make_pool(lm)
+    manager = CacheManager(pool, budget_bytes=1 << 40)
+    manager.put("conv:1", fill(lm, pool, tokens(300)), None, "p")
+    manager.save("conv:1")
+    manager.put("conv:1", fill(lm, pool, tokens(400)), None, "p")  # newer, dirty, never saved
+    manager.pin("conv:1")
+    manager.discard("conv:1")
+    assert "conv:1" not in manager.entries and manager.pinned is None
+    cache, source, _ = manager.get("conv:1")
+    assert source == "disk" and cache.n_tokens == 300
 
 
 def test_compact_caches_take_less_ram_and_come_back_exact(lm):

@@ -94,7 +94,7 @@ def _budget(lm, home, personas, rounds: int) -> tuple[int, dict]:
     active = m.entry_bytes("a")
     m.entries["i"] = Entry(CompactCache.of(cache), None, p.id)
     idle = m.entry_bytes("i")
-    pool.catalog.close()
+    pool.store.catalog.close()
     return active + 2 * idle, {"probe_tokens": len(ids), "active_bytes": active, "idle_bytes": idle}
 
 

@@ -38,6 +38,7 @@ def run(lm, args) -> dict:
 def measure(lm, home, context: int = CONTEXT, budget: int = BUDGET_BYTES, say=print) -> dict:
     import mlx.core as mx
 
+    from app.catalog.caches import conversation_key
     from app.kvstore.conversation_cache import ConversationCache
     from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
     from app.kvstore.manager import CacheManager, CompactCache, Entry
@@ -76,7 +77,7 @@ def measure(lm, home, context: int = CONTEXT, budget: int = BUDGET_BYTES, say=pr
         fit = 0
         while True:  # distinct conversations: same arrays, their own block addresses (nothing shared)
             c = CompactCache(compact.tokens, [f"{h}:{fit}" for h in compact.hashes], compact.sealed, compact.tails, compact.dtype)
-            manager.entries[f"conv:{fit}"] = Entry(c, fit, "bench")
+            manager.entries[conversation_key(fit)] = Entry(c, fit, "bench")
             if manager.ram_bytes() > budget:
                 break
             fit += 1

@@ -83,14 +83,15 @@ def context_text(lm, n_tokens: int) -> str:
 def make_pool(lm, home: Path, scheme: str = "q4", catalog=None):
     """A BlockPool (and its catalog) under `home`, as `Session.open` builds it."""
     from app.catalog import Catalog
-    from app.engine.session import _activation_dtype, kv_shape
+    from app.catalog.caches import CacheStore
+    from app.engine.session import activation_dtype, kv_shape
     from app.kvstore.pool import BlockPool
     from app.kvstore.schemes import get_scheme
 
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     catalog = catalog or Catalog(home / "catalog.db")
-    return BlockPool(catalog, home / "caches", lm.fingerprint, get_scheme(scheme), lm.n_layers,
-                     _activation_dtype(lm.model), kv_shape(lm.model))
+    return BlockPool(CacheStore(catalog), home / "caches", lm.fingerprint, get_scheme(scheme), lm.n_layers,
+                     activation_dtype(lm.model), kv_shape(lm.model))
 
 
 def fill(lm, pool, ids: list[int]):
@@ -149,10 +150,8 @@ def raw_read(paths) -> tuple[int, float]:
 
 def cache_files(pool, key: str) -> list[Path]:
     """The block files and the tail file a stored cache is made of."""
-    import json
-
-    row = pool._row(key)
-    return [pool.block_path(h) for h in json.loads(row["chain"])] + [pool.root / "tails" / row["tail_file"]]
+    row = pool.record(key)
+    return [pool.block_path(h) for h in row.chain] + [pool.tail_path(row.tail_file)]
 
 
 def table(headers: list[str], rows: list[list], title: str | None = None) -> str:

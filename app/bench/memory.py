@@ -111,7 +111,7 @@ def measure(lm, home, turns: int = TURNS, window: int | None = None, say=print) 
                      "notes_prefilled": sum(n.prefilled_tokens for n in notes),
                      "notes_generated": sum(n.generated_tokens for n in notes),
                      "overflow": any(isinstance(e, ev.ContextTrimmed) for e in events), "lore": lore})
-        from app.catalog.context import context_start
+        from app.catalog.caches import context_start
 
         starts.append(context_start(catalog, cid))
         if (i + 1) % 20 == 0:

@@ -113,22 +113,19 @@ def _load(pool, st: dict):
 
 def _parts(pool, st: dict) -> tuple[float, float]:
     """_load in two halves, one after the other: read+verify every file, then decode into the working copy."""
-    import json
-
     import mlx.core as mx
 
     from app.kvstore.blockfile import chain_root, read_cache_file
     from app.kvstore.host_block import layer_blocks
     from app.kvstore.live_cache import SealingKVCache
 
-    row = pool._row(st["key"])
-    hashes = json.loads(row["chain"])
+    hashes = pool.record(st["key"]).chain
     t0 = time.perf_counter()
     blocks, parent = [], chain_root(pool.fingerprint, pool.scheme_id)
     for h in hashes:
-        blocks.append(pool._read_block(h, parent)[0])  # as the restore reads them, on one thread
+        blocks.append(pool.read_block(h, parent)[0])  # as the restore reads them, on one thread
         parent = h
-    tail = read_cache_file(st["files"][-1], {**pool._expect(), "kind": "tail", "key": st["key"], "parent": parent})
+    tail = read_cache_file(st["files"][-1], {**pool.expected_header(), "kind": "tail", "key": st["key"], "parent": parent})
     t1 = time.perf_counter()
     per_block = [layer_blocks(host, pool.n_layers) for host in blocks]
     per_layer = [[b[i] for b in per_block] for i in range(pool.n_layers)]

@@ -34,6 +34,7 @@ def run(lm, args) -> dict:
 def measure(lm, home, contexts, turns: int = 5, say=print) -> dict:
     import mlx.core as mx
 
+    from app.catalog.caches import conversation_key
     from app.engine.commands import Sampling
     from app.engine.generation import decode, prefill
     from app.kvstore.manager import CacheManager
@@ -47,7 +48,7 @@ def measure(lm, home, contexts, turns: int = 5, say=print) -> dict:
     for n in contexts:
         n = min(n, window - turns * 64) - 40  # not on a block boundary: an empty tail cannot be saved today
         cache, logits = common.fill(lm, pool, common.text_tokens(lm, n))
-        key = f"conv:save-{n}"
+        key = conversation_key(n)
         manager.put(key, cache, None, "bench")
         first = manager.save(key)
         reports = []

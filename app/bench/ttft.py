@@ -94,7 +94,8 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
     from app.catalog import Catalog
     from app.engine import commands as cmd
     from app.engine import events as ev
-    from app.engine.session import Session, conversation_key, preamble_key
+    from app.catalog.caches import conversation_key, preamble_key
+    from app.engine.session import Session
     from app.kvstore.manager import CacheManager, CompactCache
     from app.personas import preamble_hash
 
@@ -121,8 +122,7 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
 
         def clear():
             for k in (key, pre_key):
-                manager.entries.pop(k, None)
-            manager.pinned = None
+                manager.discard(k)  # unpins it too
 
         def reset_disk():
             """Put the stored cache back to the base state (a measured turn appended the question and a token)."""
@@ -132,7 +132,7 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
         def turn(expect: str):
             events.clear()
             catalog.set_leaf(conv, q_id)
-            session.reply(session._turn(catalog.get_conversation(conv), persona, sampling, q_id))
+            session.reply(session.make_turn(catalog.get_conversation(conv), persona, sampling, q_id))
             done = [e for e in events if isinstance(e, ev.ReplyFinished)]
             failed = [e for e in events if isinstance(e, ev.EngineFailed)]
             if failed or not done:
@@ -156,7 +156,7 @@ def measure(lm, home, contexts, repeats: int = 3, say=print) -> dict:
 
         def hot():
             reset_disk()
-            manager.entries.pop(key, None)
+            manager.discard(key)
             manager.put(key, snapshot.expand(pool.scheme, pool.fingerprint), conv, persona.id)
             manager.entries[key].dirty = False
             manager.compact(key)  # idle: encoded blocks and tail only, as after switching to another persona

@@ -42,6 +42,7 @@ def run(args) -> int:
 def offline_pool(catalog, args):
     """A BlockPool for the configured model and scheme, without loading the model into MLX."""
     from app import paths
+    from app.catalog.caches import CacheStore
     from app.kvstore.pool import BlockPool
     from app.kvstore.schemes import get_scheme
     from app.model.loader import model_fingerprint, resolve_model_folder
@@ -50,13 +51,13 @@ def offline_pool(catalog, args):
     config = json.loads((folder / "config.json").read_text())
     text = config.get("text_config") or {}  # mlx-community gemma3 nests the text model's settings
     n_layers = int(config.get("num_hidden_layers") or text.get("num_hidden_layers") or config.get("n_layers"))
-    return BlockPool(catalog, paths.caches_dir(), model_fingerprint(folder), get_scheme(args.kv_scheme), n_layers)
+    return BlockPool(CacheStore(catalog), paths.caches_dir(), model_fingerprint(folder), get_scheme(args.kv_scheme), n_layers)
 
 
 def list_caches(catalog, as_json: bool) -> int:
-    from app.kvstore.states import cache_rows
+    from app.catalog.caches import CacheStore
 
-    rows = cache_rows(catalog)
+    rows = CacheStore(catalog).listing()
     if as_json:
         print(json.dumps(rows))
         return 0

@@ -60,11 +60,11 @@ def _add(source: str):
 
     from app.model import registry
     from app.model.arch import check_architecture
-    from app.model.loader import _read_config, resolve_model_folder
+    from app.model.loader import read_config, resolve_model_folder
 
     folder = resolve_model_folder(source, progress=_progress)
     print(file=sys.stderr)
-    check_architecture(_read_config(folder), str(folder))
+    check_architecture(read_config(folder), str(folder))
     from app import paths
 
     if folder.resolve().parent == paths.models_dir().resolve():

@@ -18,14 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cache_states(catalog) -> dict:
-    """persona id -> cache state (.where/.tokens/.bytes) from the kvstore; {} when that module is not installed."""
-    try:
-        from app.kvstore.states import cache_states_by_persona
-    except ModuleNotFoundError as exc:
-        if exc.name != "app.kvstore.states":
-            raise
-        return {}
-    return cache_states_by_persona(catalog)
+    """persona id -> cache state (app.catalog.caches.CacheSummary) as the catalog's cache records say: no engine
+    runs here, so "disk" or nothing."""
+    from app.catalog.caches import CacheStore, cache_states_by_persona
+
+    return cache_states_by_persona(CacheStore(catalog).conversation_rows())
 
 
 def rows(personas, states) -> list[dict]:

@@ -39,17 +39,17 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from app.catalog import caches
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.faults import save_cache
 from app.engine.generation import prefill
 from app.errors import ParleyError
-from app.kvstore.prefix_lookup import PrefixLookup
 
 log = logging.getLogger(__name__)
 
 SERVER_PERSONA = "serve"  # persona_id recorded on server caches (they belong to no persona)
-SERVER_PREFIX = "srv:"
+SERVER_PREFIX = caches.SERVER_PREFIX
 MAX_SERVER_CACHES = 64
 MAX_ROWS = 8  # rows decoded together (app.engine.batch's kernels take up to 8 at once)
 IN_PLACE_SLACK = 64  # a continuation may re-render this many trailing tokens differently and still extend in place
@@ -62,13 +62,6 @@ def session_key(hint: str) -> str:
 
 def _new_key() -> str:
     return f"{SERVER_PREFIX}{uuid.uuid4().hex[:16]}"
-
-
-def _lookup(session) -> PrefixLookup:
-    lookup = getattr(session, "_prefix_lookup", None)
-    if lookup is None:
-        lookup = session._prefix_lookup = PrefixLookup(session.manager)
-    return lookup
 
 
 def describe_model(session, c: cmd.DescribeModel) -> None:
@@ -259,7 +252,7 @@ class _Batch:
             row = going[0]
             logits = self.session.lm.model(mx.array([[row.last]]), cache=row.cache.layers)[:, -1, :]
         else:
-            logits = _decoder(self.session).step([row.cache for row in going], [row.last for row in going])
+            logits = self.session.batch_decoder("completion").step([row.cache for row in going], [row.last for row in going])
         for i, row in enumerate(going):
             row.cache.appended([row.last])
             row.logits = logits[i : i + 1]
@@ -281,15 +274,6 @@ class _Batch:
             self.cancels.discard(job.command.request_id)
 
 
-def _decoder(session):
-    from app.engine.batch import RaggedDecoder
-
-    decoder = getattr(session, "_completion_decoder", None)
-    if decoder is None or decoder.model is not session.lm.model:
-        decoder = session._completion_decoder = RaggedDecoder(session.lm.model)
-    return decoder
-
-
 def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) -> _Prepared:
     """Restore the longest stored prefix into the cache this request will extend (see module doc).
 
@@ -301,7 +285,7 @@ def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) ->
     target = session_key(hint) if hint else None
     if target in busy:
         target = None  # the same session twice at once: the second gets its own cache
-    match = _lookup(session).best(ids, prefer=target)
+    match = session.prefix_lookup().best(ids, prefer=target)
     if match is not None:
         source, where = _source(manager, match.key)
         if source is not None:
@@ -318,7 +302,7 @@ def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) ->
             manager.pin(key)
             manager.compact(match.key)
             return _Prepared(key, cache, reused, where)
-        _lookup(session).unusable(match.key)
+        session.prefix_lookup().unusable(match.key)
     key = target or _new_key()
     pool = manager.pool
     cache = ConversationCache.empty(session.lm.n_layers, pool.scheme, pool.fingerprint)
@@ -339,7 +323,7 @@ def _source(manager, key: str):
     if key.startswith(SERVER_PREFIX) or key in manager.entries:
         cache, where, _ = manager.get(key)
         return cache, where
-    loaded = manager.pool.load(key, shared=manager._shared_blocks(), drop_bad=False)
+    loaded = manager.pool.load(key, shared=manager.shared_blocks(), drop_bad=False)
     return (loaded, "disk") if isinstance(loaded, ConversationCache) else (None, "none")
 
 
@@ -353,8 +337,7 @@ def _persist(session, key: str, cache) -> None:
     manager.put(key, cache, None, SERVER_PERSONA)
     save_cache(session, key, None)  # a full disk is a warning: the reply was already sent
     manager.enforce_budget()
-    old = [r["key"] for r in manager.pool.db.query(
-        "select key from caches where key like 'srv:%' order by updated_at desc limit -1 offset ?", [MAX_SERVER_CACHES])]
+    old = manager.pool.store.keys_beyond_newest(SERVER_PREFIX, MAX_SERVER_CACHES)
     for stale in old:
         if stale != manager.pinned:
             manager.forget(stale)

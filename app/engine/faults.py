@@ -86,7 +86,7 @@ def storage_problem(exc: BaseException) -> ParleyError | None:
 def _catalog_path() -> Path:
     """Where the catalog is, without `paths.parley_home()`'s write probe (which fails on the full disk we report)."""
     home = os.environ.get("PARLEY_HOME")
-    return (Path(home).expanduser() if home else paths._default_home()) / "catalog.db"
+    return (Path(home).expanduser() if home else paths.default_home()) / "catalog.db"
 
 
 def save_cache(session, key: str, conversation_id: int | None) -> bool:

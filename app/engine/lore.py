@@ -9,7 +9,7 @@ the stored entries; an edited message is a new message and is matched again.
 
 from __future__ import annotations
 
-from app.catalog.context import context_start
+from app.catalog.caches import context_start
 
 
 def lore_for_message(catalog, tokenizer, persona, conversation_id: int, text: str, speaker: str | None = None) -> list[dict]:

@@ -68,7 +68,7 @@ def write_notes(session, turn, leaving: list[dict]) -> str | None:
     Returns the new notes ('' when they could not fit), or None when cancelled.
     """
     from app.engine.generation import decode, prefill
-    from app.engine.session import preamble_key
+    from app.catalog.caches import preamble_key
     from app.personas import preamble_hash
 
     started = time.perf_counter()
@@ -77,7 +77,7 @@ def write_notes(session, turn, leaving: list[dict]) -> str | None:
     max_new = min(NOTES_MAX_TOKENS, lm.context_window - len(ids))
     if max_new < NOTES_MIN_TOKENS:
         return ""  # a window too small to keep room for notes (see notes_room): the turns leave without them
-    cache, _ = session._cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
+    cache, _ = session.cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
     reused = min(common_prefix(cache.tokens, ids), len(ids) - 1)
     cache.trim_to(reused)
     todo = ids[reused:]

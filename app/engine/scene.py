@@ -18,7 +18,7 @@ prefix: a later round feeds only the messages said since the member last
 spoke. A renamed persona changes the rendering from its first line on, and
 the members re-read from there once.
 
-A round (`run_scene_round`):
+A round (`SceneRunner.run`, through the session's public API):
 
 1. the user's message, if any, is written to the catalog first;
 2. each speaker, in order, gets its view prefilled into its own cache
@@ -46,7 +46,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from app.catalog.context import context_start, set_context_start
+from app.catalog.caches import context_start, conversation_key, preamble_key, set_context_start
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.engine.faults import save_cache
@@ -181,180 +181,177 @@ def member_names(session, members) -> dict[str, str]:
     return {pid: (found[pid].name if pid in found else pid) for pid in members}
 
 
-def run_scene_round(session, c: cmd.SceneRound) -> None:
-    from app.engine.session import conversation_key
+class SceneRunner:
+    """One scene round on the engine thread. It talks to the session only through the session's public API
+    (conversation, persona, make_turn, check_fits, cache_for, snapshot_preamble, batch_decoder, emit,
+    cancelled, emit_states) and the cache manager's (pin, put, discard, enforce_budget)."""
 
-    conv = session._conversation(c.conversation_id)
-    if conv.kind != "scene":
-        raise ParleyError(f"Conversation {conv.id} is a chat, not a scene: use `parley chat` for it.")
-    members = list(conv.members)
-    if not members:
-        raise ParleyError(f"Scene {conv.id} has no members.")
-    speakers = list(dict.fromkeys(c.speakers)) or members
-    strangers = [s for s in speakers if s not in members]
-    if strangers:
-        raise ParleyError(f"{', '.join(strangers)} not in this scene (members: {', '.join(members)}).")
-    cid = conv.id
-    text = c.text if c.text.strip() else ""
+    def __init__(self, session):
+        self.session = session
 
-    # everything that can fail on bad input fails before anything is written
-    seats = []
-    for pid in speakers:
-        persona = session.persona(pid)
-        turn = session._turn(conv, persona, c.sampling, None, speaker=pid, key=conversation_key(cid, pid))
-        seed = turn.sampling.seed
-        seats.append(_Speaker(persona, turn, _Sampler(turn.sampling, None if seed is None else seed + members.index(pid))))
-    if text:
-        session._check_fits(text, max((s.turn.sampling for s in seats), key=lambda s: s.max_tokens))
-        user_id = session.catalog.add_message(cid, "user", text)
-        session.emit(ev.MessageSaved(cid, user_id, "user"))
-    else:
-        user_id = None
-    session.emit(ev.SceneRoundStarted(cid, tuple(speakers), user_id))
+    def run(self, c: cmd.SceneRound) -> None:
+        session = self.session
+        conv = session.conversation(c.conversation_id)
+        if conv.kind != "scene":
+            raise ParleyError(f"Conversation {conv.id} is a chat, not a scene: use `parley chat` for it.")
+        members = list(conv.members)
+        if not members:
+            raise ParleyError(f"Scene {conv.id} has no members.")
+        speakers = list(dict.fromkeys(c.speakers)) or members
+        strangers = [s for s in speakers if s not in members]
+        if strangers:
+            raise ParleyError(f"{', '.join(strangers)} not in this scene (members: {', '.join(members)}).")
+        cid = conv.id
+        text = c.text if c.text.strip() else ""
 
-    started = time.perf_counter()
-    names = member_names(session, members)
-    add_scene_lore(session, cid, [(s.persona, s.turn.speaker) for s in seats], names)
-    path = session.catalog.current_path(cid)
-    round_id = path[-1].id if path else 0  # marks this round's replies (said at the same time)
-    session.manager.pin(seats[0].turn.key)
-    prepared: list[_Speaker] = []
-    try:
-        for seat in seats:
-            prepared.append(seat)
-            if not _prefill_seat(session, seat, path, names):
-                _finish(session, cid, seats, prepared, started, round_id, cancelled=True, decode_span=None)
-                return
-        span = _decode_together(session, cid, prepared)
-    except BaseException:
-        for seat in prepared:  # a step that failed half-way may have left a cache out of step with its tokens
-            if seat.cache is not None and not all(l.offset == seat.cache.n_tokens for l in seat.cache.layers):
-                session.manager.entries.pop(seat.turn.key, None)  # the copy on disk is the last good one
-                seat.cache = None
-        _persist(session, cid, prepared)
-        raise
-    _finish(session, cid, seats, prepared, started, round_id, cancelled=session.cancelled(), decode_span=span)
+        # everything that can fail on bad input fails before anything is written
+        seats = []
+        for pid in speakers:
+            persona = session.persona(pid)
+            turn = session.make_turn(conv, persona, c.sampling, None, speaker=pid, key=conversation_key(cid, pid))
+            seed = turn.sampling.seed
+            seats.append(_Speaker(persona, turn, _Sampler(turn.sampling, None if seed is None else seed + members.index(pid))))
+        if text:
+            session.check_fits(text, max((s.turn.sampling for s in seats), key=lambda s: s.max_tokens))
+            user_id = session.catalog.add_message(cid, "user", text)
+            session.emit(ev.MessageSaved(cid, user_id, "user"))
+        else:
+            user_id = None
+        session.emit(ev.SceneRoundStarted(cid, tuple(speakers), user_id))
 
+        started = time.perf_counter()
+        names = member_names(session, members)
+        add_scene_lore(session, cid, [(s.persona, s.turn.speaker) for s in seats], names)
+        path = session.catalog.current_path(cid)
+        round_id = path[-1].id if path else 0  # marks this round's replies (said at the same time)
+        session.manager.pin(seats[0].turn.key)
+        prepared: list[_Speaker] = []
+        try:
+            for seat in seats:
+                prepared.append(seat)
+                if not self._prefill_seat(seat, path, names):
+                    self._finish(cid, seats, prepared, started, round_id, cancelled=True, decode_span=None)
+                    return
+            span = self._decode_together(cid, prepared)
+        except BaseException:
+            for seat in prepared:  # a step that failed half-way may have left a cache out of step with its tokens
+                if seat.cache is not None and not all(l.offset == seat.cache.n_tokens for l in seat.cache.layers):
+                    session.manager.discard(seat.turn.key)  # the copy on disk is the last good one
+                    seat.cache = None
+            self._persist(cid, prepared)
+            raise
+        self._finish(cid, seats, prepared, started, round_id, cancelled=session.cancelled(), decode_span=span)
 
-def _prefill_seat(session, seat: _Speaker, path, names) -> bool:
-    """Build the speaker's prompt and feed its cache what it lacks; False if cancelled on the way."""
-    from app.engine.generation import prefill
-    from app.engine.session import PROGRESS_MIN_TOKENS, preamble_key
-    from app.personas import post_history, preamble_hash, preamble_messages
+    def _prefill_seat(self, seat: _Speaker, path, names) -> bool:
+        """Build the speaker's prompt and feed its cache what it lacks; False if cancelled on the way."""
+        from app.engine.generation import prefill
+        from app.engine.session import PROGRESS_MIN_TOKENS
+        from app.personas import post_history, preamble_hash, preamble_messages
 
-    turn, persona, catalog = seat.turn, seat.persona, session.catalog
-    cid = turn.conversation_id
-    transcript = scene_view(path, seat.pid, {**names, None: effective_user(persona).name})
-    start = context_start(catalog, cid, seat.pid)
-    prompt = prompt_with_notes(session, turn, preamble_messages(persona), transcript, start, post_history(persona))
-    if prompt is None:  # cancelled while writing this seat's notes on the turns leaving its view
-        return False
-    if prompt.start != start:
-        set_context_start(catalog, cid, prompt.start, seat.pid)
-        session.emit(ev.ContextTrimmed(cid, prompt.start))
-    seat.cache, seat.source = session._cache_for(turn, preamble_key(persona.id, preamble_hash(persona)))
-    reused = min(common_prefix(seat.cache.tokens, prompt.ids), len(prompt.ids) - 1)
-    seat.cache.trim_to(reused)
-    seat.reused = reused
-    todo = prompt.ids[reused:]
-    seat.prefilled = len(todo)
-    for step in prefill(session.lm.model, seat.cache, todo):
-        if len(todo) >= PROGRESS_MIN_TOKENS:
-            session.emit(ev.PrefillProgressed(cid, step.done, step.total))
-        if step.logits is not None:
-            seat.logits = step.logits
-        elif session.cancelled():
-            seat.prefilled = step.done
+        session = self.session
+        turn, persona, catalog = seat.turn, seat.persona, session.catalog
+        cid = turn.conversation_id
+        transcript = scene_view(path, seat.pid, {**names, None: effective_user(persona).name})
+        start = context_start(catalog, cid, seat.pid)
+        prompt = prompt_with_notes(session, turn, preamble_messages(persona), transcript, start, post_history(persona))
+        if prompt is None:  # cancelled while writing this seat's notes on the turns leaving its view
             return False
-    session._snapshot_preamble(turn, seat.cache, prompt.preamble_ids)
-    seat.stream = session.lm.tokenizer.stream()
-    return True
+        if prompt.start != start:
+            set_context_start(catalog, cid, prompt.start, seat.pid)
+            session.emit(ev.ContextTrimmed(cid, prompt.start))
+        seat.cache, seat.source = session.cache_for(turn, preamble_key(persona.id, preamble_hash(persona)))
+        reused = min(common_prefix(seat.cache.tokens, prompt.ids), len(prompt.ids) - 1)
+        seat.cache.trim_to(reused)
+        seat.reused = reused
+        todo = prompt.ids[reused:]
+        seat.prefilled = len(todo)
+        for step in prefill(session.lm.model, seat.cache, todo):
+            if len(todo) >= PROGRESS_MIN_TOKENS:
+                session.emit(ev.PrefillProgressed(cid, step.done, step.total))
+            if step.logits is not None:
+                seat.logits = step.logits
+            elif session.cancelled():
+                seat.prefilled = step.done
+                return False
+        session.snapshot_preamble(turn, seat.cache, prompt.preamble_ids)
+        seat.stream = session.lm.tokenizer.stream()
+        return True
 
+    def _decode_together(self, cid: int, seats: list[_Speaker]) -> tuple[float, float] | None:
+        """Sample every speaker's next token, then feed all of them in one batch step, until all are done."""
+        session = self.session
+        decoder = session.batch_decoder("scene")
+        eos = session.lm.tokenizer.eos_ids
+        active = list(seats)
+        first_at = None
+        while active:
+            fed: list[_Speaker] = []
+            for seat in active:
+                token = seat.sampler(seat.logits)
+                now = time.perf_counter()
+                first_at = first_at or now
+                seat.first_at = seat.first_at or now
+                seat.generated.append(token)
+                delta = seat.stream.push(token)
+                if delta:
+                    session.emit(ev.SceneTokensGenerated(cid, seat.pid, delta))
+                if token in eos or len(seat.generated) >= seat.turn.sampling.max_tokens:
+                    seat.done, seat.ended = True, now
+                else:
+                    fed.append(seat)
+            if session.cancelled() or not fed:
+                break
+            logits = decoder.step([s.cache for s in fed], [s.generated[-1] for s in fed])
+            for row, seat in enumerate(fed):
+                seat.cache.appended([seat.generated[-1]])
+                seat.logits = logits[row : row + 1]
+            active = fed
+        ended = time.perf_counter()
+        for seat in seats:
+            seat.ended = seat.ended or ended
+        return (first_at, ended) if first_at is not None else None
 
-def _decode_together(session, cid: int, seats: list[_Speaker]) -> tuple[float, float] | None:
-    """Sample every speaker's next token, then feed all of them in one batch step, until all are done."""
-    decoder = _decoder(session)
-    eos = session.lm.tokenizer.eos_ids
-    active = list(seats)
-    first_at = None
-    while active:
-        fed: list[_Speaker] = []
-        for seat in active:
-            token = seat.sampler(seat.logits)
-            now = time.perf_counter()
-            first_at = first_at or now
-            seat.first_at = seat.first_at or now
-            seat.generated.append(token)
-            delta = seat.stream.push(token)
-            if delta:
-                session.emit(ev.SceneTokensGenerated(cid, seat.pid, delta))
-            if token in eos or len(seat.generated) >= seat.turn.sampling.max_tokens:
-                seat.done, seat.ended = True, now
-            else:
-                fed.append(seat)
-        if session.cancelled() or not fed:
-            break
-        logits = decoder.step([s.cache for s in fed], [s.generated[-1] for s in fed])
-        for row, seat in enumerate(fed):
-            seat.cache.appended([seat.generated[-1]])
-            seat.logits = logits[row : row + 1]
-        active = fed
-    ended = time.perf_counter()
-    for seat in seats:
-        seat.ended = seat.ended or ended
-    return (first_at, ended) if first_at is not None else None
+    def _finish(self, cid: int, seats, prepared, started: float, round_id: int, cancelled: bool, decode_span) -> None:
+        """Save the replies in speaking order, persist every cache, report."""
+        session = self.session
+        total, any_stopped = 0, False
+        for seat in seats:
+            n = len(seat.generated)
+            if seat.stream is None:  # cancelled before this speaker's prefill finished: nothing to say
+                any_stopped = True
+                stats = ev.ReplyStats(0.0, seat.reused, seat.prefilled, 0, 0.0, seat.source)
+                session.emit(ev.SceneReplyFinished(cid, seat.pid, 0, "", stats, True))
+                continue
+            first = seat.first_at or seat.ended or time.perf_counter()
+            stats = ev.ReplyStats(
+                ttft_ms=(first - started) * 1000, reused_tokens=seat.reused, prefilled_tokens=seat.prefilled,
+                generated_tokens=n,
+                decode_tps=(n - 1) / (seat.ended - first) if n > 1 and seat.ended > first else 0.0,
+                cache=seat.source,
+            )
+            total += max(n - 1, 0)
+            text = seat.stream.text
+            stopped = cancelled and not seat.done
+            any_stopped = any_stopped or stopped
+            message_id = 0
+            if n or not stopped:  # a stopped reply keeps what it said, whitespace too
+                meta = {"stats": stats.__dict__, "round": round_id, **({"cancelled": True} if stopped else {})}
+                message_id = session.catalog.add_message(cid, "assistant", text, persona_id=seat.pid, meta=meta)
+                session.emit(ev.MessageSaved(cid, message_id, "assistant"))
+            session.emit(ev.SceneReplyFinished(cid, seat.pid, message_id, text, stats, stopped))
+        self._persist(cid, prepared)
+        batch_tps = 0.0
+        if decode_span is not None and decode_span[1] > decode_span[0]:
+            batch_tps = total / (decode_span[1] - decode_span[0])
+        session.manager.enforce_budget()
+        session.emit_states()
+        session.emit(ev.SceneRoundFinished(cid, tuple(s.pid for s in seats), batch_tps, any_stopped))
 
-
-def _decoder(session):
-    from app.engine.batch import RaggedDecoder
-
-    decoder = getattr(session, "_scene_decoder", None)
-    if decoder is None or decoder.model is not session.lm.model:
-        decoder = RaggedDecoder(session.lm.model)
-        session._scene_decoder = decoder
-    return decoder
-
-
-def _finish(session, cid: int, seats, prepared, started: float, round_id: int, cancelled: bool, decode_span) -> None:
-    """Save the replies in speaking order, persist every cache, report."""
-    total, any_stopped = 0, False
-    for seat in seats:
-        n = len(seat.generated)
-        if seat.stream is None:  # cancelled before this speaker's prefill finished: nothing to say
-            any_stopped = True
-            stats = ev.ReplyStats(0.0, seat.reused, seat.prefilled, 0, 0.0, seat.source)
-            session.emit(ev.SceneReplyFinished(cid, seat.pid, 0, "", stats, True))
-            continue
-        first = seat.first_at or seat.ended or time.perf_counter()
-        stats = ev.ReplyStats(
-            ttft_ms=(first - started) * 1000, reused_tokens=seat.reused, prefilled_tokens=seat.prefilled,
-            generated_tokens=n,
-            decode_tps=(n - 1) / (seat.ended - first) if n > 1 and seat.ended > first else 0.0,
-            cache=seat.source,
-        )
-        total += max(n - 1, 0)
-        text = seat.stream.text
-        stopped = cancelled and not seat.done
-        any_stopped = any_stopped or stopped
-        message_id = 0
-        if n or not stopped:  # a stopped reply keeps what it said, whitespace too
-            meta = {"stats": stats.__dict__, "round": round_id, **({"cancelled": True} if stopped else {})}
-            message_id = session.catalog.add_message(cid, "assistant", text, persona_id=seat.pid, meta=meta)
-            session.emit(ev.MessageSaved(cid, message_id, "assistant"))
-        session.emit(ev.SceneReplyFinished(cid, seat.pid, message_id, text, stats, stopped))
-    _persist(session, cid, prepared)
-    batch_tps = 0.0
-    if decode_span is not None and decode_span[1] > decode_span[0]:
-        batch_tps = total / (decode_span[1] - decode_span[0])
-    session.manager.enforce_budget()
-    session.emit_states()
-    session.emit(ev.SceneRoundFinished(cid, tuple(s.pid for s in seats), batch_tps, any_stopped))
-
-
-def _persist(session, cid: int, seats) -> None:
-    for seat in seats:
-        if seat.cache is None:
-            continue
-        key = seat.turn.key
-        session.manager.put(key, seat.cache, cid, seat.pid)  # again: pinning may have compacted the entry
-        save_cache(session, key, cid)  # a cache that cannot be written is a warning, not a failed round
+    def _persist(self, cid: int, seats) -> None:
+        session = self.session
+        for seat in seats:
+            if seat.cache is None:
+                continue
+            key = seat.turn.key
+            session.manager.put(key, seat.cache, cid, seat.pid)  # again: pinning may have compacted the entry
+            save_cache(session, key, cid)  # a cache that cannot be written is a warning, not a failed round

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from app import paths
-from app.catalog.context import context_start, set_context_start
+from app.catalog.caches import context_start, conversation_key, is_conversation_key, preamble_key, set_context_start
 from app.catalog.message_tokens import save_token_ids, token_ids_of
 from app.catalog.store import LEAF
 from app.engine import commands as cmd
@@ -24,14 +24,6 @@ from app.errors import ParleyError
 
 WRITES_A_TURN = (cmd.Generate, cmd.Regenerate, cmd.EditAndResend, cmd.Continue, cmd.SceneRound)
 PROGRESS_MIN_TOKENS = 256  # smaller prefills finish before a progress bar would be seen
-
-
-def conversation_key(conversation_id: int, persona_id: str | None = None) -> str:
-    return f"conv:{conversation_id}" if persona_id is None else f"conv:{conversation_id}:{persona_id}"
-
-
-def preamble_key(persona_id: str, preamble_hash: str) -> str:
-    return f"pre:{persona_id}:{preamble_hash[:16]}"
 
 
 @dataclass
@@ -57,12 +49,15 @@ class Session:
         self.sent_at: float | None = None  # when the command being handled was made (ttft counts from there)
         self.disk_loads: dict[str, float] = {}  # key -> ms, caches read from disk on open/prefetch, not yet replied in
         self.cancelled_requests: set[str] = set()  # server requests whose clients went away (app.engine.completion)
+        self._batch_decoders: dict[str, object] = {}  # app.engine.batch.RaggedDecoder per use (see batch_decoder)
+        self._prefix_lookup = None  # app.kvstore.prefix_lookup.PrefixLookup, made at the first server request
 
     @classmethod
     def open(cls, emit, cancelled, model=None, scheme="q4", budget_mb=512.0, personas_dirs=None, catalog_path=None):
         import mlx.core as mx
 
         from app.catalog import Catalog
+        from app.catalog.caches import CacheStore
         from app.kvstore.manager import CacheManager
         from app.kvstore.memory import reuse_freed_memory
         from app.kvstore.pool import BlockPool
@@ -71,10 +66,10 @@ class Session:
 
         scheme_obj = get_scheme(scheme)
         lm = load_model(model, progress=lambda d, t, label: emit(ev.ModelLoadProgressed(d, t, label)))
-        dtype = _activation_dtype(lm.model)
+        dtype = activation_dtype(lm.model)
         emit(ev.ModelLoaded(lm.name, lm.fingerprint, lm.context_window, str(mx.default_device())))
         catalog = Catalog(catalog_path)
-        pool = BlockPool(catalog, paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype, kv_shape(lm.model))
+        pool = BlockPool(CacheStore(catalog), paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype, kv_shape(lm.model))
         pool.gc()  # leftovers of crashes and deleted conversations, older than a few minutes
         manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
         reuse_freed_memory(manager.budget_bytes)
@@ -90,8 +85,8 @@ class Session:
             self._forget_caches_of(persona_id)
 
     def _forget_caches_of(self, persona_id: str) -> None:
-        for row in self.catalog.query("SELECT key FROM caches WHERE persona_id = ?", (persona_id,)):
-            self.manager.forget(row["key"])
+        for key in self.manager.pool.store.keys_of_persona(persona_id):
+            self.manager.forget(key)
         for key in [k for k, e in self.manager.entries.items() if e.persona_id == persona_id]:
             self.manager.forget(key)
 
@@ -114,11 +109,11 @@ class Session:
     def _on_Generate(self, c: cmd.Generate) -> None:
         if not c.text.strip():
             raise ParleyError("The message is empty: type something to send.")
-        conv = self._conversation(c.conversation_id)
+        conv = self.conversation(c.conversation_id)
         persona = self.persona(conv.persona_id)
-        self._check_fits(c.text, c.sampling or self._turn(conv, persona, None, None).sampling)
+        self.check_fits(c.text, c.sampling or self.make_turn(conv, persona, None, None).sampling)
         user_id = self._add_user_message(conv, persona, c.text)
-        self.reply(self._turn(conv, persona, c.sampling, user_id))
+        self.reply(self.make_turn(conv, persona, c.sampling, user_id))
 
     def _add_user_message(self, conv, persona, text: str, parent_id=LEAF) -> int:
         """Save the user's message with the lorebook entries it brings in (app.engine.lore)."""
@@ -133,7 +128,7 @@ class Session:
             self.emit(ev.LoreAdded(conv.id, user_id, tuple(i["name"] for i in lore)))
         return user_id
 
-    def _check_fits(self, text: str, sampling: cmd.Sampling) -> None:
+    def check_fits(self, text: str, sampling: cmd.Sampling) -> None:
         """Refuse, before anything is written, a message that cannot fit the context window."""
         n = len(self.lm.tokenizer.encode(text))
         if n + sampling.max_tokens + 16 > self.lm.context_window:
@@ -143,27 +138,27 @@ class Session:
             )
 
     def _on_Regenerate(self, c: cmd.Regenerate) -> None:
-        conv = self._conversation(c.conversation_id)
+        conv = self.conversation(c.conversation_id)
         path = self.catalog.current_path(conv.id)
         last_user = next((m for m in reversed(path) if m.role == "user"), None)
         if last_user is None:
             raise ParleyError("There is no message to reply to yet: send one first.")
         self.catalog.set_leaf(conv.id, last_user.id)
-        self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, last_user.id))
+        self.reply(self.make_turn(conv, self.persona(conv.persona_id), c.sampling, last_user.id))
 
     def _on_EditAndResend(self, c: cmd.EditAndResend) -> None:
         if not c.text.strip():
             raise ParleyError("The edited message is empty.")
-        conv = self._conversation(c.conversation_id)
+        conv = self.conversation(c.conversation_id)
         old = self.catalog.get_message(c.message_id)
         if old is None or old.conversation_id != conv.id or old.role != "user":
             raise ParleyError(f"Message {c.message_id} is not a user message of this conversation.")
         new_id = self._add_user_message(conv, self.persona(conv.persona_id), c.text, parent_id=old.parent_id)
-        self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, new_id))
+        self.reply(self.make_turn(conv, self.persona(conv.persona_id), c.sampling, new_id))
 
     def _on_Continue(self, c: cmd.Continue) -> None:
-        conv = self._conversation(c.conversation_id)
-        self.reply(self._turn(conv, self.persona(conv.persona_id), c.sampling, conv.leaf_id))
+        conv = self.conversation(c.conversation_id)
+        self.reply(self.make_turn(conv, self.persona(conv.persona_id), c.sampling, conv.leaf_id))
 
     def _on_Open(self, c: cmd.Open) -> None:
         key = conversation_key(c.conversation_id)
@@ -192,15 +187,13 @@ class Session:
         self.emit_states()
 
     def _on_SceneRound(self, c: cmd.SceneRound) -> None:
-        from app.engine.scene import run_scene_round
+        from app.engine.scene import SceneRunner
 
-        run_scene_round(self, c)
+        SceneRunner(self).run(c)
 
     def _on_Forget(self, c: cmd.Forget) -> None:
         for key in [k for k, e in self.manager.entries.items() if e.conversation_id == c.conversation_id]:
-            self.manager.entries.pop(key)
-            if self.manager.pinned == key:
-                self.manager.pinned = None
+            self.manager.discard(key)
         self.manager.pool.forget_conversation(c.conversation_id)
         self.emit_states()
 
@@ -217,8 +210,10 @@ class Session:
     def _on_RefreshCacheStates(self, c: cmd.RefreshCacheStates) -> None:
         self.emit_states()
 
-    # -- helpers ---------------------------------------------------------------
-    def _conversation(self, conversation_id: int):
+    # -- what a turn is made of: public, for the scene rounds (app.engine.scene), the notes (app.engine.notes)
+    # and the server's completions (app.engine.completion), which run on this same engine thread ---------------
+    def conversation(self, conversation_id: int):
+        """The catalog's conversation, or a ParleyError saying it is gone."""
         conv = self.catalog.get_conversation(conversation_id)
         if conv is None:
             raise ParleyError(f"Conversation {conversation_id} does not exist (deleted?).")
@@ -242,16 +237,34 @@ class Session:
         if old is not None and old != preamble_hash(persona):
             self._forget_caches_of(persona.id)
 
-    def _turn(self, conv, persona, override: cmd.Sampling | None, parent_id, speaker=None, key=None) -> Turn:
+    def make_turn(self, conv, persona, override: cmd.Sampling | None, parent_id, speaker=None, key=None) -> Turn:
         sampling = cmd.Sampling(temperature=persona.temperature, top_p=persona.top_p, max_tokens=persona.max_tokens)
         if override is not None:
             sampling = override
         return Turn(conv.id, persona, key or conversation_key(conv.id), sampling, parent_id, speaker)
 
+    def batch_decoder(self, use: str):
+        """The decoder that steps several caches at once, one per `use` ("scene", "completion"), made once per
+        model and kept (its buffers are reused from step to step)."""
+        from app.engine.batch import RaggedDecoder
+
+        decoder = self._batch_decoders.get(use)
+        if decoder is None or decoder.model is not self.lm.model:
+            decoder = self._batch_decoders[use] = RaggedDecoder(self.lm.model)
+        return decoder
+
+    def prefix_lookup(self):
+        """Finds the stored or live cache sharing the longest prefix with a prompt (`parley serve` requests)."""
+        from app.kvstore.prefix_lookup import PrefixLookup
+
+        if self._prefix_lookup is None:
+            self._prefix_lookup = PrefixLookup(self.manager)
+        return self._prefix_lookup
+
     def emit_states(self) -> None:
         states = []
         for key, entry in self.manager.entries.items():
-            if key.startswith("conv:"):
+            if is_conversation_key(key):
                 cache = entry.cache
                 states.append(ev.CacheState(entry.conversation_id, entry.persona_id, "ram", len(cache.tokens),
                                             self.manager.entry_bytes(key), key == self.manager.pinned))
@@ -278,7 +291,7 @@ class Session:
             set_context_start(self.catalog, turn.conversation_id, prompt.start, turn.speaker)
             self.emit(ev.ContextTrimmed(turn.conversation_id, prompt.start))
         self.manager.pin(turn.key)
-        cache, source = self._cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
+        cache, source = self.cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
         reused = common_prefix(cache.tokens, prompt.ids)
         reused = min(reused, len(prompt.ids) - 1)  # the last prompt token must be fed to get logits
         cache.trim_to(reused)
@@ -293,7 +306,7 @@ class Session:
                 faults.save_cache(self, turn.key, turn.conversation_id)
                 self.emit(ev.ReplyFinished(turn.conversation_id, 0, "", ev.ReplyStats(0, reused, step.done, 0, 0, source), True))
                 return None
-        self._snapshot_preamble(turn, cache, prompt.preamble_ids)
+        self.snapshot_preamble(turn, cache, prompt.preamble_ids)
         timing = {"queued_ms": (began - started) * 1000}
         if turn.key in self.disk_loads:
             timing.update(opened_from="disk", open_ms=self.disk_loads.pop(turn.key))
@@ -347,7 +360,7 @@ class Session:
         self.emit_states()
         return reply_id
 
-    def _cache_for(self, turn: Turn, pre_key: str):
+    def cache_for(self, turn: Turn, pre_key: str):
         """The conversation's cache (RAM, disk) or a copy of the persona's preamble snapshot, or empty."""
         from app.kvstore.conversation_cache import ConversationCache
 
@@ -367,7 +380,7 @@ class Session:
         self.manager.put(turn.key, cache, turn.conversation_id, turn.speaker or turn.persona.id)
         return cache, snap_source
 
-    def _snapshot_preamble(self, turn: Turn, cache, preamble_ids: list[int]) -> None:
+    def snapshot_preamble(self, turn: Turn, cache, preamble_ids: list[int]) -> None:
         """Keep the persona's preamble as its own cache so new conversations start warm."""
         from app.personas import preamble_hash
 
@@ -390,7 +403,8 @@ def kv_shape(model) -> tuple[int, int, int] | None:
         return None
 
 
-def _activation_dtype(model):
+def activation_dtype(model):
+    """The dtype the model computes in (its final norm's), for the working copies of restored caches."""
     import mlx.core as mx
 
     norm = model.model.norm.weight if hasattr(model, "model") and hasattr(model.model, "norm") else None

@@ -86,10 +86,10 @@ class CacheManager:
             if isinstance(entry.cache, CompactCache):
                 entry.cache = entry.cache.expand(self.pool.scheme, self.pool.fingerprint)
             return entry.cache, "ram", None
-        loaded = self.pool.load(key, shared=self._shared_blocks())
+        loaded = self.pool.load(key, shared=self.shared_blocks())
         if isinstance(loaded, ConversationCache):
-            row = self.pool._row(key)
-            self.entries[key] = Entry(loaded, row["conversation_id"], row["persona_id"], last_used=time.time())
+            row = self.pool.record(key)
+            self.entries[key] = Entry(loaded, row.conversation_id, row.persona_id, last_used=time.time())
             return loaded, "disk", None
         return None, "none", loaded if isinstance(loaded, LoadMiss) else None
 
@@ -146,6 +146,13 @@ class CacheManager:
                 pass  # disposable: leaving RAM unsaved means the next use rebuilds it from the transcript
         del self.entries[key]
 
+    def discard(self, key: str) -> None:
+        """Drop from RAM without saving (a cache out of step with its tokens: the copy on disk is the last good
+        one; or a deleted conversation); unpin it if it was on screen."""
+        self.entries.pop(key, None)
+        if self.pinned == key:
+            self.pinned = None
+
     def forget(self, key: str) -> None:
         """Drop from RAM and disk (a deleted conversation)."""
         self.entries.pop(key, None)
@@ -196,7 +203,7 @@ class CacheManager:
         self.entries.move_to_end(key)
         self.entries[key].last_used = time.time()
 
-    def _shared_blocks(self) -> dict[str, tuple[list[dict], list[int]]]:
+    def shared_blocks(self) -> dict[str, tuple[list[dict], list[int]]]:
         """Blocks already in RAM (per-layer arrays), so a disk load shares them instead of reading again."""
         shared = {}
         for entry in self.entries.values():

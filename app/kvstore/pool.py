@@ -6,7 +6,9 @@ Layout under `$PARLEY_HOME/caches/`:
 
 A cache (`key`: "conv:<id>" for a chat, "conv:<id>:<persona>" for a scene
 member, "pre:<persona>:<preamble hash>" for a persona's preamble) is a row in
-the `caches` table: the chain of block hashes plus the current tail file.
+the `caches` table: the chain of block hashes plus the current tail file. The
+pool reads and writes those rows only through the store it is handed
+(`app.catalog.caches.CacheStore`); kvstore never imports the catalog.
 Blocks are addressed by a hash chain over (model fingerprint, scheme, tokens),
 so conversations that share a prefix share its blocks on disk.
 
@@ -20,7 +22,6 @@ other. Anything that fails verification is dropped and rebuilt by prefill.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -61,10 +62,9 @@ class LoadMiss:
 
 
 class BlockPool:
-    def __init__(self, catalog, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32,
+    def __init__(self, store, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32,
                  kv_shape: tuple[int, int, int] | None = None):
-        self.catalog = catalog
-        self.db = catalog.db
+        self.store = store  # app.catalog.caches.CacheStore: the rows of `caches` and `cache_blocks`
         self.root = root
         self.fingerprint = fingerprint
         self.scheme = scheme
@@ -81,10 +81,11 @@ class BlockPool:
     def block_path(self, block_hash: str) -> Path:
         return self.root / "blocks" / block_hash[:2] / f"{block_hash}.safetensors"
 
-    def _tail_path(self, name: str) -> Path:
+    def tail_path(self, name: str) -> Path:
         return self.root / "tails" / name
 
-    def _expect(self) -> dict[str, str]:
+    def expected_header(self) -> dict[str, str]:
+        """What every file of this pool's model and scheme says in its header."""
         return {"fingerprint": self.fingerprint, "scheme": self.scheme_id, "n_layers": str(self.n_layers)}
 
     # -- save --------------------------------------------------------------
@@ -101,8 +102,7 @@ class BlockPool:
     def _save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
         started = time.perf_counter()
         hashes = cache.block_hashes()
-        known = {r["hash"] for r in self.db.query(
-            f"select hash from cache_blocks where hash in ({','.join('?' * len(hashes))})", hashes)} if hashes else set()
+        known = self.store.known_blocks(hashes)
         written = blocks_written = 0
         parent = chain_root(self.fingerprint, self.scheme_id)
         new_rows = []
@@ -111,41 +111,30 @@ class BlockPool:
             if h not in known or not is_regular(path):
                 tokens = cache.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
                 arrays = cache.block_arrays(i)
-                size = write_cache_file(path, arrays, tokens, {**self._expect(), "kind": "block", "hash": h, "parent": parent})
-                new_rows.append({"hash": h, "fingerprint": self.fingerprint, "scheme": self.scheme_id,
-                                 "tokens": len(tokens), "bytes": size, "created_at": time.time(), "last_used_at": time.time()})
+                size = write_cache_file(path, arrays, tokens, {**self.expected_header(), "kind": "block", "hash": h, "parent": parent})
+                new_rows.append((h, len(tokens), size))
                 written += size
                 blocks_written += 1
             parent = h
         tail_name = f"{_safe(key)}-{os.urandom(6).hex()}.safetensors"
-        tail_size = write_cache_file(self._tail_path(tail_name), cache.tail_arrays(), cache.tail_tokens,
-                                     {**self._expect(), "kind": "tail", "key": key, "parent": parent})
+        tail_size = write_cache_file(self.tail_path(tail_name), cache.tail_arrays(), cache.tail_tokens,
+                                     {**self.expected_header(), "kind": "tail", "key": key, "parent": parent})
         written += tail_size
-        old = self._row(key)
-        block_bytes = sum(r["bytes"] for r in self.db.query(
-            f"select bytes from cache_blocks where hash in ({','.join('?' * len(hashes))})", hashes)) if hashes else 0
-        block_bytes += sum(r["bytes"] for r in new_rows if r["hash"] not in known)
-        row = {
-            "key": key, "conversation_id": conversation_id, "persona_id": persona_id,
-            "fingerprint": self.fingerprint, "scheme": self.scheme_id, "tokens": cache.n_tokens,
-            "chain": json.dumps(hashes), "tail_file": tail_name, "tail_tokens": len(cache.tail_tokens),
-            "bytes": block_bytes + tail_size, "updated_at": time.time(),
-        }
+        old = self.record(key)
+        block_bytes = sum(self.store.known_blocks(hashes).values())
+        block_bytes += sum(size for h, _, size in new_rows if h not in known)
         try:
-            with self.catalog.transaction():
-                conn = self.db.conn
-                for r in new_rows:
-                    conn.execute(_upsert_sql("cache_blocks", r), tuple(r.values()))
-                conn.execute(_upsert_sql("caches", row), tuple(row.values()))
+            self.store.write(key, conversation_id, persona_id, self.fingerprint, self.scheme_id, cache.n_tokens, hashes,
+                             tail_name, len(cache.tail_tokens), block_bytes + tail_size, new_blocks=new_rows)
         except sqlite3.IntegrityError:
             # the conversation was deleted while we saved (another thread or process): nothing to keep
-            self._tail_path(tail_name).unlink(missing_ok=True)
+            self.tail_path(tail_name).unlink(missing_ok=True)
             return SaveReport(0, 0, time.perf_counter() - started)
         except sqlite3.OperationalError:
-            self._tail_path(tail_name).unlink(missing_ok=True)  # its row was not written; new blocks go at gc
+            self.tail_path(tail_name).unlink(missing_ok=True)  # its row was not written; new blocks go at gc
             raise
-        if old and old["tail_file"] != tail_name:
-            self._tail_path(old["tail_file"]).unlink(missing_ok=True)
+        if old and old.tail_file != tail_name:
+            self.tail_path(old.tail_file).unlink(missing_ok=True)
         return SaveReport(blocks_written, written, time.perf_counter() - started)
 
     # -- load --------------------------------------------------------------
@@ -155,25 +144,23 @@ class BlockPool:
         `drop_bad=False`: a reader that does not own the cache (`parley serve` borrowing a chat's prefix)
         leaves a bad one in place; its owner may be rewriting it this very moment in another process.
         """
-        row = self._row(key)
+        row = self.record(key)
         if row is None:
             return None
         miss = self._miss if drop_bad else LoadMiss
-        if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
-            return miss(key, f"it was made with another model or scheme ({row['scheme']})")
+        if row.fingerprint != self.fingerprint or row.scheme != self.scheme_id:
+            return miss(key, f"it was made with another model or scheme ({row.scheme})")
         try:
-            hashes = json.loads(row["chain"])
+            hashes = row.chain
             layers, tokens = self._restore(row, hashes, shared or {})
         except BadCacheFile as exc:
             return miss(key, str(exc))
         except (ValueError, KeyError, IndexError) as exc:  # arrays that do not fit this model or scheme
             return miss(key, f"its arrays do not fit this model ({exc})")
-        if hashes:
-            self.db.execute("update cache_blocks set last_used_at = ? where hash in (%s)" % ",".join("?" * len(hashes)),
-                            [time.time(), *hashes])
+        self.store.touch_blocks(hashes)
         return ConversationCache(layers, self.fingerprint, self.scheme_id, tokens, list(hashes))
 
-    def _restore(self, row: dict, hashes: list[str], shared: dict) -> tuple[list[SealingKVCache], list[int]]:
+    def _restore(self, row, hashes: list[str], shared: dict) -> tuple[list[SealingKVCache], list[int]]:
         """Read, verify and decode a stored cache into working copies, block by block.
 
         The kernel is asked to read every file ahead (`prefetch`) and a helper
@@ -182,18 +169,18 @@ class BlockPool:
         restore costs about the read, not read + decode.
         """
         parents = [chain_root(self.fingerprint, self.scheme_id), *hashes]
-        tail_path = self._tail_path(row["tail_file"])
+        tail_path = self.tail_path(row.tail_file)
         to_read = [i for i, h in enumerate(hashes) if h not in shared]
         paths = [self.block_path(hashes[i]) for i in to_read] + [tail_path]
-        jobs = [partial(self._read_block, hashes[i], parents[i]) for i in to_read]
-        jobs.append(partial(read_cache_file, tail_path, {**self._expect(), "kind": "tail", "key": row["key"],
+        jobs = [partial(self.read_block, hashes[i], parents[i]) for i in to_read]
+        jobs.append(partial(read_cache_file, tail_path, {**self.expected_header(), "kind": "tail", "key": row.key,
                                                          "parent": parents[-1]}))
         per_layer: list[list] = [[] for _ in range(self.n_layers)]
         whole_blocks, tokens, copies = [], [], None
         step = SealingKVCache(self.scheme).step
         with ReadAhead(jobs, hint=partial(prefetch, paths[1:])) as files:
             if hashes and self.kv_shape:  # zero-fill now, while the helper reads the first block
-                copies = start_working_copies(self.scheme, self.n_layers, None, row["tokens"], self.dtype, step,
+                copies = start_working_copies(self.scheme, self.n_layers, None, row.tokens, self.dtype, step,
                                               shape=self.kv_shape)
             for i, h in enumerate(hashes):
                 if h in shared:
@@ -204,7 +191,7 @@ class BlockPool:
                     shared[h] = (block, block_tokens)
                 whole = stacked(block)
                 if i == 0 and copies is None:
-                    copies = start_working_copies(self.scheme, self.n_layers, whole, row["tokens"], self.dtype, step)
+                    copies = start_working_copies(self.scheme, self.n_layers, whole, row.tokens, self.dtype, step)
                     self.kv_shape = self.kv_shape or (copies.shape if copies else None)
                 copies = _add_block(copies, whole, both_cores=files.finished)
                 whole_blocks.append(whole)
@@ -213,11 +200,11 @@ class BlockPool:
                 tokens += block_tokens
             tail = next(files)
         tokens += tail.tokens
-        if len(tokens) != row["tokens"]:
-            raise BadCacheFile(f"it holds {len(tokens)} tokens, the catalog says {row['tokens']}")
+        if len(tokens) != row.tokens:
+            raise BadCacheFile(f"it holds {len(tokens)} tokens, the catalog says {row.tokens}")
         tail_k, tail_v = tail.host["k"], tail.host["v"]
         if copies is None and not hashes and tail_k.data.ndim == 4 and tail_k.data.shape[2]:
-            copies = start_working_copies(self.scheme, self.n_layers, None, row["tokens"], self.dtype, step,
+            copies = start_working_copies(self.scheme, self.n_layers, None, row.tokens, self.dtype, step,
                                           tail=(tail_k, tail_v))
         layers = _finish(copies, self.scheme, whole_blocks, per_layer, tail_k, tail_v, self.dtype)
         if layers and layers[0].offset != len(tokens):
@@ -232,12 +219,12 @@ class BlockPool:
             self._drop_block(h)
             raise
 
-    def _read_block(self, h: str, parent: str) -> tuple[dict, list[int]]:
+    def read_block(self, h: str, parent: str) -> tuple[dict, list[int]]:
         """A block file's tensors (host memory) and tokens, verified against its address.
 
         Pure file work (no MLX, no SQLite): `_restore` runs it on its read-ahead thread.
         """
-        f = read_cache_file(self.block_path(h), {**self._expect(), "kind": "block", "hash": h, "parent": parent})
+        f = read_cache_file(self.block_path(h), {**self.expected_header(), "kind": "block", "hash": h, "parent": parent})
         if chain_next(parent, f.tokens) != h or len(f.tokens) != BLOCK_TOKENS:
             raise BadCacheFile(f"block {h[:12]} does not hold the tokens its address says")
         return f.host, f.tokens
@@ -248,30 +235,29 @@ class BlockPool:
 
     def _drop_block(self, block_hash: str) -> None:
         discard(self.block_path(block_hash))
-        self.db.execute("delete from cache_blocks where hash = ?", [block_hash])
+        self.store.delete_block(block_hash)
 
     # -- bookkeeping ---------------------------------------------------------
-    def _row(self, key: str) -> dict | None:
-        rows = list(self.db.query("select * from caches where key = ?", [key]))
-        return rows[0] if rows else None
+    def record(self, key: str):
+        """The catalog's record of the cache `key` (app.catalog.caches.CacheRecord), or None."""
+        return self.store.record(key)
 
     def has(self, key: str) -> bool:
-        return self._row(key) is not None
+        return self.record(key) is not None
 
     def drop(self, key: str) -> None:
         """Forget one cache (its unshared blocks go at the next `gc`)."""
-        row = self._row(key)
+        row = self.record(key)
         if row is None:
             return
-        self.db.execute("delete from caches where key = ?", [key])
-        discard(self._tail_path(row["tail_file"]))
+        self.store.delete(key)
+        discard(self.tail_path(row.tail_file))
 
     def forget_conversation(self, conversation_id: int, grace: float = 60.0) -> tuple[int, int]:
         """Remove every cache of a deleted conversation (rows may already be gone by cascade), then gc."""
-        keys = {r["key"] for r in self.db.query("select key from caches where conversation_id = ?", [conversation_id])}
-        for key in keys:
+        for key in self.store.keys_of_conversation(conversation_id):
             self.drop(key)
-        prefix = _safe(f"conv:{conversation_id}")
+        prefix = _safe(self.store.conversation_key(conversation_id))
         for path in [*self.root.joinpath("tails").glob(f"{prefix}-*"), *self.root.joinpath("tails").glob(f"{prefix}_*")]:
             discard(path)
         return self.gc(grace)
@@ -284,25 +270,23 @@ class BlockPool:
         without any row may belong to another process's save in progress: those
         go only when older than `grace` seconds (see `reconcile`).
         """
-        referenced = set()
-        for row in self.db.query("select chain from caches"):
-            referenced.update(json.loads(row["chain"]))
+        referenced = self.store.referenced_blocks()
         files = freed = 0
-        for row in list(self.db.query("select hash, bytes, created_at from cache_blocks")):
-            if row["hash"] not in referenced:
-                path = self.block_path(row["hash"])
+        for block in self.store.blocks():
+            if block.hash not in referenced:
+                path = self.block_path(block.hash)
                 if os.path.lexists(path):
                     freed += discard(path)
                     files += 1
-                self.db.execute("delete from cache_blocks where hash = ?", [row["hash"]])
+                self.store.delete_block(block.hash)
         f2, b2 = self.reconcile(grace)
         return files + f2, freed + b2
 
     def reconcile(self, grace: float = GRACE_SECONDS) -> tuple[int, int]:
         """After a crash: remove files without rows and rows without files."""
         cutoff = time.time() - grace
-        block_rows = {r["hash"] for r in self.db.query("select hash from cache_blocks")}
-        tail_rows = {r["tail_file"] for r in self.db.query("select tail_file from caches")}
+        block_rows = {b.hash for b in self.store.blocks()}
+        tail_rows = self.store.tail_files()
         files = freed = 0
         for path in self.not_regular():  # never a cache file, whatever its age: gone at once
             freed += discard(path)
@@ -318,10 +302,10 @@ class BlockPool:
                 files += 1
         for h in block_rows:
             if not is_regular(self.block_path(h)):
-                self.db.execute("delete from cache_blocks where hash = ?", [h])
-        for row in list(self.db.query("select key, tail_file from caches")):
-            if not is_regular(self._tail_path(row["tail_file"])):
-                self.db.execute("delete from caches where key = ?", [row["key"]])
+                self.store.delete_block(h)
+        for row in self.store.records():
+            if not is_regular(self.tail_path(row.tail_file)):
+                self.store.delete(row.key)
         return files, freed
 
     def not_regular(self) -> list[Path]:
@@ -345,31 +329,29 @@ class BlockPool:
             discard(path)
             problems.append(f"{path.relative_to(self.root)} is not a regular file (removed; what used it is rebuilt "
                             "from the transcript)")
-        for row in list(self.db.query("select * from caches")):
-            if row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
-                continue
-            hashes = json.loads(row["chain"])
+        for row in self.store.records(self.fingerprint, self.scheme_id):
+            hashes = row.chain
             checked += len(hashes) + 1
             try:
                 parent = chain_root(self.fingerprint, self.scheme_id)
                 for h in hashes:
-                    self._block_or_drop(h, partial(self._read_block, h, parent))
+                    self._block_or_drop(h, partial(self.read_block, h, parent))
                     parent = h
-                read_cache_file(self._tail_path(row["tail_file"]), {**self._expect(), "kind": "tail", "key": row["key"],
+                read_cache_file(self.tail_path(row.tail_file), {**self.expected_header(), "kind": "tail", "key": row.key,
                                 "parent": hashes[-1] if hashes else chain_root(self.fingerprint, self.scheme_id)})
             except BadCacheFile as exc:
-                self.drop(row["key"])
-                problems.append(f"{row['key']}: {exc} (dropped; it will be rebuilt from the transcript)")
-        referenced = {h for row in self.db.query("select chain from caches") for h in json.loads(row["chain"])}
-        for row in list(self.db.query("select hash, fingerprint, scheme from cache_blocks")):
-            if row["hash"] in referenced or row["fingerprint"] != self.fingerprint or row["scheme"] != self.scheme_id:
+                self.drop(row.key)
+                problems.append(f"{row.key}: {exc} (dropped; it will be rebuilt from the transcript)")
+        referenced = self.store.referenced_blocks()
+        for block in self.store.blocks():
+            if block.hash in referenced or block.fingerprint != self.fingerprint or block.scheme != self.scheme_id:
                 continue
             checked += 1
             try:
-                read_cache_file(self.block_path(row["hash"]), {**self._expect(), "kind": "block", "hash": row["hash"]})
+                read_cache_file(self.block_path(block.hash), {**self.expected_header(), "kind": "block", "hash": block.hash})
             except BadCacheFile as exc:
-                self._drop_block(row["hash"])
-                problems.append(f"block {row['hash'][:12]}: {exc} (dropped)")
+                self._drop_block(block.hash)
+                problems.append(f"block {block.hash[:12]}: {exc} (dropped)")
         return checked, problems
 
 
@@ -405,7 +387,3 @@ def _finish(copies, scheme, whole_blocks, per_layer, tail_k: HostTensor, tail_v:
 def _safe(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
 
-
-def _upsert_sql(table: str, row: dict) -> str:
-    """INSERT OR REPLACE with placeholders (sqlite-utils' upsert would commit our transaction early)."""
-    return f"INSERT OR REPLACE INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"

@@ -99,31 +99,29 @@ class PrefixLookup:
         pool = self.manager.pool
         wanted = prompt_chain(pool.fingerprint, pool.scheme_id, ids)
         matches = []
-        rows = pool.db.query("select key, chain, tail_file from caches where fingerprint = ? and scheme = ?",
-                             [pool.fingerprint, pool.scheme_id])
-        for row in rows:
-            if row["key"] in self.manager.entries or self._skip.get(row["key"]) == row["tail_file"]:
+        for row in pool.store.records(pool.fingerprint, pool.scheme_id):
+            if row.key in self.manager.entries or self._skip.get(row.key) == row.tail_file:
                 continue
-            chain = json.loads(row["chain"])
+            chain = row.chain
             blocks = common_prefix(chain, wanted)
             n = blocks * BLOCK_TOKENS
             if blocks == len(chain):
-                tail = self._tail(row["tail_file"])
+                tail = self._tail(row.tail_file)
                 if tail is None:
                     continue  # unreadable: the load would miss anyway
                 n += common_prefix(tail, ids[n:])
-            matches.append(PrefixMatch(row["key"], n, False))
+            matches.append(PrefixMatch(row.key, n, False))
         return matches
 
     def unusable(self, key: str) -> None:
         """`key` could not be restored: skip it until it is saved again (a new tail file)."""
-        rows = list(self.manager.pool.db.query("select tail_file from caches where key = ?", [key]))
-        if rows:
-            self._skip[key] = rows[0]["tail_file"]
+        row = self.manager.pool.record(key)
+        if row is not None:
+            self._skip[key] = row.tail_file
 
     def _tail(self, name: str) -> list[int] | None:
         if name not in self._tails:
             if len(self._tails) > 4096:
                 self._tails.clear()
-            self._tails[name] = tail_tokens_of(self.manager.pool._tail_path(name))
+            self._tails[name] = tail_tokens_of(self.manager.pool.tail_path(name))
         return self._tails[name]

@@ -18,7 +18,7 @@ from app.errors import ParleyError
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 _MODEL_TYPE = {"gemma3": "gemma3_text"}
 
-_LAYER = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -32,13 +32,13 @@ _LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GEMMA_LAYER = {
-    **_LAYER,
+GEMMA_LAYER_NAMES = {
+    **LAYER_NAMES,
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def check_gguf_architecture(arch: str | None, source: str) -> str:
@@ -55,16 +55,16 @@ def mlx_name(arch: str, name: str) -> str | None:
         return None
     if base.startswith("blk."):
         _, layer, key = base.split(".", 2)
-        table = _GEMMA_LAYER if arch.startswith("gemma") else _LAYER
+        table = GEMMA_LAYER_NAMES if arch.startswith("gemma") else LAYER_NAMES
         target = table.get(key)
         if arch == "phi3" and key == "ffn_up":
             target = "mlp.gate_up_proj"
         if target is None:
             raise ParleyError(f"GGUF tensor {name} is not one Parley knows for architecture {arch!r}.")
         return f"model.layers.{layer}.{target}.{part}"
-    if base not in _TOP:
+    if base not in TOP_NAMES:
         raise ParleyError(f"GGUF tensor {name} is not one Parley knows for architecture {arch!r}.")
-    return f"{_TOP[base]}.{part}"
+    return f"{TOP_NAMES[base]}.{part}"
 
 
 def needs_unpermute(arch: str, name: str) -> str | None:

@@ -137,7 +137,7 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
     from mlx_lm.utils import load_model as mlx_load_model
 
     folder = resolve_model_folder(spec, progress)
-    check_architecture(_read_config(folder), str(folder))
+    check_architecture(read_config(folder), str(folder))
     tokenizer = ChatTokenizer(folder)
     try:
         model, config = mlx_load_model(folder)
@@ -163,7 +163,8 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
     )
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json, or a ParleyError saying what is wrong with it."""
     try:
         return json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:

@@ -130,11 +130,11 @@ def _permute_rows(data: np.ndarray, heads: int) -> np.ndarray:
 
 def _gguf_names(arch: str) -> dict:
     """mlx-lm name -> GGUF name, the inverse of `gguf_arch.mlx_name`."""
-    table = gguf_arch._GEMMA_LAYER if arch.startswith("gemma") else gguf_arch._LAYER
+    table = gguf_arch.GEMMA_LAYER_NAMES if arch.startswith("gemma") else gguf_arch.LAYER_NAMES
     inverse = {v: k for k, v in table.items()}
     if arch == "phi3":
         inverse["mlp.gate_up_proj"] = "ffn_up"
-    top = {v: k for k, v in gguf_arch._TOP.items()}
+    top = {v: k for k, v in gguf_arch.TOP_NAMES.items()}
 
     class Names(dict):
         def __missing__(self, name):

@@ -88,17 +88,17 @@ def card_to_persona(card: Any, origin: str) -> Persona:
     else:
         raise ParleyError(f"{origin}: field 'spec' is {spec!r:.60}; expected 'chara_card_v2' or 'chara_card_v3'.")
 
-    texts = {key: model._text(data, key, origin) for key in TEXT}
-    name = model._text(data, "name", origin).strip()
+    texts = {key: model.text_field(data, key, origin) for key in TEXT}
+    name = model.text_field(data, "name", origin).strip()
     if not name:
         raise ParleyError(f"{origin}: field 'name' is missing or empty; a card needs a character name.")
-    alternates = model._text_list(data, "alternate_greetings", origin, model.MAX_GREETINGS - 1)
-    tags = model._text_list(data, "tags", origin, model.MAX_TAGS)
-    extensions = dict(model._json_dict(data, "extensions", origin, model.MAX_EXTENSIONS_BYTES))
+    alternates = model.text_list_field(data, "alternate_greetings", origin, model.MAX_GREETINGS - 1)
+    tags = model.text_list_field(data, "tags", origin, model.MAX_TAGS)
+    extensions = dict(model.json_dict_field(data, "extensions", origin, model.MAX_EXTENSIONS_BYTES))
     ours = extensions.pop("parley", None)
     ours = ours if isinstance(ours, dict) else {}
     extras = {k: v for k, v in data.items() if k not in MAPPED and v not in ("", None, [], {})}
-    model._json_dict({"card": extras}, "card", origin, model.MAX_CARD_EXTRA_BYTES)
+    model.json_dict_field({"card": extras}, "card", origin, model.MAX_CARD_EXTRA_BYTES)
 
     greetings = [g for g in (texts["first_mes"], *alternates) if g.strip()]
     fields = {

@@ -47,25 +47,25 @@ def _split(raw: dict, texts, bools, ints, skip=()) -> tuple[dict, dict]:
 
 def book_to_toml(book: dict) -> list[str]:
     """Lines of a `[lorebook]` table (and its `[[lorebook.entries]]`) for a character_book dict."""
-    from app.personas.tomlfile import _value
+    from app.personas.tomlfile import toml_value
 
     plain, extra = _split(book, BOOK_TEXT, (), BOOK_INT, skip=("entries",))
     entries = book.get("entries") if isinstance(book.get("entries"), list) else None
     if entries is None and "entries" in book:
         extra["entries"] = book["entries"]
     lines = ["", "# Lorebook: entries that enter the conversation when a key is mentioned (personas/README.md).", "[lorebook]"]
-    lines += [f"{k} = {_value(v)}" for k, v in plain.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in plain.items()]
     if extra:
-        lines.append(f"extra = {_value(json.dumps(extra, ensure_ascii=False))}")
+        lines.append(f"extra = {toml_value(json.dumps(extra, ensure_ascii=False))}")
     for entry in entries or []:
         lines += ["", "[[lorebook.entries]]"]
         if not isinstance(entry, dict):
-            lines.append(f"extra = {_value(json.dumps({'_entry': entry}, ensure_ascii=False))}")
+            lines.append(f"extra = {toml_value(json.dumps({'_entry': entry}, ensure_ascii=False))}")
             continue
         e_plain, e_extra = _split(entry, ENTRY_TEXT, ENTRY_BOOL, ENTRY_INT)
-        lines += [f"{k} = {_value(v)}" for k, v in e_plain.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in e_plain.items()]
         if e_extra:
-            lines.append(f"extra = {_value(json.dumps(e_extra, ensure_ascii=False))}")
+            lines.append(f"extra = {toml_value(json.dumps(e_extra, ensure_ascii=False))}")
     return lines
 
 

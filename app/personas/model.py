@@ -96,7 +96,8 @@ def _size(value: str) -> int:
     return len(value.encode("utf-8", "surrogatepass"))
 
 
-def _text(fields: dict, name: str, origin: str, default: str = "") -> str:
+def text_field(fields: dict, name: str, origin: str, default: str = "") -> str:
+    """Field `name` as text within its size limit, or a ParleyError naming `origin` and the field (persona files, cards)."""
     value = fields.get(name, default)
     if value is None:
         value = default
@@ -117,7 +118,8 @@ def _check_encodable(value: str, origin: str, name: str) -> None:
         raise ParleyError(f"{_where(origin, name)} contains text that is not valid Unicode. Remove it.") from exc
 
 
-def _text_list(fields: dict, name: str, origin: str, limit: int) -> tuple[str, ...]:
+def text_list_field(fields: dict, name: str, origin: str, limit: int) -> tuple[str, ...]:
+    """Field `name` as at most `limit` texts, or a ParleyError naming `origin` and the field (persona files, cards)."""
     value = fields.get(name, ())
     if value is None:
         value = ()
@@ -147,7 +149,8 @@ def _number(fields: dict, name: str, origin: str, default: float, low: float, hi
     return int(value) if integer else float(value)
 
 
-def _json_dict(fields: dict, name: str, origin: str, limit: int) -> dict:
+def json_dict_field(fields: dict, name: str, origin: str, limit: int) -> dict:
+    """Field `name` as a JSON object of at most `limit` bytes, or a ParleyError naming `origin` and the field."""
     value = fields.get(name, {})
     if value is None:
         value = {}
@@ -175,7 +178,7 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
             f"{_where(origin, 'id')} must be lower-case letters, digits, '-' or '_' (at most 64), "
             f"not {persona_id!r:.70}."
         )
-    name = _text(fields, "name", origin).strip()
+    name = text_field(fields, "name", origin).strip()
     if not name:
         raise ParleyError(f"{_where(origin, 'name')} is missing or empty. Add a line like name = \"Ada\".")
     if "\n" in name or len(name) > 200:
@@ -183,20 +186,20 @@ def build_persona(fields: dict[str, Any], origin: str, source: Path | None = Non
     color = fields.get("color", DEFAULT_COLOR) or DEFAULT_COLOR
     if not isinstance(color, str) or not COLOR_PATTERN.match(color):
         raise ParleyError(f"{_where(origin, 'color')} must look like \"#1a2b3c\", not {color!r:.40}.")
-    texts = {n: _text(fields, n, origin) for n in TEXT_FIELDS if n != "name"}
-    card = _json_dict(fields, "card", origin, MAX_CARD_EXTRA_BYTES)
+    texts = {n: text_field(fields, n, origin) for n in TEXT_FIELDS if n != "name"}
+    card = json_dict_field(fields, "card", origin, MAX_CARD_EXTRA_BYTES)
     if fields.get("lorebook") is not None:  # the persona file's [lorebook] (checked by lore_toml) wins
-        card = _json_dict({"card": {**card, "character_book": fields["lorebook"]}}, "card", origin, MAX_CARD_EXTRA_BYTES)
+        card = json_dict_field({"card": {**card, "character_book": fields["lorebook"]}}, "card", origin, MAX_CARD_EXTRA_BYTES)
     return Persona(
         id=persona_id,
         name=name,
-        greetings=_text_list(fields, "greetings", origin, MAX_GREETINGS),
-        tags=_text_list(fields, "tags", origin, MAX_TAGS),
+        greetings=text_list_field(fields, "greetings", origin, MAX_GREETINGS),
+        tags=text_list_field(fields, "tags", origin, MAX_TAGS),
         temperature=_number(fields, "temperature", origin, DEFAULT_TEMPERATURE, 0.0, 5.0),
         top_p=_number(fields, "top_p", origin, DEFAULT_TOP_P, 0.0, 1.0),
         max_tokens=_number(fields, "max_tokens", origin, DEFAULT_MAX_TOKENS, 1, 65536, integer=True),
         color=color.lower(),
-        extensions=_json_dict(fields, "extensions", origin, MAX_EXTENSIONS_BYTES),
+        extensions=json_dict_field(fields, "extensions", origin, MAX_EXTENSIONS_BYTES),
         card=card,
         user=_user(fields, origin),
         source=source,

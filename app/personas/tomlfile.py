@@ -117,7 +117,8 @@ def toml_string(value: str) -> str:
     return '"' + "".join(esc(c, False) for c in value) + '"'
 
 
-def _value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value written as TOML (persona files and lorebook files share this writer)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -129,7 +130,7 @@ def _value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         if not value:
             return "[]"
-        items = [_value(v) for v in value]
+        items = [toml_value(v) for v in value]
         if any("\n" in i for i in items) or sum(len(i) for i in items) > 60:
             return "[\n" + "".join(f"    {i},\n" for i in items) + "]"
         return "[" + ", ".join(items) + "]"
@@ -139,33 +140,33 @@ def _value(value: Any) -> str:
 def dump_persona_toml(persona: Persona) -> str:
     """The persona as a human-editable TOML file (empty optional fields left out)."""
     lines = ["# A Parley persona. Format: personas/README.md in the Parley repository.", ""]
-    lines.append(f"id = {_value(persona.id)}")
-    lines.append(f"name = {_value(persona.name)}")
-    lines.append(f"description = {_value(persona.description)}")
-    lines.append(f"color = {_value(persona.color or DEFAULT_COLOR)}")
+    lines.append(f"id = {toml_value(persona.id)}")
+    lines.append(f"name = {toml_value(persona.name)}")
+    lines.append(f"description = {toml_value(persona.description)}")
+    lines.append(f"color = {toml_value(persona.color or DEFAULT_COLOR)}")
     if persona.tags:
-        lines.append(f"tags = {_value(list(persona.tags))}")
-    lines.append(f"greetings = {_value(list(persona.greetings))}")
-    lines.append(f"system_prompt = {_value(persona.system_prompt)}")
+        lines.append(f"tags = {toml_value(list(persona.tags))}")
+    lines.append(f"greetings = {toml_value(list(persona.greetings))}")
+    lines.append(f"system_prompt = {toml_value(persona.system_prompt)}")
     for key in ("personality", "scenario", "examples", "post_history_instructions", "creator_notes"):
         if getattr(persona, key):
-            lines.append(f"{key} = {_value(getattr(persona, key))}")
+            lines.append(f"{key} = {toml_value(getattr(persona, key))}")
     if persona.user is not None:
         lines += ["", "# Who you are in this persona's chats (overrides your global persona, `parley user`).", "[user]"]
-        lines.append(f"name = {_value(persona.user.name)}")
-        lines.append(f"description = {_value(persona.user.description)}")
+        lines.append(f"name = {toml_value(persona.user.name)}")
+        lines.append(f"description = {toml_value(persona.user.description)}")
     lines += ["", "[sampling]"]
-    lines.append(f"temperature = {_value(float(persona.temperature))}")
-    lines.append(f"top_p = {_value(float(persona.top_p))}")
-    lines.append(f"max_tokens = {_value(int(persona.max_tokens))}")
+    lines.append(f"temperature = {toml_value(float(persona.temperature))}")
+    lines.append(f"top_p = {toml_value(float(persona.top_p))}")
+    lines.append(f"max_tokens = {toml_value(int(persona.max_tokens))}")
     book = persona.card.get("character_book")
     card = {k: v for k, v in persona.card.items() if k != "character_book" or not isinstance(book, dict)}
     if persona.extensions or card:
         lines += ["", "# Character-card data kept for export (JSON).", "[card]"]
         if persona.extensions:
-            lines.append(f"extensions = {_value(json.dumps(persona.extensions, ensure_ascii=False))}")
+            lines.append(f"extensions = {toml_value(json.dumps(persona.extensions, ensure_ascii=False))}")
         if card:
-            lines.append(f"data = {_value(json.dumps(card, ensure_ascii=False))}")
+            lines.append(f"data = {toml_value(json.dumps(card, ensure_ascii=False))}")
     if isinstance(book, dict):
         lines += book_to_toml(book)
     return "\n".join(lines) + "\n"

@@ -130,10 +130,10 @@ class ParleyApp(App):
 
     def disk_caches(self) -> list[dict]:
         """Conversation caches on disk, from the catalog's cache records (empty before that table exists)."""
+        from app.catalog.caches import CacheStore
+
         try:
-            cursor = self.catalog.db.execute(
-                "SELECT conversation_id, persona_id, tokens, bytes FROM caches WHERE conversation_id IS NOT NULL")
-            return [dict(zip(("conversation_id", "persona_id", "tokens", "bytes"), row)) for row in cursor.fetchall()]
+            return CacheStore(self.catalog).conversation_rows()
         except Exception:  # no cache table yet, or a locked moment: show no disk state this time
             return []
 
