@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from app.engine import events as ev
-from app.ui.scene import NewSceneScreen, SceneLine, SceneTab, ScenesScreen
+from app.ui.screens import NewSceneScreen, ScenesScreen
+from app.ui.widgets import SceneLine, SceneTab
 from tests.test_ui_helpers import events_of, wait_until, write_personas
 
 pytestmark = pytest.mark.asyncio

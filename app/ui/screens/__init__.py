@@ -1,0 +1,21 @@
+"""The screens, one per module; importing them from `app.ui.screens` keeps working.
+
+- `chat`: ChatScreen, the main screen (sidebar and tabs); it routes engine events to their tab.
+- `help`: HelpScreen, the keys (generated from the bindings).
+- `persona_editor`, `cards`: create, edit, import and export personas.
+- `conversations`, `scenes`, `new_scene`: list, reopen and delete conversations and scenes; make a scene.
+- `confirm`: the yes/no question before a delete.
+"""
+
+from app.ui.screens.cards import ExportCardScreen, ImportCardScreen, export_folder
+from app.ui.screens.chat import NARROW_BELOW, TAB_PREFIX, ChatScreen
+from app.ui.screens.confirm import ConfirmScreen
+from app.ui.screens.conversations import ConversationsScreen
+from app.ui.screens.help import HELP, HelpScreen
+from app.ui.screens.new_scene import NewSceneScreen
+from app.ui.screens.persona_editor import PersonaEditorScreen
+from app.ui.screens.scenes import ScenesScreen
+
+__all__ = ["HELP", "NARROW_BELOW", "TAB_PREFIX", "ChatScreen", "ConfirmScreen", "ConversationsScreen",
+           "ExportCardScreen", "HelpScreen", "ImportCardScreen", "NewSceneScreen", "PersonaEditorScreen",
+           "ScenesScreen", "export_folder"]
