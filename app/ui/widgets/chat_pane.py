@@ -4,24 +4,23 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual import on
-from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Label, ProgressBar, Static, TextArea
+from textual.widgets import Static, TextArea
 
 from app.engine import commands as cmd
 from app.engine import events as ev
+from app.errors import ParleyError
 from app.ui.widgets.cache_summary import CacheSummary
 from app.ui.widgets.chat_input import ChatInput
+from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.message_view import MessageView
 from app.ui.widgets.text import duration, lore_mark, lore_of, stats_line
-from app.ui.widgets.transcript import Transcript, TranscriptNavigation
 
 
-class ChatPane(TranscriptNavigation, Vertical):
+class ChatPane(ConversationTab):
     """One persona's tab: header, transcript, prefill progress, and the message box.
 
     Reads the transcript from the app's catalog; sends commands through `app.submit`;
-    the screen routes engine events for this pane's conversation to its `on_engine_*` methods.
+    the screen routes engine events for this pane's conversation to it (`ENGINE_HANDLERS`, at the end).
     """
 
     def __init__(self, persona, conversation_id: int, **kwargs) -> None:
@@ -37,18 +36,6 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.last_sent = ""  # given back to the message box when the engine refuses it
 
     # layout ------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield Static(self._header(), classes="chat-header")
-        yield Transcript(classes="transcript")
-        with Horizontal(classes="prefill"):
-            yield Label("Reading the conversation", classes="prefill-label")
-            yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
-        yield Static(self._hint(), classes="composer-hint")
-        yield ChatInput(classes="composer")
-
-    async def on_mount(self) -> None:
-        await self.reload()
-
     def _header(self) -> Text:
         conv = self.app.catalog.get_conversation(self.conversation_id)
         title = (conv.title if conv and conv.title else "New conversation")
@@ -83,12 +70,7 @@ class ChatPane(TranscriptNavigation, Vertical):
             self.live_cache = summary
             self.refresh_chrome()
 
-    def _hint(self) -> str:
-        if self.generating:
-            waits = self.waiting_for()
-            if waits:
-                return f"Queued: waits for {waits} to finish replying, then this reply starts"
-            return "Replying… escape stops"
+    def _idle_hint(self) -> str:
         paste = paste_note(self.app, self.composer.text if self.is_mounted and self.query(ChatInput) else "")
         if paste:
             return paste
@@ -96,26 +78,12 @@ class ChatPane(TranscriptNavigation, Vertical):
             return "Editing: enter resends it as a new branch · escape cancels"
         return "enter send · ctrl+j new line · ↑ pick a message · F1 keys"
 
-    def waiting_for(self) -> str:
-        """Whose reply the engine is writing now, when it is not this tab's (this tab's reply waits for it)."""
-        screen = getattr(self.app, "chat_screen", None)
-        running = getattr(screen, "running", None)
-        if screen is None or running is None or running == self.conversation_id:
-            return ""
-        other = screen.pane_for_conversation(running)
-        scene = screen.scene_for_conversation(running)
-        return other.persona.name if other else f"the scene {scene.scene_title}" if scene else "another conversation"
-
     @on(TextArea.Changed, ".composer")
     def _composer_changed(self) -> None:
         self.query_one(".composer-hint", Static).update(self._hint())
 
-    def refresh_chrome(self) -> None:
-        if not self.query(".chat-header"):  # being closed: nothing to draw on
-            return
-        self.query_one(".chat-header", Static).update(self._header())
-        self.query_one(".composer-hint", Static).update(self._hint())
-        self.set_class(self.generating, "-generating")
+    def replied_note(self) -> str:
+        return f"{self.persona.name} replied."
 
     # transcript --------------------------------------------------------------
     def message_views(self) -> list[MessageView]:
@@ -187,11 +155,11 @@ class ChatPane(TranscriptNavigation, Vertical):
         self.refresh_chrome()
 
     def _greeting(self) -> str:
-        try:
-            from app.personas import preamble_messages
+        from app.personas import preamble_messages
 
+        try:
             pre = preamble_messages(self.persona)
-        except Exception:
+        except ParleyError:  # a bad user persona or lorebook: the engine reports it when a reply is asked for
             return ""
         return next((m["content"] for m in pre if m["role"] == "assistant"), "")
 
@@ -252,12 +220,6 @@ class ChatPane(TranscriptNavigation, Vertical):
             await self._truncate_from(after[0])
         await self._start_reply(None)
         self.app.submit(cmd.Regenerate(self.conversation_id, self.app.sampling))
-
-    def stop(self) -> bool:
-        if self.generating:
-            self.app.submit(cmd.Cancel())
-            return True
-        return False
 
     def begin_edit(self, message_id: int, text: str) -> None:
         if self.generating:
@@ -322,7 +284,7 @@ class ChatPane(TranscriptNavigation, Vertical):
         if self.parent is not None and self.app.chat_screen.active_pane() is self:
             self.app.chat_screen.request_open(conversation_id)
 
-    # engine events (routed here by the screen) -----------------------------------
+    # engine events (the screen routes this conversation's here) -----------------------
     def on_engine_opened(self, event: ev.ConversationOpened) -> None:
         self.cache_source, self.cache_tokens = event.cache, event.tokens
         self.cache_load_ms = float(getattr(event, "load_ms", 0.0) or 0.0)
@@ -331,12 +293,6 @@ class ChatPane(TranscriptNavigation, Vertical):
     async def on_engine_saved(self, event: ev.MessageSaved) -> None:
         if event.role == "user":
             await self.reload()
-
-    def on_engine_prefill(self, event: ev.PrefillProgressed) -> None:
-        self.add_class("-prefilling")
-        self.query_one(".prefill-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
-        if event.done >= event.total:
-            self.remove_class("-prefilling")
 
     async def on_engine_tokens(self, event: ev.TokensGenerated) -> None:
         self.remove_class("-prefilling")
@@ -388,6 +344,15 @@ class ChatPane(TranscriptNavigation, Vertical):
 
     def title_changed(self) -> None:
         self.refresh_chrome()
+
+    ENGINE_HANDLERS = {
+        ev.ConversationOpened: on_engine_opened,
+        ev.MessageSaved: on_engine_saved,
+        ev.PrefillProgressed: ConversationTab.on_engine_prefill,
+        ev.TokensGenerated: on_engine_tokens,
+        ev.ReplyFinished: on_engine_finished,
+        ev.EngineFailed: on_engine_failed,
+    }
 
 
 PASTE_NOTE_CHARS = 2000  # messages longer than this get their token count and reading time before sending

@@ -4,7 +4,7 @@ A scene is a catalog conversation of kind "scene" with members (app.engine.scene
 transcript (each persona's lines in its accent colour, the user's as "You"), one tick per member for
 who replies this round, and the message box. A round streams every speaker's reply at once into its own
 bubble; `@name` at the start of a message picks the speakers of that round only. Enter on an empty box
-lets the personas go on without the user. The screen routes the scene events here (`on_engine_*`).
+lets the personas go on without the user. The screen routes the scene's events here (`ENGINE_HANDLERS`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from __future__ import annotations
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Checkbox, Label, ProgressBar, Static
+from textual.containers import Horizontal
+from textual.widgets import Checkbox, Label, Static
 
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.errors import ParleyError
 from app.ui.handles import handle_hint, take_handles
-from app.ui.widgets.chat_input import ChatInput
+from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.message_view import MessageView
 from app.ui.widgets.text import lore_entries, lore_mark, stats_line
-from app.ui.widgets.transcript import Transcript, TranscriptNavigation
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -69,7 +68,7 @@ class SceneLine(MessageView):
         self.app.notify("Scene lines cannot be edited; send a new message instead.", severity="warning")
 
 
-class SceneTab(TranscriptNavigation, Vertical):
+class SceneTab(ConversationTab):
     """One scene's tab: header, transcript, who replies (ticks), prefill progress, the message box."""
 
     def __init__(self, conversation, **kwargs) -> None:
@@ -94,21 +93,16 @@ class SceneTab(TranscriptNavigation, Vertical):
         return persona.color if persona and persona.color else DEFAULT_COLOR
 
     # layout ---------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield Static(self._header(), classes="chat-header")
-        yield Transcript(classes="transcript")
-        with Horizontal(classes="prefill"):
-            yield Label("Reading the room", classes="prefill-label")
-            yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
+    PREFILL_LABEL = "Reading the room"
+    BUSY_HINT = "They are replying… escape stops the round"
+    QUEUED_HINT = "Queued: waits for {who} to finish replying, then this round starts"
+    WAITING_FALLBACK = "another tab"
+
+    def compose_controls(self) -> ComposeResult:
         with Horizontal(classes="speakers"):
             yield Label("Replies:", classes="speakers-label")
             for i, pid in enumerate(self.members):
                 yield Checkbox(self._speaker_label(pid, True), True, id=f"speaker-{i}", classes="speaker")
-        yield Static(self._hint(), classes="composer-hint")
-        yield ChatInput(classes="composer")
-
-    async def on_mount(self) -> None:
-        await self.reload()
 
     def _header(self) -> Text:
         text = Text()
@@ -127,22 +121,11 @@ class SceneTab(TranscriptNavigation, Vertical):
             text.append(f"   last {self.last_round}", style="dim")
         return text
 
-    def _hint(self) -> str:
-        if self.generating:
-            screen = getattr(self.app, "chat_screen", None)
-            running = getattr(screen, "running", None)
-            if screen is not None and running is not None and running != self.conversation_id:
-                other = screen.pane_for_conversation(running)
-                scene = screen.scene_for_conversation(running)
-                who = other.persona.name if other else f"the scene {scene.scene_title}" if scene else "another tab"
-                return f"Queued: waits for {who} to finish replying, then this round starts"
-            return "They are replying… escape stops the round"
+    def _idle_hint(self) -> str:
         return "enter send (empty: they go on) · @name picks who replies · tab to the ticks · F1 keys"
 
-    def refresh_chrome(self) -> None:
-        self.query_one(".chat-header", Static).update(self._header())
-        self.query_one(".composer-hint", Static).update(self._hint())
-        self.set_class(self.generating, "-generating")
+    def replied_note(self) -> str:
+        return f"The scene {self.scene_title} replied."
 
     def set_caches(self, caches: dict[str, str]) -> None:
         if caches != self.caches:
@@ -251,13 +234,7 @@ class SceneTab(TranscriptNavigation, Vertical):
         self.app.submit(cmd.SceneRound(self.conversation_id, said, tuple(speakers), self.app.sampling))
         return True
 
-    def stop(self) -> bool:
-        if self.generating:
-            self.app.submit(cmd.Cancel())
-            return True
-        return False
-
-    # engine events (routed here by the screen) ------------------------------------------
+    # engine events (the screen routes this scene's here) ---------------------------------
     async def on_engine_round_started(self, event: ev.SceneRoundStarted) -> None:
         if not self.live:  # a round this tab did not start (another client): show it all the same
             await self.reload()
@@ -268,12 +245,6 @@ class SceneTab(TranscriptNavigation, Vertical):
             user = next((v for v in reversed(self.message_views()) if v.role == "user" and v.message_id is None), None)
             if user is not None:
                 user.message_id = event.message_id
-
-    def on_engine_prefill(self, event: ev.PrefillProgressed) -> None:
-        self.add_class("-prefilling")
-        self.query_one(".prefill-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
-        if event.done >= event.total:
-            self.remove_class("-prefilling")
 
     async def on_engine_tokens(self, event: ev.SceneTokensGenerated) -> None:
         self.remove_class("-prefilling")
@@ -331,6 +302,16 @@ class SceneTab(TranscriptNavigation, Vertical):
             box = self.query_one(f"#speaker-{i}", Checkbox)
             box.label = self._speaker_label(pid, box.value)
         self.refresh_chrome()
+
+    ENGINE_HANDLERS = {
+        ev.SceneRoundStarted: on_engine_round_started,
+        ev.MessageSaved: on_engine_saved,
+        ev.PrefillProgressed: ConversationTab.on_engine_prefill,
+        ev.SceneTokensGenerated: on_engine_tokens,
+        ev.SceneReplyFinished: on_engine_reply_finished,
+        ev.SceneRoundFinished: on_engine_round_finished,
+        ev.EngineFailed: on_engine_failed,
+    }
 
 
 def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[str, str]:
