@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static, TabbedContent, TabPane, TextArea
+from textual.worker import get_current_worker
 
 from app.engine import commands as cmd
+from app.engine import events as ev
 from app.errors import ParleyError
 from app.ui import messages as msg
 from app.ui import tab_state
@@ -21,10 +24,15 @@ from app.ui.screens.new_scene import NewSceneScreen
 from app.ui.screens.persona_editor import PersonaEditorScreen
 from app.ui.screens.scenes import ScenesScreen
 from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
+from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.scene_tab import SceneTab, scene_caches, scene_tab_id
 
 TAB_PREFIX = "tab-"
 NARROW_BELOW = 100  # columns: a narrower terminal gets the narrow persona list
+# engine events that say which conversation the engine is writing in now, or that it has stopped
+RUNNING_STARTS = (ev.PrefillProgressed, ev.TokensGenerated, ev.SceneRoundStarted, ev.SceneTokensGenerated)
+RUNNING_ENDS = (ev.ReplyFinished, ev.SceneRoundFinished, ev.EngineFailed)
+REPLY_ENDS = (ev.ReplyFinished, ev.SceneRoundFinished)  # a finished reply or round: announce it, refresh caches
 
 
 class ChatScreen(Screen):
@@ -64,6 +72,9 @@ class ChatScreen(Screen):
         self._restoring = False  # tabs are being reopened from the last run: do not save half of them
         self._tab_save_failed = False
         self.model_ready = False
+        self.events_handled = 0  # engine events handled to the end (app.events_posted counts those sent)
+        self._cache_reads_asked = 0  # reads of the disk cache records started, and the newest one shown
+        self._cache_reads_shown = 0
 
     def compose(self) -> ComposeResult:
         yield Header(icon="❖")
@@ -159,7 +170,7 @@ class ChatScreen(Screen):
             return None
         try:
             return self.tabs.get_pane(active).query_one(ChatPane)
-        except Exception:
+        except NoMatches:  # a scene's tab, or one being closed
             return None
 
     def scenes(self) -> list[SceneTab]:
@@ -174,7 +185,7 @@ class ChatScreen(Screen):
             return None
         try:
             return self.tabs.get_pane(active).query_one(SceneTab)
-        except Exception:
+        except NoMatches:  # a chat's tab, or one being closed
             return None
 
     def active_view(self) -> ChatPane | SceneTab | None:
@@ -183,6 +194,16 @@ class ChatScreen(Screen):
 
     def pane_for_conversation(self, conversation_id: int | None) -> ChatPane | None:
         return next((p for p in self.panes() if p.conversation_id == conversation_id), None)
+
+    def view_for_conversation(self, conversation_id: int | None) -> ConversationTab | None:
+        """The tab (chat or scene) showing this conversation, if one is open."""
+        return self.pane_for_conversation(conversation_id) or self.scene_for_conversation(conversation_id)
+
+    def running_name(self, scene_prefix: str = "", fallback: str = "another conversation") -> str:
+        """Whom the engine is writing for now, in words (a persona's name, a scene's title)."""
+        other = self.pane_for_conversation(self.running)
+        scene = self.scene_for_conversation(self.running)
+        return other.persona.name if other else f"{scene_prefix}{scene.scene_title}" if scene else fallback
 
     def pane_for_persona(self, persona_id: str) -> ChatPane | None:
         return next((p for p in self.panes() if p.persona.id == persona_id), None)
@@ -203,6 +224,29 @@ class ChatScreen(Screen):
         self.refresh_caches()
 
     def refresh_caches(self) -> None:
+        """Show the cache states again once the catalog's disk records are read (on a worker thread, see below)."""
+        self._cache_reads_asked += 1
+        self._read_disk_caches(self._cache_reads_asked)
+
+    @property
+    def caches_pending(self) -> bool:
+        """A read of the disk records is under way: the cache states shown may be one read behind."""
+        return self._cache_reads_shown < self._cache_reads_asked
+
+    @work(thread=True, exclusive=True, group="disk-caches")
+    def _read_disk_caches(self, number: int) -> None:
+        """The catalog read happens here, never on the UI thread (a busy catalog must not stall typing); only the
+        newest read is shown. A thread worker may read SQLite; it never touches MLX (that is the engine's thread)."""
+        rows = self.app.disk_caches()
+        if not get_current_worker().is_cancelled:
+            self.post_message(msg.DiskCachesRead(rows, number))
+
+    def on_disk_caches_read(self, message: msg.DiskCachesRead) -> None:
+        self._cache_reads_shown = max(self._cache_reads_shown, message.number)
+        self._disk_rows = message.rows
+        self.show_caches()
+
+    def show_caches(self) -> None:
         """Cache state per persona: RAM (from the engine's last report) beats disk (from the catalog) beats none."""
         summary: dict[str, CacheSummary] = {}
         ram_convs = set()
@@ -213,7 +257,6 @@ class ChatScreen(Screen):
             s.tokens += state.tokens
             s.bytes += state.bytes
             ram_convs.add((state.conversation_id, state.persona_id))
-        self._disk_rows = self.app.disk_caches()
         for row in self._disk_rows:
             pid = row["persona_id"]
             if (row["conversation_id"], pid) in ram_convs or pid is None:
@@ -391,9 +434,7 @@ class ChatScreen(Screen):
         if pane is None:
             return
         if pane.generating and self.running is not None and self.running != pane.conversation_id:
-            other = self.pane_for_conversation(self.running)
-            scene = self.scene_for_conversation(self.running)
-            who = other.persona.name if other else scene.scene_title if scene else "another conversation"
+            who = self.running_name()
             self.app.notify(f"This reply waits for {who} to finish; stop that one first.", severity="warning")
             return
         if pane.stop():
@@ -566,7 +607,7 @@ class ChatScreen(Screen):
                 await pane.refresh_greeting()
                 try:
                     self.tabs.get_tab(f"{TAB_PREFIX}{persona.id}").label = pane.persona.name
-                except Exception:
+                except NoMatches:  # the tab closed meanwhile: no label to change
                     pass
         for scene in self.scenes():
             if persona.id in scene.members:
@@ -586,113 +627,79 @@ class ChatScreen(Screen):
         self.app.push_screen(ExportCardScreen(persona))
 
     # -- engine events ---------------------------------------------------------------
-    def on_model_load_progressed(self, message: msg.ModelLoadProgressed) -> None:
-        event = message.event
+    async def on_engine_reported(self, message: msg.EngineReported) -> None:
+        """Every engine event: who is writing now, the screen's own part (`SCREEN_HANDLERS`), then the tab of
+        its conversation (`ConversationTab.route`); a finished reply in a hidden tab is announced."""
+        try:
+            await self._handle_engine_event(message.event, message.conversation_id)
+        finally:
+            self.events_handled += 1
+
+    async def _handle_engine_event(self, event: ev.Event, conversation_id: int | None) -> None:
+        if isinstance(event, RUNNING_STARTS):
+            self.set_running(conversation_id)
+        elif isinstance(event, RUNNING_ENDS) and self.running == conversation_id:
+            self.set_running(None)
+        own = self.SCREEN_HANDLERS.get(type(event))
+        if own is not None:
+            own(self, event)
+        view = self.view_for_conversation(conversation_id)
+        handled = view is not None and await view.route(event)
+        if isinstance(event, REPLY_ENDS):
+            if handled and view is not self.active_view() and not event.cancelled:
+                self.app.notify(view.replied_note(), timeout=3)
+            self.refresh_caches()
+
+    def _model_load_progressed(self, event: ev.ModelLoadProgressed) -> None:
         self.add_class("-loading")
         self.query_one("#model-label", Label).update(f"Preparing the model: {event.label}")
         self.query_one("#model-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
 
-    def on_model_loaded(self, message: msg.ModelLoaded) -> None:
+    def _model_loaded(self, event: ev.ModelLoaded) -> None:
         self.model_ready = True
         self.remove_class("-loading", "-failed")
-        event = message.event
         self.app.model_name = event.name
         self.title = f"Parley · {event.name}"
 
-    def on_conversation_opened(self, message: msg.ConversationOpened) -> None:
-        pane = self.pane_for_conversation(message.conversation_id)
-        if pane is not None:
-            pane.on_engine_opened(message.event)
-
-    async def on_message_saved(self, message: msg.MessageSaved) -> None:
-        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
-            message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_saved(message.event)
-
-    def on_prefill_progressed(self, message: msg.PrefillProgressed) -> None:
-        self.set_running(message.conversation_id)
-        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
-            message.conversation_id)
-        if pane is not None:
-            pane.on_engine_prefill(message.event)
-
-    async def on_tokens_generated(self, message: msg.TokensGenerated) -> None:
-        self.set_running(message.conversation_id)
-        pane = self.pane_for_conversation(message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_tokens(message.event)
-
-    async def on_reply_finished(self, message: msg.ReplyFinished) -> None:
-        if self.running == message.conversation_id:
-            self.set_running(None)
-        stats = message.event.stats
+    def _reply_finished(self, event: ev.ReplyFinished) -> None:
+        stats = event.stats
         reading_ms = stats.ttft_ms - getattr(stats, "queued_ms", 0.0)
         if stats.prefilled_tokens >= 16 and reading_ms > 0:  # the reading speed a long paste is estimated with
             self.app.prefill_tps = stats.prefilled_tokens / reading_ms * 1000
-        pane = self.pane_for_conversation(message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_finished(message.event)
-            if pane is not self.active_pane() and not message.event.cancelled:
-                self.app.notify(f"{pane.persona.name} replied.", timeout=3)
-        self.refresh_caches()
 
-    def on_context_trimmed(self, message: msg.ContextTrimmed) -> None:
-        self.app.notify(f"The conversation outgrew the model's context: its {message.event.dropped_messages} oldest "
+    def _context_trimmed(self, event: ev.ContextTrimmed) -> None:
+        self.app.notify(f"The conversation outgrew the model's context: its {event.dropped_messages} oldest "
                         "messages are no longer seen by the model (the transcript keeps them).", timeout=6)
 
-    def on_cache_states_changed(self, message: msg.CacheStatesChanged) -> None:
-        event = message.event
+    def _cache_states_changed(self, event: ev.CacheStatesChanged) -> None:
         self.ram_states = {s.conversation_id: s for s in event.states}
         self.ram_list = list(event.states)
         self.query_one(RamGauge).update_usage(event.ram_bytes, event.budget_bytes)
         self.refresh_caches()
 
-    def on_cache_discarded(self, message: msg.CacheDiscarded) -> None:
-        self.app.notify(f"A stored cache was dropped ({message.event.reason}); it is rebuilt from the transcript.",
+    def _cache_discarded(self, event: ev.CacheDiscarded) -> None:
+        self.app.notify(f"A stored cache was dropped ({event.reason}); it is rebuilt from the transcript.",
                         title="Cache discarded", severity="warning", timeout=6)
 
-    def on_cache_not_saved(self, message: msg.CacheNotSaved) -> None:
-        self.app.notify(f"The reply is saved; its cache could not be ({message.event.reason}). The next reply "
+    def _cache_not_saved(self, event: ev.CacheNotSaved) -> None:
+        self.app.notify(f"The reply is saved; its cache could not be ({event.reason}). The next reply "
                         "rebuilds it from the transcript.", title="Cache not saved", severity="warning", timeout=8)
 
-    async def on_engine_failed(self, message: msg.EngineFailed) -> None:
-        title = "Reply not saved" if message.event.unsaved_reply is not None else "Engine"
-        self.app.notify(message.event.message, title=title, severity="error", timeout=10)
-        if self.running == message.conversation_id:
-            self.set_running(None)
-        if not self.model_ready and message.conversation_id is None:
+    def _engine_failed(self, event: ev.EngineFailed) -> None:
+        title = "Reply not saved" if event.unsaved_reply is not None else "Engine"
+        self.app.notify(event.message, title=title, severity="error", timeout=10)
+        if not self.model_ready and event.conversation_id is None:
             # the model could not start: say so where the progress bar would be, for good
             self.add_class("-loading", "-failed")
-            self.query_one("#model-label", Label).update(Text(message.event.message, style="bold red"))
-        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
-            message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_failed(message.event)
+            self.query_one("#model-label", Label).update(Text(event.message, style="bold red"))
 
-    async def on_scene_round_started(self, message: msg.SceneRoundStarted) -> None:
-        self.set_running(message.conversation_id)
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_round_started(message.event)
-
-    async def on_scene_tokens_generated(self, message: msg.SceneTokensGenerated) -> None:
-        self.set_running(message.conversation_id)
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_tokens(message.event)
-
-    async def on_scene_reply_finished(self, message: msg.SceneReplyFinished) -> None:
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_reply_finished(message.event)
-
-    async def on_scene_round_finished(self, message: msg.SceneRoundFinished) -> None:
-        if self.running == message.conversation_id:
-            self.set_running(None)
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_round_finished(message.event)
-            if scene is not self.active_scene() and not message.event.cancelled:
-                self.app.notify(f"The scene {scene.scene_title} replied.", timeout=3)
-        self.refresh_caches()
+    SCREEN_HANDLERS = {
+        ev.ModelLoadProgressed: _model_load_progressed,
+        ev.ModelLoaded: _model_loaded,
+        ev.ReplyFinished: _reply_finished,
+        ev.ContextTrimmed: _context_trimmed,
+        ev.CacheStatesChanged: _cache_states_changed,
+        ev.CacheDiscarded: _cache_discarded,
+        ev.CacheNotSaved: _cache_not_saved,
+        ev.EngineFailed: _engine_failed,
+    }
