@@ -11,11 +11,11 @@ from app.ui.screens.cards import ExportCardScreen, ImportCardScreen, export_fold
 from app.ui.screens.chat import NARROW_BELOW, TAB_PREFIX, ChatScreen
 from app.ui.screens.confirm import ConfirmScreen
 from app.ui.screens.conversations import ConversationsScreen
-from app.ui.screens.help import HELP, HelpScreen
+from app.ui.screens.help import HelpScreen, help_text
 from app.ui.screens.new_scene import NewSceneScreen
 from app.ui.screens.persona_editor import PersonaEditorScreen
 from app.ui.screens.scenes import ScenesScreen
 
-__all__ = ["HELP", "NARROW_BELOW", "TAB_PREFIX", "ChatScreen", "ConfirmScreen", "ConversationsScreen",
+__all__ = ["NARROW_BELOW", "TAB_PREFIX", "ChatScreen", "ConfirmScreen", "ConversationsScreen",
            "ExportCardScreen", "HelpScreen", "ImportCardScreen", "NewSceneScreen", "PersonaEditorScreen",
-           "ScenesScreen", "export_folder"]
+           "ScenesScreen", "export_folder", "help_text"]
