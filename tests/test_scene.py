@@ -330,6 +330,7 @@ def test_bench_part_runs_on_the_tiny_model(tiny_model_dir):
     assert "batch" in report(result)
 
 
+@pytest.mark.slow  # a subprocess
 def test_row_kernels_leave_the_process_fp_state_alone():
     """Linking with -ffast-math would turn on flush-to-zero for the whole process when the library loads."""
     import subprocess
