@@ -2,12 +2,13 @@
 
 - `chat`: ChatScreen, the main screen (sidebar and tabs); it routes engine events to their tab.
 - `help`: HelpScreen, the keys (generated from the bindings).
-- `persona_editor`, `cards`: create, edit, import and export personas.
+- `persona_editor`, `import_card`, `export_card`: create, edit, import and export personas.
 - `conversations`, `scenes`, `new_scene`: list, reopen and delete conversations and scenes; make a scene.
 - `confirm`: the yes/no question before a delete.
 """
 
-from app.ui.screens.cards import ExportCardScreen, ImportCardScreen, export_folder
+from app.ui.screens.export_card import ExportCardScreen, export_folder
+from app.ui.screens.import_card import ImportCardScreen
 from app.ui.screens.chat import NARROW_BELOW, TAB_PREFIX, ChatScreen
 from app.ui.screens.confirm import ConfirmScreen
 from app.ui.screens.conversations import ConversationsScreen

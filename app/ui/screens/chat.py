@@ -18,7 +18,8 @@ from app.errors import ParleyError
 from app.ui import messages as msg
 from app.ui import tab_state
 from app.ui.keys import GoToTabScreen
-from app.ui.screens.cards import ExportCardScreen, ImportCardScreen
+from app.ui.screens.export_card import ExportCardScreen
+from app.ui.screens.import_card import ImportCardScreen
 from app.ui.screens.conversations import ConversationsScreen
 from app.ui.screens.new_scene import NewSceneScreen
 from app.ui.screens.persona_editor import PersonaEditorScreen
