@@ -37,8 +37,17 @@ class EngineRunner:
     def __init__(self, model_dir: Path, personas_dir: Path, budget_mb: float = 512, scheme: str = "q4"):
         self.events: queue.Queue = queue.Queue()
         self.seen: list[ev.Event] = []
-        self.engine = Engine(self.events.put, model=str(model_dir), scheme=scheme, budget_mb=budget_mb,
+        self.cancel_at: type | None = None  # cancel the moment the engine emits this kind of event (see _event)
+        self.engine = Engine(self._event, model=str(model_dir), scheme=scheme, budget_mb=budget_mb,
                              personas_dirs=[personas_dir]).start()
+
+    def _event(self, event: ev.Event) -> None:
+        """On the engine thread. `cancel_at` cancels right there, before the engine takes its next step: a test
+        thread that cancels after reading the event may run much later on a loaded machine."""
+        self.events.put(event)
+        if self.cancel_at is not None and isinstance(event, self.cancel_at):
+            self.cancel_at = None
+            self.engine.cancel()
 
     def until(self, kinds, timeout: float = 60.0) -> ev.Event:
         deadline = time.monotonic() + timeout

@@ -158,7 +158,7 @@ def app_full_during_reply(r: Runner) -> None:
 async def _app_full_during_reply(r: Runner) -> None:
     from app.engine import events as ev
     from app.ui.app import ParleyApp
-    from tests.test_ui_helpers import events_of, wait_until
+    from tests.test_ui_helpers import events_of, ui_caught_up, wait_for
 
     from app.engine.commands import Sampling
 
@@ -176,19 +176,19 @@ async def _app_full_during_reply(r: Runner) -> None:
 
     app._engine_event = hooked
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_until(pilot, lambda: app.chat_screen is not None and app.chat_screen.model_ready, timeout=60,
-                         what="the model")
+        await wait_for(pilot, lambda: app.chat_screen is not None and app.chat_screen.model_ready, timeout=60,
+                       what="the model")
         await pilot.press("ctrl+f")
         app.chat_screen.query_one("#persona-filter").value = "tester"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat_screen.active_pane() is not None, what="the chat tab")
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is not None, what="the chat tab")
         pane = app.chat_screen.active_pane()
         pane.composer.focus()
         pane.composer.text = "tell me a story"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed) and not pane.generating, timeout=60,
-                         what="the failed save")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: events_of(app, ev.EngineFailed) and not pane.generating, timeout=60,
+                       what="the failed save")
+        await wait_for(pilot, lambda: ui_caught_up(app), what="the screen to show the failure")
         r.results["app"] = {
             "streamed": "".join(pieces),
             "notifications": [{"title": n.title, "message": n.message, "severity": n.severity}
@@ -199,8 +199,8 @@ async def _app_full_during_reply(r: Runner) -> None:
         free_disk(r.home)  # space again: the next message is answered and saved
         pane.composer.text = "and now?"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: any(isinstance(e, ev.ReplyFinished) for e in app.events_seen[-20:])
-                         and not pane.generating, timeout=60, what="the next reply")
+        await wait_for(pilot, lambda: any(isinstance(e, ev.ReplyFinished) for e in app.events_seen[-20:])
+                       and not pane.generating, timeout=60, what="the next reply")
         r.results["app"]["after"] = [{"role": v.role, "text": v.text, "saved": v.message_id is not None}
                                      for v in pane.message_views()]
 

@@ -27,6 +27,7 @@ def tiny_persona(parley_home):
     return "tester"
 
 
+@pytest.mark.slow  # a subprocess
 def test_chat_json_then_resume_from_disk_in_a_new_process(tiny_model_dir, tiny_persona):
     first = parley("--model", str(tiny_model_dir), "chat", tiny_persona, "Hello", "--json")
     assert first.returncode == 0, first.stderr

@@ -59,6 +59,7 @@ def test_deeply_nested_persona_file_is_skipped_with_one_warning(tiny_model_dir, 
     assert str(bomb) in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess
 def test_named_pipe_or_folder_called_toml_is_skipped_not_waited_on(tiny_model_dir, tiny_persona, parley_home):
     os.mkfifo(parley_home / "personas" / "x.toml")
     (parley_home / "personas" / "folder.toml").mkdir()
@@ -110,6 +111,7 @@ def test_folder_where_a_block_should_be_is_a_miss_in_chat_verify_and_gc(tiny_mod
     assert integrity_ok(parley_home)
 
 
+@pytest.mark.slow  # a subprocess
 def test_named_pipe_where_a_block_should_be_does_not_hang(tiny_model_dir, tiny_persona, parley_home):
     model = ("--model", str(tiny_model_dir))
     assert parley(*model, "chat", tiny_persona, "word " * 300).returncode == 0
@@ -138,6 +140,7 @@ def _start_loop(model_dir, personas_dir, cid: int, label: str, turns: int, go: P
                             text=True, env=os.environ.copy())
 
 
+@pytest.mark.slow  # a subprocess
 def test_two_processes_on_one_conversation_queue_and_every_reply_answers_its_own_message(tiny_model_dir, tmp_path,
                                                                                            parley_home):
     from app.engine.prompt import build_prompt, transcript_messages
@@ -190,6 +193,7 @@ def test_two_processes_on_one_conversation_queue_and_every_reply_answers_its_own
 
 # -- 6. true messages for bad input ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a subprocess
 def test_invalid_utf8_message_is_refused_as_such(tiny_model_dir, tiny_persona, parley_home):
     proc = subprocess.run([sys.executable, "-m", "app", "--model", str(tiny_model_dir), "chat", tiny_persona,
                            b"caf\xe9 \xff".decode("utf-8", "surrogateescape")], cwd=ROOT, capture_output=True,
@@ -275,6 +279,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a subprocess
 def test_damaged_catalog_is_found_at_start_left_alone_and_recovery_explained(tiny_model_dir, tiny_persona, parley_home):
     with Catalog():
         pass  # the backup Parley keeps is made at a clean start
@@ -295,6 +300,7 @@ def test_damaged_catalog_is_found_at_start_left_alone_and_recovery_explained(tin
         assert [r[0] for r in conn.execute("PRAGMA integrity_check")] == ["ok"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_putting_back_the_backup_as_told_works(parley_home):
     with Catalog() as catalog:
         cid = catalog.create_conversation("tester")
@@ -349,6 +355,7 @@ def _chattr(flag: str, path: Path) -> bool:
                                                                  capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # a subprocess
 def test_immutable_catalog_says_it_cannot_be_written(tiny_model_dir, tiny_persona, parley_home):
     with Catalog() as catalog:
         catalog.create_conversation("tester")

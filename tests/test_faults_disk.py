@@ -31,7 +31,8 @@ def _namespaces_work() -> bool:
     return probe.returncode == 0
 
 
-pytestmark = pytest.mark.skipif(not _namespaces_work(), reason="needs unshare -rm (user and mount namespaces)")
+pytestmark = [pytest.mark.skipif(not _namespaces_work(), reason="needs unshare -rm (user and mount namespaces)"),
+              pytest.mark.slow]  # every test runs a subprocess
 
 
 def run_scenario(name: str, tiny_model_dir, parley_home: Path, tmp_path: Path) -> dict:

@@ -12,7 +12,7 @@ from app.ui.app import ParleyApp
 from app.ui.problem import ProblemScreen
 from tests.test_faults import _digest, damage_catalog
 from tests.test_faults_disk import _namespaces_work, assert_clean_after, run_scenario
-from tests.test_ui_helpers import wait_until, write_personas
+from tests.test_ui_helpers import wait_for, write_personas
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,7 +41,7 @@ async def test_damaged_catalog_at_start_is_explained_on_screen_and_left_alone(ti
     before = _digest(path)
     app = ParleyApp(model=str(tiny_model_dir), personas_dirs=[write_personas(tmp_path / "personas")])
     async with app.run_test(size=(120, 40)) as pilot:
-        await wait_until(pilot, lambda: isinstance(app.screen, ProblemScreen), what="the problem screen")
+        await wait_for(pilot, lambda: isinstance(app.screen, ProblemScreen), what="the problem screen")
         text = str(app.screen.query_one("#problem").render())
         assert "is damaged" in text and ".recover" in text and "Parley will not write to it" in text
         assert app.engine is None, "no model work against a damaged catalog"

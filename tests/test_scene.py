@@ -220,9 +220,8 @@ def test_seeded_sampling_repeats(runner):
 
 def test_cancel_mid_round_leaves_caches_and_transcript_consistent(runner):
     sid = new_scene(members=("long", "ann"))
+    runner.cancel_at = ev.SceneTokensGenerated  # cancelled on the engine thread at the first token, not later
     runner.engine.submit(cmd.SceneRound(sid, "Talk for a long while", sampling=cmd.Sampling(temperature=0.0, max_tokens=400)))
-    runner.until(ev.SceneTokensGenerated)
-    runner.engine.cancel()
     final = runner.until((ev.SceneRoundFinished, ev.EngineFailed))
     assert isinstance(final, ev.SceneRoundFinished) and final.cancelled
     finished = [e for e in runner.seen if isinstance(e, ev.SceneReplyFinished)]
@@ -330,6 +329,7 @@ def test_bench_part_runs_on_the_tiny_model(tiny_model_dir):
     assert "batch" in report(result)
 
 
+@pytest.mark.slow  # a subprocess
 def test_row_kernels_leave_the_process_fp_state_alone():
     """Linking with -ffast-math would turn on flush-to-zero for the whole process when the library loads."""
     import subprocess

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,15 +10,10 @@ from app.engine import events as ev
 from app.ui.app import DARK, LIGHT, ParleyApp
 from app.ui.screens import (TAB_PREFIX, ConversationsScreen, HelpScreen, ImportCardScreen, PersonaEditorScreen)
 from app.ui.widgets import ChatPane, MessageView, PersonaList
-from tests.test_ui_helpers import events_of, wait_until, write_personas
+from tests.test_ui_helpers import events_of, palette_offers, ui_caught_up, wait_for
 
 pytestmark = pytest.mark.asyncio
 SIZE = (120, 40)
-
-
-@pytest.fixture
-def personas_dir(tmp_path) -> Path:
-    return write_personas(tmp_path / "personas")
 
 
 async def open_persona(pilot, name: str, type_it: bool = False) -> ChatPane:
@@ -33,8 +27,8 @@ async def open_persona(pilot, name: str, type_it: bool = False) -> ChatPane:
     else:
         box.value = name.lower()
     await pilot.press("enter")
-    await wait_until(pilot, lambda: (p := app.chat_screen.active_pane()) is not None and p.persona.name == name,
-                     what=f"the {name} tab")
+    await wait_for(pilot, lambda: (p := app.chat_screen.active_pane()) is not None and p.persona.name == name,
+                   what=f"the {name} tab")
     return app.chat_screen.active_pane()
 
 
@@ -51,9 +45,8 @@ async def send(pilot, pane: ChatPane, text: str, type_it: bool = False) -> ev.Re
     else:
         pane.composer.text = text
     await pilot.press("enter")
-    await wait_until(pilot, lambda: len(replies(pilot.app, pane.conversation_id)) > before and not pane.generating,
-                     what="the reply")
-    await pilot.pause(0.05)
+    await wait_for(pilot, lambda: len(replies(pilot.app, pane.conversation_id)) > before and not pane.generating
+                   and ui_caught_up(pilot.app), what="the reply")
     return replies(pilot.app, pane.conversation_id)[-1]
 
 
@@ -74,8 +67,8 @@ async def test_open_send_stream_and_finish_with_stats(make_app):
         assert "cache none" in views[1].stats
         path = app.catalog.current_path(pane.conversation_id)
         assert [m.role for m in path] == ["user", "assistant"]
-        await wait_until(pilot, lambda: app.chat_screen.query_one(PersonaList).cache_of("tester").where == "ram",
-                         what="the sidebar to show the cache in RAM")
+        await wait_for(pilot, lambda: app.chat_screen.query_one(PersonaList).cache_of("tester").where == "ram",
+                       what="the sidebar to show the cache in RAM")
         assert app.chat_screen.query_one("#ram").used > 0
 
 
@@ -96,8 +89,8 @@ async def test_switch_tabs_with_keys_and_mouse(make_app):
         await pilot.pause()
         assert screen.active_pane() is other
         opened = {e.conversation_id for e in events_of(app, ev.ConversationOpened)}
-        await wait_until(pilot, lambda: {tester.conversation_id, other.conversation_id}
-                         <= {e.conversation_id for e in events_of(app, ev.ConversationOpened)},
+        await wait_for(pilot, lambda: {tester.conversation_id, other.conversation_id}
+                       <= {e.conversation_id for e in events_of(app, ev.ConversationOpened)},
                          what="both conversations opened")
         assert opened is not None
         # sending in one tab leaves the other alone
@@ -111,9 +104,8 @@ async def test_regenerate_and_browse_alternatives(make_app):
         pane = await open_persona(pilot, "Tester")
         first = await send(pilot, pane, "tell me")
         await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: len(replies(app, pane.conversation_id)) == 2 and not pane.generating,
-                         what="the regenerated reply")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: len(replies(app, pane.conversation_id)) == 2 and not pane.generating
+                       and ui_caught_up(app), what="the regenerated reply")
         second = replies(app, pane.conversation_id)[-1]
         assert second.message_id != first.message_id
         reply = pane.message_views()[-1]
@@ -154,9 +146,8 @@ async def test_edit_a_past_message_and_resend(make_app):
         pane.composer.text = "an edited question"
         before = len(replies(app, pane.conversation_id))
         await pilot.press("enter")
-        await wait_until(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating,
-                         what="the reply to the edit")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating
+                       and ui_caught_up(app), what="the reply to the edit")
         views = pane.message_views()
         assert [v.role for v in views] == ["user", "assistant"]
         assert views[0].text == "an edited question" and views[0].alternatives == (2, 2)
@@ -175,17 +166,16 @@ async def test_escape_stops_a_reply(make_app):
         pane = await open_persona(pilot, "Longwinded")
         pane.composer.focus()
         await pilot.press(*"go on", "enter")
-        await wait_until(pilot, lambda: len([e for e in events_of(app, ev.TokensGenerated)
+        await wait_for(pilot, lambda: len([e for e in events_of(app, ev.TokensGenerated)
                                              if e.conversation_id == pane.conversation_id]) >= 3,
                          what="the reply to start streaming")
         assert pane.generating
         await pilot.press("escape")
-        await wait_until(pilot, lambda: replies(app, pane.conversation_id) and not pane.generating,
-                         timeout=10, what="the reply to stop")
+        await wait_for(pilot, lambda: replies(app, pane.conversation_id) and not pane.generating and ui_caught_up(app),
+                       timeout=10, what="the reply to stop")
         finished = replies(app, pane.conversation_id)[-1]
         assert finished.cancelled
         assert finished.stats.generated_tokens < 1500
-        await pilot.pause(0.05)
         reply = pane.message_views()[-1]
         assert reply.role == "assistant" and "stopped" in reply.stats
         assert app.catalog.current_path(pane.conversation_id)[-1].meta.get("cancelled") is True
@@ -205,17 +195,17 @@ async def test_restart_resumes_the_conversation_from_disk(make_app):
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"chat with tester")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: palette_offers(again, "chat with tester"), what="the palette to offer the chat")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: again.chat_screen.active_pane() is not None, what="the Tester tab")
+        await wait_for(pilot, lambda: again.chat_screen.active_pane() is not None, what="the Tester tab")
         pane = again.chat_screen.active_pane()
         assert pane.persona.id == "tester" and pane.conversation_id == conversation_id
         assert [v.text for v in pane.message_views()] == ["remember me", finished.text]
-        await wait_until(pilot, lambda: pane.cache_source != "", what="the conversation to open")
+        await wait_for(pilot, lambda: pane.cache_source != "", what="the conversation to open")
         assert pane.cache_source == "disk"
         assert pane.cache_tokens > 0
-        await wait_until(pilot, lambda: "read from disk in" in str(pane.query_one(".chat-header").render()),
-                         what="the header to say where the cache came from")
+        await wait_for(pilot, lambda: "read from disk in" in str(pane.query_one(".chat-header").render()),
+                       what="the header to say where the cache came from")
         second = await send(pilot, pane, "and again")
         assert second.stats.reused_tokens > 0
     # a third start: moving the list's cursor onto the persona prefetches its conversation into RAM
@@ -225,9 +215,9 @@ async def test_restart_resumes_the_conversation_from_disk(make_app):
     third = make_app()
     async with third.run_test(size=SIZE) as pilot:
         persona_list = third.chat_screen.query_one(PersonaList)
-        await wait_until(pilot, lambda: persona_list.cache_of("tester").where == "disk", what="the cache on disk")
+        await wait_for(pilot, lambda: persona_list.cache_of("tester").where == "disk", what="the cache on disk")
         third.chat_screen.query_one("#persona-filter").value = "test"
-        await wait_until(pilot, lambda: persona_list.cache_of("tester").where == "ram", what="the prefetch")
+        await wait_for(pilot, lambda: persona_list.cache_of("tester").where == "ram", what="the prefetch")
         assert third.chat_screen.active_pane() is None
 
 
@@ -360,16 +350,15 @@ async def test_help_theme_filter_and_palette(make_app):
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"new persona")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: palette_offers(app, "new persona"), what="the palette to offer a new persona")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: isinstance(app.screen, PersonaEditorScreen), what="the persona editor")
+        await wait_for(pilot, lambda: isinstance(app.screen, PersonaEditorScreen), what="the persona editor")
 
 
 async def test_engine_failure_is_a_notification(tiny_model_dir, personas_dir, tmp_path):
     app = ParleyApp(model=str(tmp_path / "no-such-model"), personas_dirs=[personas_dir])
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the engine to fail")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: events_of(app, ev.EngineFailed) and ui_caught_up(app), what="the engine to fail")
         assert any(n.severity == "error" for n in app._notifications)
         assert app.chat_screen.has_class("-failed")
         assert "no-such-model" in str(app.chat_screen.query_one("#model-label").render())
@@ -379,17 +368,16 @@ async def test_progress_bars_for_model_preparation_and_long_prefills(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         screen = app.chat_screen
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
-        await pilot.pause(0.05)
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded) and ui_caught_up(app), what="the model")
         assert not screen.query_one("#model-progress").display or not screen.has_class("-loading")
         # first-run preparation reports progress through the same path as the engine thread
         app._engine_event(ev.ModelLoadProgressed(3, 10, "converting the model"))
-        await wait_until(pilot, lambda: screen.has_class("-loading"), what="the model bar")
+        await wait_for(pilot, lambda: screen.has_class("-loading"), what="the model bar")
         bar = screen.query_one("#model-bar")
         assert bar.total == 10 and bar.progress == 3
         assert "converting the model" in str(screen.query_one("#model-label").render())
         app._engine_event(ev.ModelLoaded("tiny", "f" * 64, 2048, "cpu"))
-        await wait_until(pilot, lambda: not screen.has_class("-loading"), what="the model bar to go")
+        await wait_for(pilot, lambda: not screen.has_class("-loading"), what="the model bar to go")
         # a long message: the prefill reports progress, the pane shows a bar, then the reply streams
         pane = await open_persona(pilot, "Tester")
         long_text = " ".join(f"word{i}" for i in range(100))
@@ -403,8 +391,8 @@ async def test_progress_bars_for_model_preparation_and_long_prefills(make_app):
         too_long = " ".join(f"word{i}" for i in range(400))
         pane.composer.text = too_long
         await pilot.press("enter")
-        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
-        await wait_until(pilot, lambda: not pane.generating, what="the pane to settle")
+        await wait_for(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
+        await wait_for(pilot, lambda: not pane.generating, what="the pane to settle")
         assert pane.composer.text == too_long
         assert any("context window" in n.message for n in app._notifications)
         assert [v.role for v in pane.message_views()] == ["user", "assistant"]
@@ -413,9 +401,9 @@ async def test_progress_bars_for_model_preparation_and_long_prefills(make_app):
 async def test_cache_discarded_and_trimmed_context_are_notified(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         app._engine_event(ev.CacheDiscarded(1, "checksum mismatch"))
         app._engine_event(ev.ContextTrimmed(1, 4))
-        await wait_until(pilot, lambda: len(app._notifications) >= 2, what="the notifications")
+        await wait_for(pilot, lambda: len(app._notifications) >= 2, what="the notifications")
         texts = " ".join(n.message for n in app._notifications)
         assert "checksum mismatch" in texts and "4 oldest" in texts

@@ -1,9 +1,10 @@
-"""Shared helpers for the UI tests (no tests here): test personas, waiting on engine events under Pilot."""
+"""Shared helpers for the UI tests (no tests here): test personas, engine events seen (waiting: conftest.wait_for)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+
+from tests.conftest import wait_for  # noqa: F401  (the UI tests import it from here too)
 
 PERSONAS = {
     "tester": 'id = "tester"\nname = "Tester"\ndescription = "Answers in a few tokens."\ncolor = "#e0a030"\n'
@@ -22,16 +23,28 @@ def write_personas(directory: Path) -> Path:
     return directory
 
 
-async def wait_until(pilot, condition, timeout: float = 15.0, what: str = "the condition") -> None:
-    """Poll `condition()` between short pauses until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await pilot.pause(0.05)
-
-
 def events_of(app, kind) -> list:
     return [e for e in list(app.events_seen) if isinstance(e, kind)]
+
+
+def ui_caught_up(app) -> bool:
+    """The screen has handled every engine event sent so far to the end, and shows the newest cache records."""
+    screen = app.chat_screen
+    return screen is not None and screen.events_handled >= app.events_posted and not screen.caches_pending
+
+
+def palette_offers(app, title: str) -> bool:
+    """The command palette is open, done searching, and its highlighted hit is `title` (so enter runs it)."""
+    from textual.command import CommandList, CommandPalette
+    from textual.worker import WorkerState
+
+    screen = app.screen
+    if not isinstance(screen, CommandPalette):
+        return False
+    searching = any(w.group == CommandPalette._GATHER_COMMANDS_GROUP and w.state in (WorkerState.PENDING,
+                                                                                    WorkerState.RUNNING)
+                    for w in app.workers)
+    hits = screen.query_one(CommandList)
+    if searching or hits.highlighted is None or not hits.option_count:
+        return False
+    return title.lower() in str(hits.get_option_at_index(hits.highlighted).prompt).lower()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_ui import SIZE, open_persona, personas_dir, send  # noqa: F401 (a fixture)
-from tests.test_ui_helpers import wait_until, write_personas
+from tests.test_ui import SIZE, open_persona, send
+from tests.test_ui_helpers import wait_for, write_personas
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,7 +35,7 @@ async def test_reply_with_lore_has_a_marker_and_l_shows_the_entries(tiny_model_d
         app.notify = lambda message, **kw: shown.append(message)  # what the user would see
         first.focus()
         await pilot.press("l")
-        await wait_until(pilot, lambda: shown, what="the lore notification")
+        await wait_for(pilot, lambda: shown, what="the lore notification")
         assert shown[-1] == "Moon: The moon here is red."
         # a transcript opened later shows the same marker, read from the catalog
         reply = app.catalog.get_message(first.message_id)
@@ -52,11 +52,11 @@ async def test_notes_can_be_read_and_edited_in_the_app(make_app):
         await send(pilot, pane, "hello")
         set_conversation_notes(app.catalog, pane.conversation_id, "Ada met the captain.")
         await app.chat_screen.run_action("notes")  # as the palette entry does
-        await wait_until(pilot, lambda: isinstance(app.screen, NotesScreen) and app.screen.query("#notes-text"),
-                         what="the notes dialog")
+        await wait_for(pilot, lambda: isinstance(app.screen, NotesScreen) and app.screen.query("#notes-text"),
+                       what="the notes dialog")
         box = app.screen.query_one("#notes-text")
         assert box.text == "Ada met the captain."
         box.text = "Ada met the captain. They sailed north."
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: not isinstance(app.screen, NotesScreen), what="the dialog to close")
+        await wait_for(pilot, lambda: not isinstance(app.screen, NotesScreen), what="the dialog to close")
         assert conversation_notes(app.catalog, pane.conversation_id) == "Ada met the captain. They sailed north."

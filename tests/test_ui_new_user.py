@@ -3,7 +3,7 @@ and the smaller things a first hour trips on. Pilot, on the tiny model."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 import pytest
 
@@ -12,14 +12,9 @@ from app.engine import events as ev
 from app.ui.screens import ExportCardScreen, PersonaEditorScreen
 from app.ui.widgets import PersonaList
 from tests.test_ui import SIZE, open_persona, replies, send
-from tests.test_ui_helpers import events_of, wait_until, write_personas
+from tests.test_ui_helpers import events_of, palette_offers, ui_caught_up, wait_for
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def personas_dir(tmp_path) -> Path:
-    return write_personas(tmp_path / "personas")
 
 
 def header(pane) -> str:
@@ -44,9 +39,9 @@ async def test_every_tab_action_has_a_ctrl_or_function_key(make_app):
         await pilot.press("f7")
         assert screen.active_pane() is other
         await pilot.press("ctrl+g")
-        await wait_until(pilot, lambda: type(app.screen).__name__ == "GoToTabScreen", what="the go-to-tab prompt")
+        await wait_for(pilot, lambda: type(app.screen).__name__ == "GoToTabScreen", what="the go-to-tab prompt")
         await pilot.press("1")
-        await wait_until(pilot, lambda: screen.active_pane() is tester, what="tab 1")
+        await wait_for(pilot, lambda: screen.active_pane() is tester, what="tab 1")
         await send(pilot, tester, "hello")
         copied = []
         app.copy_to_clipboard = copied.append
@@ -54,7 +49,7 @@ async def test_every_tab_action_has_a_ctrl_or_function_key(make_app):
         await pilot.press("ctrl+l")
         assert copied == [tester.last_reply().text]
         await pilot.press("ctrl+w")
-        await wait_until(pilot, lambda: screen.pane_ids() == ["tab-other"], what="the tab to close")
+        await wait_for(pilot, lambda: screen.pane_ids() == ["tab-other"], what="the tab to close")
 
 
 async def type_character(pilot, character: str) -> None:
@@ -75,12 +70,12 @@ async def test_an_option_digit_character_switches_tabs_instead_of_being_typed(ma
         screen = app.chat_screen
         other.composer.focus()
         await type_character(pilot, "¡")  # option+1 on a Mac
-        await wait_until(pilot, lambda: screen.active_pane() is tester, what="tab 1")
+        await wait_for(pilot, lambda: screen.active_pane() is tester, what="tab 1")
         assert tester.composer.text == "" and other.composer.text == ""
         await type_character(pilot, "±")  # alt+1 as an 8-bit xterm sends it: tab 1, where we are
         assert tester.composer.text == ""
         await type_character(pilot, "²")  # alt+2, 8-bit
-        await wait_until(pilot, lambda: screen.active_pane() is other, what="tab 2")
+        await wait_for(pilot, lambda: screen.active_pane() is other, what="tab 2")
         await type_character(pilot, "²")  # again: already there, and still not typed
         assert other.composer.text == ""
         other.composer.text = "x"
@@ -95,7 +90,7 @@ async def test_the_palette_lists_one_theme_command(make_app):
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"theme")
-        await pilot.pause(0.5)
+        await wait_for(pilot, lambda: palette_offers(app, "theme"), what="the palette's theme hits")
         from textual.command import CommandList
 
         options = app.screen.query_one(CommandList)
@@ -116,14 +111,14 @@ async def test_tabs_their_order_the_active_one_and_scroll_come_back(make_app):
         await send(pilot, other, "hi")
         longw = await open_persona(pilot, "Longwinded")
         await pilot.press("f6")  # back to Other: the active one
-        await wait_until(pilot, lambda: app.chat_screen.active_pane() is other, what="Other")
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is other, what="Other")
         await pilot.press("f6")
-        await wait_until(pilot, lambda: app.chat_screen.active_pane() is tester, what="Tester")
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is tester, what="Tester")
         tester.transcript.scroll_to(y=3, animate=False, immediate=True)
         await pilot.pause()
         assert not tester.transcript.following
         await pilot.press("f7")
-        await wait_until(pilot, lambda: app.chat_screen.active_pane() is other, what="Other")
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is other, what="Other")
         ids = app.chat_screen.pane_ids()
         conversations = {p.persona.id: p.conversation_id for p in app.chat_screen.panes()}
         await pilot.press("ctrl+q")
@@ -131,14 +126,14 @@ async def test_tabs_their_order_the_active_one_and_scroll_come_back(make_app):
     again = make_app()
     async with again.run_test(size=(100, 24)) as pilot:
         screen = again.chat_screen
-        await wait_until(pilot, lambda: screen.pane_ids() == ids, what="the same tabs in the same order")
+        await wait_for(pilot, lambda: screen.pane_ids() == ids, what="the same tabs in the same order")
         assert {p.persona.id: p.conversation_id for p in screen.panes()} == conversations
-        await wait_until(pilot, lambda: screen.active_pane() is not None and screen.active_pane().persona.id == "other",
-                         what="the active tab")
+        await wait_for(pilot, lambda: screen.active_pane() is not None and screen.active_pane().persona.id == "other",
+                       what="the active tab")
         await pilot.press("f6")
         tester = screen.active_pane()
         assert tester.persona.id == "tester"
-        await wait_until(pilot, lambda: tester.transcript.scroll_y == 3, what="Tester's scroll position")
+        await wait_for(pilot, lambda: tester.transcript.scroll_y == 3, what="Tester's scroll position")
         assert not tester.transcript.following
 
 
@@ -152,17 +147,18 @@ async def test_a_queued_message_says_whom_it_waits_for_and_its_ttft_includes_the
         busy = await open_persona(pilot, "Longwinded")
         busy.composer.text = "talk"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat_screen.running == busy.conversation_id, what="the long reply")
+        await wait_for(pilot, lambda: app.chat_screen.running == busy.conversation_id, what="the long reply")
         await pilot.press("f6")
-        await wait_until(pilot, lambda: app.chat_screen.active_pane() is waiting, what="Tester")
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is waiting, what="Tester")
         waiting.composer.text = "me too"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: "Longwinded" in hint(waiting), what="the queued hint")
+        await wait_for(pilot, lambda: "Longwinded" in hint(waiting), what="the queued hint")
         assert "waits for Longwinded" in hint(waiting)
-        await pilot.pause(0.5)
+        queued_at = time.monotonic()  # the queue time measured below is what this test checks: let some pass
+        await wait_for(pilot, lambda: time.monotonic() - queued_at >= 0.5, what="half a second in the queue")
         app.submit(cmd.Cancel())  # stop the long reply: the queued one starts
-        await wait_until(pilot, lambda: replies(app, waiting.conversation_id) and not waiting.generating,
-                         timeout=30, what="the queued reply")
+        await wait_for(pilot, lambda: replies(app, waiting.conversation_id) and not waiting.generating,
+                       timeout=30, what="the queued reply")
         stats = replies(app, waiting.conversation_id)[-1].stats
         assert stats.queued_ms >= 400 and stats.ttft_ms > stats.queued_ms
         line = str(waiting.last_reply().query_one(".msg-stats").render())
@@ -176,9 +172,9 @@ async def test_a_cache_read_from_disk_on_opening_says_so_with_its_time(make_app)
         await send(pilot, pane, "remember me")
     again = make_app()
     async with again.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: again.chat_screen.active_pane() is not None, what="the restored tab")
+        await wait_for(pilot, lambda: again.chat_screen.active_pane() is not None, what="the restored tab")
         pane = again.chat_screen.active_pane()
-        await wait_until(pilot, lambda: "read from disk in" in header(pane), what="the header")
+        await wait_for(pilot, lambda: "read from disk in" in header(pane), what="the header")
         assert " ms" in header(pane) and "(new)" not in header(pane)
         reply = await send(pilot, pane, "and again")
         assert reply.stats.cache == "ram" and reply.stats.opened_from == "disk"
@@ -198,17 +194,16 @@ async def test_returning_to_a_tab_whose_reply_finished_in_the_background_shows_i
         pane.composer.text = "one more\n\nwith\n\nlines"
         await pilot.press("enter")
         await open_persona(pilot, "Other")  # the reply finishes while its tab is hidden
-        await wait_until(pilot, lambda: not pane.generating, what="the background reply")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: not pane.generating and ui_caught_up(app), what="the background reply")
         await pilot.press("ctrl+pageup")
-        await wait_until(pilot, lambda: app.chat_screen.active_pane() is pane, what="the Tester tab")
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is pane, what="the Tester tab")
         transcript = pane.transcript
-        await wait_until(pilot, lambda: transcript.max_scroll_y > 0 and transcript.scroll_y >= transcript.max_scroll_y - 1,
-                         what="the newest message in view")
+        await wait_for(pilot, lambda: transcript.max_scroll_y > 0 and transcript.scroll_y >= transcript.max_scroll_y - 1,
+                       what="the newest message in view")
         stats = pane.last_reply().query_one(".msg-stats")
         assert stats.region.bottom <= transcript.region.bottom and "ttft" in str(stats.render())
         await pilot.resize_terminal(90, 20)
-        await wait_until(pilot, lambda: transcript.scroll_y >= transcript.max_scroll_y - 1, what="after a resize")
+        await wait_for(pilot, lambda: transcript.scroll_y >= transcript.max_scroll_y - 1, what="after a resize")
 
 
 # -- 7. smaller items ------------------------------------------------------------------------------
@@ -247,8 +242,8 @@ async def test_an_empty_reply_and_a_reply_stopped_before_its_first_token_say_so(
         before = len(replies(app, pane.conversation_id))
         pane.composer.text = "long " * int(1500 / per_word)  # three prefill chunks
         await pilot.press("enter")
-        await wait_until(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating,
-                         what="the stop")
+        await wait_for(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating,
+                       what="the stop")
         app.engine._on_event = relay
         stopped = replies(app, pane.conversation_id)[-1]
         assert stopped.cancelled and stopped.message_id == 0
@@ -267,7 +262,7 @@ async def test_a_long_paste_shows_its_tokens_and_an_estimate_before_sending(make
         await send(pilot, pane, "a first message so the reading speed is known " * 3)
         assert app.prefill_tps > 0
         pane.composer.text = "word " * 1000
-        await wait_until(pilot, lambda: "tokens" in hint(pane), what="the paste note")
+        await wait_for(pilot, lambda: "tokens" in hint(pane), what="the paste note")
         n = app.engine.count_tokens("word " * 1000)
         assert f"{n:,} tokens" in hint(pane) and "about" in hint(pane)
 
@@ -277,7 +272,7 @@ async def test_persona_editor_tab_moves_on_and_the_id_can_be_edited_and_a_missin
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
-        await wait_until(pilot, lambda: isinstance(app.screen, PersonaEditorScreen), what="the editor")
+        await wait_for(pilot, lambda: isinstance(app.screen, PersonaEditorScreen), what="the editor")
         editor = app.screen
         await pilot.press(*"Pirate Pete", "tab")
         assert editor.query_one("#ed-id").value == "pirate-pete"
@@ -291,7 +286,7 @@ async def test_persona_editor_tab_moves_on_and_the_id_can_be_edited_and_a_missin
         assert isinstance(app.screen, PersonaEditorScreen), "no system prompt: a warning first"
         assert "no system prompt" in str(editor.query_one("#ed-error").render())
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: not isinstance(app.screen, PersonaEditorScreen), what="the save")
+        await wait_for(pilot, lambda: not isinstance(app.screen, PersonaEditorScreen), what="the save")
         assert (personas_dir / "pirate-pete-x.toml").exists()
 
 
@@ -304,7 +299,7 @@ async def test_export_proposes_a_path_in_the_users_documents_or_home(make_app, t
     async with app.run_test(size=SIZE) as pilot:
         await open_persona(pilot, "Tester")
         await pilot.press("f5")
-        await wait_until(pilot, lambda: isinstance(app.screen, ExportCardScreen), what="the export dialog")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExportCardScreen), what="the export dialog")
         assert app.screen.query_one("#export-path").value == str(home / "Documents" / "tester.json")
 
 
@@ -335,7 +330,7 @@ async def test_scene_handles_ticks_and_a_message_kept_while_a_round_runs(make_ap
     app = make_app()
     said = []
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         tab = await create_scene(pilot, "Kitchen", ["chef", "tester", "long"])
         final = await play(pilot, tab, "@Nonna what is for dinner?")
         assert final.speakers == ("chef",) and tab.message_views()[0].text == "what is for dinner?"
@@ -353,10 +348,10 @@ async def test_scene_handles_ticks_and_a_message_kept_while_a_round_runs(make_ap
         app.notify = lambda text, **kw: said.append(text)
         tab.composer.text = "@longwinded talk"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: tab.generating, what="the round")
+        await wait_for(pilot, lambda: tab.generating, what="the round")
         tab.composer.text = "wait for me"
         await pilot.press("enter")
         assert tab.composer.text == "wait for me"
         assert any("stays in the box" in s for s in said), said
         app.submit(cmd.Cancel())
-        await wait_until(pilot, lambda: not tab.generating, timeout=30, what="the stop")
+        await wait_for(pilot, lambda: not tab.generating, timeout=30, what="the stop")

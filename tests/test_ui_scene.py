@@ -3,21 +3,16 @@ replies, go on without the user, cancel, restart and resume from disk."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 from app.engine import events as ev
-from app.ui.scene import NewSceneScreen, SceneLine, SceneTab, ScenesScreen
-from tests.test_ui_helpers import events_of, wait_until, write_personas
+from app.ui.screens import NewSceneScreen, ScenesScreen
+from app.ui.widgets import SceneLine, SceneTab
+from tests.test_ui_helpers import events_of, palette_offers, ui_caught_up, wait_for
 
 pytestmark = pytest.mark.asyncio
 SIZE = (120, 40)
-
-
-@pytest.fixture
-def personas_dir(tmp_path) -> Path:
-    return write_personas(tmp_path / "personas")
 
 
 def rounds(app, conversation_id: int) -> list[ev.SceneRoundFinished]:
@@ -32,7 +27,7 @@ async def create_scene(pilot, name: str, picks: list[str]) -> SceneTab:
     """F8, type the name, tab to the list and pick personas with space (the list is sorted by name)."""
     app = pilot.app
     await pilot.press("f8")
-    await wait_until(pilot, lambda: isinstance(app.screen, NewSceneScreen), what="the new-scene dialog")
+    await wait_for(pilot, lambda: isinstance(app.screen, NewSceneScreen), what="the new-scene dialog")
     await pilot.press(*name, "tab")
     listed = app.screen.query_one("#scene-members")
     order = [listed.get_option_at_index(i).value for i in range(listed.option_count)]
@@ -40,7 +35,7 @@ async def create_scene(pilot, name: str, picks: list[str]) -> SceneTab:
         listed.highlighted = order.index(pid)
         await pilot.press("space")
     await pilot.press("ctrl+s")
-    await wait_until(pilot, lambda: app.chat_screen.active_scene() is not None, what="the scene tab")
+    await wait_for(pilot, lambda: app.chat_screen.active_scene() is not None, what="the scene tab")
     return app.chat_screen.active_scene()
 
 
@@ -49,19 +44,18 @@ async def play(pilot, tab: SceneTab, text: str) -> ev.SceneRoundFinished:
     tab.composer.focus()
     tab.composer.text = text
     await pilot.press("enter")
-    await wait_until(pilot, lambda: len(rounds(pilot.app, tab.conversation_id)) > before and not tab.generating,
-                     timeout=30, what="the round")
-    await pilot.pause(0.05)
+    await wait_for(pilot, lambda: len(rounds(pilot.app, tab.conversation_id)) > before and not tab.generating
+                   and ui_caught_up(pilot.app), timeout=30, what="the round")
     return rounds(pilot.app, tab.conversation_id)[-1]
 
 
 async def test_create_a_scene_and_every_speaker_streams_into_its_own_bubble(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         # too few personas: the dialog says so and stays
         await pilot.press("f8")
-        await wait_until(pilot, lambda: isinstance(app.screen, NewSceneScreen), what="the dialog")
+        await wait_for(pilot, lambda: isinstance(app.screen, NewSceneScreen), what="the dialog")
         await pilot.press(*"Lonely", "ctrl+s")
         assert isinstance(app.screen, NewSceneScreen)
         assert "2 to 6" in str(app.screen.query_one("#scene-error").render())
@@ -101,7 +95,7 @@ async def test_create_a_scene_and_every_speaker_streams_into_its_own_bubble(make
 async def test_pick_who_replies_and_go_on_without_the_user(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         tab = await create_scene(pilot, "Pair", ["tester", "other"])
         # @name picks the speakers of this round only
         final = await play(pilot, tab, "@other only you please")
@@ -110,7 +104,7 @@ async def test_pick_who_replies_and_go_on_without_the_user(make_app):
         # an unknown @name is refused; the text stays in the box
         tab.composer.text = "@nobody hi"
         await pilot.press("enter")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: any("@nobody" in n.message for n in app._notifications), what="the refusal")
         assert tab.composer.text == "@nobody hi" and not tab.generating
         assert any("@nobody" in n.message for n in app._notifications)
         # untick Tester (tab from the box to the ticks, space toggles): only Other replies
@@ -133,21 +127,21 @@ async def test_pick_who_replies_and_go_on_without_the_user(make_app):
 async def test_escape_cancels_a_round(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         tab = await create_scene(pilot, "Talkers", ["long", "tester"])
         tab.composer.focus()
         await pilot.press(*"go", "enter")
-        await wait_until(pilot, lambda: len([e for e in events_of(app, ev.SceneTokensGenerated)
+        await wait_for(pilot, lambda: len([e for e in events_of(app, ev.SceneTokensGenerated)
                                              if e.persona_id == "long"]) >= 12, what="the round to stream")
         assert tab.generating and "long" in tab.live
         await pilot.press("escape")
-        await wait_until(pilot, lambda: rounds(app, tab.conversation_id) and not tab.generating, timeout=10,
-                         what="the round to stop")
+        await wait_for(pilot, lambda: rounds(app, tab.conversation_id) and not tab.generating and ui_caught_up(app),
+                       timeout=10, what="the round to stop")
         assert rounds(app, tab.conversation_id)[-1].cancelled
         long_reply = next(e for e in scene_replies(app, tab.conversation_id) if e.persona_id == "long")
         assert long_reply.cancelled and long_reply.stats.generated_tokens < 1500
-        await wait_until(pilot, lambda: any(v.persona_id == "long" for v in tab.message_views()),
-                         what="the stopped reply's view")
+        await wait_for(pilot, lambda: any(v.persona_id == "long" for v in tab.message_views()),
+                       what="the stopped reply's view")
         view = next(v for v in tab.message_views() if v.persona_id == "long")
         assert "stopped" in view.stats and not tab.live
         assert "stopped" in str(tab.query_one(".round-stats").render())
@@ -156,28 +150,28 @@ async def test_escape_cancels_a_round(make_app):
 async def test_restart_reopens_the_scene_and_reuses_caches_from_disk(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         tab = await create_scene(pilot, "Kept", ["tester", "other"])
         await play(pilot, tab, "remember this room")
         scene_id = tab.conversation_id
         said = [(v.role, v.persona_id, v.text) for v in tab.message_views()]
     again = make_app()
     async with again.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(again, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(again, ev.ModelLoaded), what="the model")
         # the scene's tab comes back by itself (it was open when the app quit); the list reopens it all the same
         restored = again.chat_screen.active_scene()
         assert restored is not None and restored.conversation_id == scene_id
         await pilot.press("f9")
-        await wait_until(pilot, lambda: isinstance(again.screen, ScenesScreen), what="the scenes list")
+        await wait_for(pilot, lambda: isinstance(again.screen, ScenesScreen), what="the scenes list")
         assert again.screen.query_one("#scene-list").option_count == 1
         await pilot.press("enter")
-        await wait_until(pilot, lambda: again.chat_screen.active_scene() is not None, what="the scene tab")
+        await wait_for(pilot, lambda: again.chat_screen.active_scene() is not None, what="the scene tab")
         tab = again.chat_screen.active_scene()
         assert tab.conversation_id == scene_id
-        await wait_until(pilot, lambda: len(tab.message_views()) == 3, what="the transcript")
+        await wait_for(pilot, lambda: len(tab.message_views()) == 3, what="the transcript")
         assert [(v.role, v.persona_id, v.text) for v in tab.message_views()] == said
         assert all(isinstance(v, SceneLine) for v in tab.message_views())
-        await wait_until(pilot, lambda: tab.caches == {"tester": "disk", "other": "disk"}, what="caches on disk")
+        await wait_for(pilot, lambda: tab.caches == {"tester": "disk", "other": "disk"}, what="caches on disk")
         await play(pilot, tab, "still here?")
         second = {e.persona_id: e for e in scene_replies(again, scene_id)}
         assert set(second) == {"tester", "other"}
@@ -190,15 +184,15 @@ async def test_restart_reopens_the_scene_and_reuses_caches_from_disk(make_app):
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"scene: kept")
-        await pilot.pause(0.3)
+        await wait_for(pilot, lambda: palette_offers(again, "scene: kept"), what="the palette to offer the scene")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: again.chat_screen.active_scene() is not None
-                         and again.screen is again.chat_screen, what="the scene from the palette")
+        await wait_for(pilot, lambda: again.chat_screen.active_scene() is not None
+                       and again.screen is again.chat_screen, what="the scene from the palette")
         # deleting it from the list closes its tab
         await pilot.press("f9")
-        await wait_until(pilot, lambda: isinstance(again.screen, ScenesScreen), what="the scenes list")
+        await wait_for(pilot, lambda: isinstance(again.screen, ScenesScreen), what="the scenes list")
         await pilot.press("d", "y")
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: again.chat_screen.active_scene() is None, what="the deleted scene's tab to close")
         assert again.catalog.get_conversation(scene_id) is None
         assert again.chat_screen.active_scene() is None
 
@@ -206,12 +200,12 @@ async def test_restart_reopens_the_scene_and_reuses_caches_from_disk(make_app):
 async def test_a_refused_round_gives_the_text_back(make_app):
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         tab = await create_scene(pilot, "Crowd", ["tester", "other"])
         too_long = "@tester " + " ".join(f"word{i}" for i in range(400))
         tab.composer.text = too_long
         await pilot.press("enter")
-        await wait_until(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
-        await wait_until(pilot, lambda: not tab.generating, what="the tab to settle")
+        await wait_for(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
+        await wait_for(pilot, lambda: not tab.generating, what="the tab to settle")
         assert tab.composer.text == too_long and not tab.live and tab.message_views() == []
         assert any("context window" in n.message for n in app._notifications)

@@ -16,7 +16,8 @@ import pytest_textual_snapshot
 from app.catalog import Catalog
 from app.engine import events as ev
 from app.ui.app import DARK, LIGHT, ParleyApp
-from tests.test_ui_helpers import events_of, wait_until, write_personas
+from app.ui.screens import HelpScreen, PersonaEditorScreen, ScenesScreen
+from tests.test_ui_helpers import events_of, ui_caught_up, wait_for, write_personas
 
 SIZE = (110, 34)
 STATS = {"ttft_ms": 42.0, "reused_tokens": 80, "prefilled_tokens": 12, "generated_tokens": 57,
@@ -42,20 +43,26 @@ def app(tiny_model_dir, tmp_path) -> ParleyApp:
 
 
 async def still(pilot) -> None:
-    """No blinking cursors: a snapshot must not depend on when in the blink it is taken."""
+    """No blinking cursors: a snapshot must not depend on when in the blink it is taken.
+
+    A TextArea keeps the lines it drew in a cache whose key is the same for "cursor in the blink's dark phase"
+    and "not blinking": a line drawn in the dark phase would be reused without its cursor, so the snapshot
+    depended on timing (it failed on a loaded machine). Its cache is cleared once the blink is off."""
     from textual.widgets import Input, TextArea
 
     for screen in pilot.app.screen_stack:
         for widget in screen.query("Input, TextArea"):
             if isinstance(widget, (Input, TextArea)):
                 widget.cursor_blink = False
-    await pilot.pause(0.1)
+            if isinstance(widget, TextArea):
+                widget.notify_style_update()  # drops the line cache (see above)
+                widget.refresh()
+    await wait_for(pilot, lambda: ui_caught_up(pilot.app), what="the screen to catch up with the engine")
 
 
 async def settle(pilot) -> None:
     app = pilot.app
-    await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
-    await pilot.pause(0.1)
+    await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded) and ui_caught_up(app), what="the model")
     app.chat_screen.title = "Parley · tiny"
     await still(pilot)
 
@@ -63,8 +70,8 @@ async def settle(pilot) -> None:
 async def open_tester(pilot) -> None:
     app = pilot.app
     await pilot.press(*"tester", "enter")
-    await wait_until(pilot, lambda: events_of(app, ev.ConversationOpened) and events_of(app, ev.CacheStatesChanged),
-                     what="the conversation to open")
+    await wait_for(pilot, lambda: events_of(app, ev.ConversationOpened) and events_of(app, ev.CacheStatesChanged),
+                   what="the conversation to open")
     await settle(pilot)
 
 
@@ -98,7 +105,7 @@ def test_help_screen(app, snap_compare):
     async def run_before(pilot):
         await settle(pilot)
         await pilot.press("f1")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, HelpScreen), what="the help")
         await still(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -108,7 +115,7 @@ def test_persona_editor(app, snap_compare):
     async def run_before(pilot):
         await open_tester(pilot)
         await pilot.press("f2")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, PersonaEditorScreen), what="the persona editor")
         await still(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -128,12 +135,13 @@ def test_scene_with_messages(app, snap_compare):
 
     async def run_before(pilot):
         app = pilot.app
-        await wait_until(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
+        await wait_for(pilot, lambda: events_of(app, ev.ModelLoaded), what="the model")
         await pilot.press("f9")
-        await pilot.pause(0.2)
+        await wait_for(pilot, lambda: isinstance(app.screen, ScenesScreen) and app.screen.query_one("#scene-list")
+                       .option_count == 1, what="the scenes list")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat_screen.active_scene() is not None
-                         and len(app.chat_screen.active_scene().message_views()) == 4, what="the scene tab")
+        await wait_for(pilot, lambda: app.chat_screen.active_scene() is not None
+                       and len(app.chat_screen.active_scene().message_views()) == 4, what="the scene tab")
         app.chat_screen.active_scene().composer.focus()  # the message box has the cursor, every run
         await pilot.pause()
         await settle(pilot)

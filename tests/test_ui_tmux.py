@@ -11,6 +11,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "tmux_smoke.sh"
 
 
+@pytest.mark.slow  # tmux and a subprocess
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_tmux_smoke(tmp_path):
     env = {**os.environ, "PARLEY_PYTHON": sys.executable, "TMPDIR": str(tmp_path)}

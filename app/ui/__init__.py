@@ -1,10 +1,11 @@
 """The Textual app (`parley` with no subcommand).
 
 - `app.py`: `ParleyApp` and `run_app(args)`; starts the engine thread and turns its events into messages.
-- `messages.py`: one Textual message per engine event, plus the app's own (past-tense facts).
-- `screens.py`: ChatScreen (main), HelpScreen, PersonaEditorScreen, ConversationsScreen, ConfirmScreen,
-  ImportCardScreen, ExportCardScreen.
-- `widgets.py`: PersonaList, RamGauge, ChatPane, MessageView, ChatInput.
+- `messages.py`: one Textual message carries every engine event (the chat screen routes it to its tab),
+  plus the app's own (past-tense facts).
+- `screens/`: one screen per module: ChatScreen (main), HelpScreen, PersonaEditorScreen, ConversationsScreen,
+  ConfirmScreen, ImportCardScreen, ExportCardScreen, NewSceneScreen, ScenesScreen.
+- `widgets/`: one widget per module: PersonaList, RamGauge, ChatPane, SceneTab, MessageView, Transcript, ChatInput.
 - `palette.py`: the command palette provider (every action).
 - `parley.tcss`: the one stylesheet.
 

@@ -61,6 +61,7 @@ class ParleyApp(App):
         self.chat_screen: ChatScreen | None = None
         self.start_problem: str | None = None  # why the app could not start (shown on a ProblemScreen)
         self.events_seen: list[ev.Event] = []  # the last engine events, newest last (tests read them)
+        self.events_posted = 0  # engine events handed to the screen so far
         self.prefill_tps = 0.0  # reading speed the last long-enough reply measured (estimates for long pastes)
         self.tab_character_guard = TabCharacterGuard()
 
@@ -90,6 +91,7 @@ class ParleyApp(App):
         del self.events_seen[:-500]
         screen = self.chat_screen
         if screen is not None:
+            self.events_posted += 1  # the screen counts the ones it has handled (tests wait for the two to meet)
             screen.post_message(message_for(event))
 
     async def on_unmount(self) -> None:

@@ -1,8 +1,9 @@
-"""Textual messages: each engine event becomes one, plus the app's own, named as past-tense facts.
+"""Textual messages: one carries every engine event; the app's own are named as past-tense facts.
 
-The engine calls back on its own thread; `message_for(event)` wraps the event
-in the matching message, and `post_message` (thread-safe) carries it over to
-the UI thread. Handlers read the plain event data from `message.event`.
+The engine calls back on its own thread; `message_for(event)` wraps the event in an
+`EngineReported`, and `post_message` (thread-safe) carries it over to the UI thread.
+The chat screen handles it once (`on_engine_reported`): its own part by event type, then
+the tab of the event's conversation (`ConversationTab.route`). Read the event from `message.event`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from app.engine import events as ev
 
 
 class EngineReported(Message):
-    """Base of every message that carries an engine event."""
+    """An engine event, on the UI thread."""
 
     def __init__(self, event: ev.Event) -> None:
         super().__init__()
@@ -24,93 +25,9 @@ class EngineReported(Message):
         return getattr(self.event, "conversation_id", None)
 
 
-class ModelLoadProgressed(EngineReported):
-    pass
-
-
-class ModelLoaded(EngineReported):
-    pass
-
-
-class ConversationOpened(EngineReported):
-    pass
-
-
-class MessageSaved(EngineReported):
-    pass
-
-
-class PrefillProgressed(EngineReported):
-    pass
-
-
-class TokensGenerated(EngineReported):
-    pass
-
-
-class ReplyFinished(EngineReported):
-    pass
-
-
-class ContextTrimmed(EngineReported):
-    pass
-
-
-class CacheStatesChanged(EngineReported):
-    pass
-
-
-class CacheDiscarded(EngineReported):
-    pass
-
-
-class EngineFailed(EngineReported):
-    pass
-
-
-class CacheNotSaved(EngineReported):
-    pass
-
-
-class SceneRoundStarted(EngineReported):
-    pass
-
-
-class SceneTokensGenerated(EngineReported):
-    pass
-
-
-class SceneReplyFinished(EngineReported):
-    pass
-
-
-class SceneRoundFinished(EngineReported):
-    pass
-
-
-_BY_EVENT: dict[type, type[EngineReported]] = {
-    ev.ModelLoadProgressed: ModelLoadProgressed,
-    ev.ModelLoaded: ModelLoaded,
-    ev.ConversationOpened: ConversationOpened,
-    ev.MessageSaved: MessageSaved,
-    ev.PrefillProgressed: PrefillProgressed,
-    ev.TokensGenerated: TokensGenerated,
-    ev.ReplyFinished: ReplyFinished,
-    ev.ContextTrimmed: ContextTrimmed,
-    ev.CacheStatesChanged: CacheStatesChanged,
-    ev.CacheDiscarded: CacheDiscarded,
-    ev.EngineFailed: EngineFailed,
-    ev.CacheNotSaved: CacheNotSaved,
-    ev.SceneRoundStarted: SceneRoundStarted,
-    ev.SceneTokensGenerated: SceneTokensGenerated,
-    ev.SceneReplyFinished: SceneReplyFinished,
-    ev.SceneRoundFinished: SceneRoundFinished,
-}
-
-
 def message_for(event: ev.Event) -> EngineReported:
-    """The Textual message for an engine event (an unknown event kind still arrives, as the base class)."""
-    return _BY_EVENT.get(type(event), EngineReported)(event)
+    """The Textual message that carries an engine event to the screen (which routes it to its tab)."""
+    return EngineReported(event)
 
 
 # -- the app's own messages ---------------------------------------------------
@@ -172,3 +89,12 @@ class TabCharacter(Message):
     def __init__(self, number: int) -> None:
         super().__init__()
         self.number = number
+
+
+class DiskCachesRead(Message):
+    """The catalog's records of the caches on disk, read on a worker thread (app.ui.screens.chat)."""
+
+    def __init__(self, rows: list[dict], number: int) -> None:
+        super().__init__()
+        self.rows = rows
+        self.number = number  # which read this is (the screen shows only the newest)

@@ -1,71 +1,39 @@
-"""Screens, named after what the user sees: the chat, help, persona editor, conversations, card import/export."""
+"""The main screen: the persona sidebar with cache states and the RAM gauge, and the chat and scene tabs."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen, Screen
-from textual.widgets import (Button, Footer, Header, Input, Label, Markdown, OptionList, ProgressBar, Static,
-                             TabbedContent, TabPane, TextArea)
-from textual.widgets.option_list import Option
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static, TabbedContent, TabPane, TextArea
+from textual.worker import get_current_worker
 
 from app.engine import commands as cmd
+from app.engine import events as ev
 from app.errors import ParleyError
 from app.ui import messages as msg
 from app.ui import tab_state
 from app.ui.keys import GoToTabScreen
-from app.ui.scene import NewSceneScreen, SceneTab, ScenesScreen, scene_caches, scene_tab_id
+from app.ui.screens.export_card import ExportCardScreen
+from app.ui.screens.import_card import ImportCardScreen
+from app.ui.screens.conversations import ConversationsScreen
+from app.ui.screens.new_scene import NewSceneScreen
+from app.ui.screens.persona_editor import PersonaEditorScreen
+from app.ui.screens.scenes import ScenesScreen
 from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
+from app.ui.widgets.conversation_tab import ConversationTab
+from app.ui.widgets.scene_tab import SceneTab, scene_caches, scene_tab_id
 
 TAB_PREFIX = "tab-"
 NARROW_BELOW = 100  # columns: a narrower terminal gets the narrow persona list
-
-HELP = """\
-# Parley keys
-
-| Key | What it does |
-|---|---|
-| **enter** | send the message |
-| **shift+enter**, **ctrl+j** | new line in the message |
-| **escape** | stop the reply · cancel an edit · back to the message box |
-| **↑** (in an empty message box) | select the last message; **↑/↓** move between messages |
-| **← / →** (on a message) | browse its alternatives (regenerations, edits) |
-| **e** (on your message) | edit it and resend (a new branch) |
-| **c** (on a message) | copy it |
-| **ctrl+r** | regenerate the last reply (the old one stays as an alternative) |
-| **ctrl+l** | copy the last reply |
-| **ctrl+n** | new conversation with this persona |
-| **ctrl+o** | list, reopen and delete conversations |
-| **F8** | new scene: a name and 2–6 personas in one room |
-| **F9** | list, reopen and delete scenes |
-| **F6 / F7** (or **ctrl+pageup / ctrl+pagedown**) | previous / next tab |
-| **ctrl+g**, then **1 … 9** | go to tab 1 … 9 (**alt+1 … 9** too, where the terminal sends alt) |
-| **ctrl+w** | close the tab (it comes back from **ctrl+o**; open tabs come back after a restart) |
-| **ctrl+f** | filter the persona list (enter opens, ↓ goes to the list) |
-| **ctrl+b** | hide / show the persona list |
-| **F2** | edit this persona · **F3** new persona |
-| **F4** | import a character card · **F5** export this persona as a card |
-| **ctrl+t** | light / dark theme |
-| **ctrl+p** | command palette: every action |
-| **F1** (or **?** outside a text box) | this help |
-| **ctrl+q** | quit |
-
-In a scene: **enter** sends to every persona ticked under the transcript; they all reply at once. Start the
-message with **@name** (e.g. `@ann @bob what now?`) to pick who replies this round; **enter** on an empty box lets
-them go on without you; **escape** stops the round; **tab** reaches the ticks (**space** toggles one).
-
-Every key above works in tmux, GNOME Terminal, iTerm2, Windows Terminal and the macOS Terminal with their
-default settings. Where alt/option+digit arrives as a character (¡ ™ £ …), that character in an empty message box
-goes to the tab instead of being typed (type it after another character, or paste it, to write it).
-
-Persona list: **ram** = cache in memory (instant), **disk** = on disk (loads in a moment), **none** = built on the first reply.
-"""
+# engine events that say which conversation the engine is writing in now, or that it has stopped
+RUNNING_STARTS = (ev.PrefillProgressed, ev.TokensGenerated, ev.SceneRoundStarted, ev.SceneTokensGenerated)
+RUNNING_ENDS = (ev.ReplyFinished, ev.SceneRoundFinished, ev.EngineFailed)
+REPLY_ENDS = (ev.ReplyFinished, ev.SceneRoundFinished)  # a finished reply or round: announce it, refresh caches
 
 
 class ChatScreen(Screen):
@@ -105,6 +73,9 @@ class ChatScreen(Screen):
         self._restoring = False  # tabs are being reopened from the last run: do not save half of them
         self._tab_save_failed = False
         self.model_ready = False
+        self.events_handled = 0  # engine events handled to the end (app.events_posted counts those sent)
+        self._cache_reads_asked = 0  # reads of the disk cache records started, and the newest one shown
+        self._cache_reads_shown = 0
 
     def compose(self) -> ComposeResult:
         yield Header(icon="❖")
@@ -200,7 +171,7 @@ class ChatScreen(Screen):
             return None
         try:
             return self.tabs.get_pane(active).query_one(ChatPane)
-        except Exception:
+        except NoMatches:  # a scene's tab, or one being closed
             return None
 
     def scenes(self) -> list[SceneTab]:
@@ -215,7 +186,7 @@ class ChatScreen(Screen):
             return None
         try:
             return self.tabs.get_pane(active).query_one(SceneTab)
-        except Exception:
+        except NoMatches:  # a chat's tab, or one being closed
             return None
 
     def active_view(self) -> ChatPane | SceneTab | None:
@@ -224,6 +195,16 @@ class ChatScreen(Screen):
 
     def pane_for_conversation(self, conversation_id: int | None) -> ChatPane | None:
         return next((p for p in self.panes() if p.conversation_id == conversation_id), None)
+
+    def view_for_conversation(self, conversation_id: int | None) -> ConversationTab | None:
+        """The tab (chat or scene) showing this conversation, if one is open."""
+        return self.pane_for_conversation(conversation_id) or self.scene_for_conversation(conversation_id)
+
+    def running_name(self, scene_prefix: str = "", fallback: str = "another conversation") -> str:
+        """Whom the engine is writing for now, in words (a persona's name, a scene's title)."""
+        other = self.pane_for_conversation(self.running)
+        scene = self.scene_for_conversation(self.running)
+        return other.persona.name if other else f"{scene_prefix}{scene.scene_title}" if scene else fallback
 
     def pane_for_persona(self, persona_id: str) -> ChatPane | None:
         return next((p for p in self.panes() if p.persona.id == persona_id), None)
@@ -244,6 +225,29 @@ class ChatScreen(Screen):
         self.refresh_caches()
 
     def refresh_caches(self) -> None:
+        """Show the cache states again once the catalog's disk records are read (on a worker thread, see below)."""
+        self._cache_reads_asked += 1
+        self._read_disk_caches(self._cache_reads_asked)
+
+    @property
+    def caches_pending(self) -> bool:
+        """A read of the disk records is under way: the cache states shown may be one read behind."""
+        return self._cache_reads_shown < self._cache_reads_asked
+
+    @work(thread=True, exclusive=True, group="disk-caches")
+    def _read_disk_caches(self, number: int) -> None:
+        """The catalog read happens here, never on the UI thread (a busy catalog must not stall typing); only the
+        newest read is shown. A thread worker may read SQLite; it never touches MLX (that is the engine's thread)."""
+        rows = self.app.disk_caches()
+        if not get_current_worker().is_cancelled:
+            self.post_message(msg.DiskCachesRead(rows, number))
+
+    def on_disk_caches_read(self, message: msg.DiskCachesRead) -> None:
+        self._cache_reads_shown = max(self._cache_reads_shown, message.number)
+        self._disk_rows = message.rows
+        self.show_caches()
+
+    def show_caches(self) -> None:
         """Cache state per persona: RAM (from the engine's last report) beats disk (from the catalog) beats none."""
         summary: dict[str, CacheSummary] = {}
         ram_convs = set()
@@ -254,7 +258,6 @@ class ChatScreen(Screen):
             s.tokens += state.tokens
             s.bytes += state.bytes
             ram_convs.add((state.conversation_id, state.persona_id))
-        self._disk_rows = self.app.disk_caches()
         for row in self._disk_rows:
             pid = row["persona_id"]
             if (row["conversation_id"], pid) in ram_convs or pid is None:
@@ -432,9 +435,7 @@ class ChatScreen(Screen):
         if pane is None:
             return
         if pane.generating and self.running is not None and self.running != pane.conversation_id:
-            other = self.pane_for_conversation(self.running)
-            scene = self.scene_for_conversation(self.running)
-            who = other.persona.name if other else scene.scene_title if scene else "another conversation"
+            who = self.running_name()
             self.app.notify(f"This reply waits for {who} to finish; stop that one first.", severity="warning")
             return
         if pane.stop():
@@ -607,7 +608,7 @@ class ChatScreen(Screen):
                 await pane.refresh_greeting()
                 try:
                     self.tabs.get_tab(f"{TAB_PREFIX}{persona.id}").label = pane.persona.name
-                except Exception:
+                except NoMatches:  # the tab closed meanwhile: no label to change
                     pass
         for scene in self.scenes():
             if persona.id in scene.members:
@@ -627,445 +628,79 @@ class ChatScreen(Screen):
         self.app.push_screen(ExportCardScreen(persona))
 
     # -- engine events ---------------------------------------------------------------
-    def on_model_load_progressed(self, message: msg.ModelLoadProgressed) -> None:
-        event = message.event
+    async def on_engine_reported(self, message: msg.EngineReported) -> None:
+        """Every engine event: who is writing now, the screen's own part (`SCREEN_HANDLERS`), then the tab of
+        its conversation (`ConversationTab.route`); a finished reply in a hidden tab is announced."""
+        try:
+            await self._handle_engine_event(message.event, message.conversation_id)
+        finally:
+            self.events_handled += 1
+
+    async def _handle_engine_event(self, event: ev.Event, conversation_id: int | None) -> None:
+        if isinstance(event, RUNNING_STARTS):
+            self.set_running(conversation_id)
+        elif isinstance(event, RUNNING_ENDS) and self.running == conversation_id:
+            self.set_running(None)
+        own = self.SCREEN_HANDLERS.get(type(event))
+        if own is not None:
+            own(self, event)
+        view = self.view_for_conversation(conversation_id)
+        handled = view is not None and await view.route(event)
+        if isinstance(event, REPLY_ENDS):
+            if handled and view is not self.active_view() and not event.cancelled:
+                self.app.notify(view.replied_note(), timeout=3)
+            self.refresh_caches()
+
+    def _model_load_progressed(self, event: ev.ModelLoadProgressed) -> None:
         self.add_class("-loading")
         self.query_one("#model-label", Label).update(f"Preparing the model: {event.label}")
         self.query_one("#model-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
 
-    def on_model_loaded(self, message: msg.ModelLoaded) -> None:
+    def _model_loaded(self, event: ev.ModelLoaded) -> None:
         self.model_ready = True
         self.remove_class("-loading", "-failed")
-        event = message.event
         self.app.model_name = event.name
         self.title = f"Parley · {event.name}"
 
-    def on_conversation_opened(self, message: msg.ConversationOpened) -> None:
-        pane = self.pane_for_conversation(message.conversation_id)
-        if pane is not None:
-            pane.on_engine_opened(message.event)
-
-    async def on_message_saved(self, message: msg.MessageSaved) -> None:
-        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
-            message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_saved(message.event)
-
-    def on_prefill_progressed(self, message: msg.PrefillProgressed) -> None:
-        self.set_running(message.conversation_id)
-        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
-            message.conversation_id)
-        if pane is not None:
-            pane.on_engine_prefill(message.event)
-
-    async def on_tokens_generated(self, message: msg.TokensGenerated) -> None:
-        self.set_running(message.conversation_id)
-        pane = self.pane_for_conversation(message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_tokens(message.event)
-
-    async def on_reply_finished(self, message: msg.ReplyFinished) -> None:
-        if self.running == message.conversation_id:
-            self.set_running(None)
-        stats = message.event.stats
+    def _reply_finished(self, event: ev.ReplyFinished) -> None:
+        stats = event.stats
         reading_ms = stats.ttft_ms - getattr(stats, "queued_ms", 0.0)
         if stats.prefilled_tokens >= 16 and reading_ms > 0:  # the reading speed a long paste is estimated with
             self.app.prefill_tps = stats.prefilled_tokens / reading_ms * 1000
-        pane = self.pane_for_conversation(message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_finished(message.event)
-            if pane is not self.active_pane() and not message.event.cancelled:
-                self.app.notify(f"{pane.persona.name} replied.", timeout=3)
-        self.refresh_caches()
 
-    def on_context_trimmed(self, message: msg.ContextTrimmed) -> None:
-        self.app.notify(f"The conversation outgrew the model's context: its {message.event.dropped_messages} oldest "
+    def _context_trimmed(self, event: ev.ContextTrimmed) -> None:
+        self.app.notify(f"The conversation outgrew the model's context: its {event.dropped_messages} oldest "
                         "messages are no longer seen by the model (the transcript keeps them).", timeout=6)
 
-    def on_cache_states_changed(self, message: msg.CacheStatesChanged) -> None:
-        event = message.event
+    def _cache_states_changed(self, event: ev.CacheStatesChanged) -> None:
         self.ram_states = {s.conversation_id: s for s in event.states}
         self.ram_list = list(event.states)
         self.query_one(RamGauge).update_usage(event.ram_bytes, event.budget_bytes)
         self.refresh_caches()
 
-    def on_cache_discarded(self, message: msg.CacheDiscarded) -> None:
-        self.app.notify(f"A stored cache was dropped ({message.event.reason}); it is rebuilt from the transcript.",
+    def _cache_discarded(self, event: ev.CacheDiscarded) -> None:
+        self.app.notify(f"A stored cache was dropped ({event.reason}); it is rebuilt from the transcript.",
                         title="Cache discarded", severity="warning", timeout=6)
 
-    def on_cache_not_saved(self, message: msg.CacheNotSaved) -> None:
-        self.app.notify(f"The reply is saved; its cache could not be ({message.event.reason}). The next reply "
+    def _cache_not_saved(self, event: ev.CacheNotSaved) -> None:
+        self.app.notify(f"The reply is saved; its cache could not be ({event.reason}). The next reply "
                         "rebuilds it from the transcript.", title="Cache not saved", severity="warning", timeout=8)
 
-    async def on_engine_failed(self, message: msg.EngineFailed) -> None:
-        title = "Reply not saved" if message.event.unsaved_reply is not None else "Engine"
-        self.app.notify(message.event.message, title=title, severity="error", timeout=10)
-        if self.running == message.conversation_id:
-            self.set_running(None)
-        if not self.model_ready and message.conversation_id is None:
+    def _engine_failed(self, event: ev.EngineFailed) -> None:
+        title = "Reply not saved" if event.unsaved_reply is not None else "Engine"
+        self.app.notify(event.message, title=title, severity="error", timeout=10)
+        if not self.model_ready and event.conversation_id is None:
             # the model could not start: say so where the progress bar would be, for good
             self.add_class("-loading", "-failed")
-            self.query_one("#model-label", Label).update(Text(message.event.message, style="bold red"))
-        pane = self.pane_for_conversation(message.conversation_id) or self.scene_for_conversation(
-            message.conversation_id)
-        if pane is not None:
-            await pane.on_engine_failed(message.event)
+            self.query_one("#model-label", Label).update(Text(event.message, style="bold red"))
 
-    async def on_scene_round_started(self, message: msg.SceneRoundStarted) -> None:
-        self.set_running(message.conversation_id)
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_round_started(message.event)
-
-    async def on_scene_tokens_generated(self, message: msg.SceneTokensGenerated) -> None:
-        self.set_running(message.conversation_id)
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_tokens(message.event)
-
-    async def on_scene_reply_finished(self, message: msg.SceneReplyFinished) -> None:
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_reply_finished(message.event)
-
-    async def on_scene_round_finished(self, message: msg.SceneRoundFinished) -> None:
-        if self.running == message.conversation_id:
-            self.set_running(None)
-        scene = self.scene_for_conversation(message.conversation_id)
-        if scene is not None:
-            await scene.on_engine_round_finished(message.event)
-            if scene is not self.active_scene() and not message.event.cancelled:
-                self.app.notify(f"The scene {scene.scene_title} replied.", timeout=3)
-        self.refresh_caches()
-
-
-class HelpScreen(ModalScreen):
-    """The keys, one table."""
-
-    BINDINGS = [Binding("escape,f1,q,question_mark", "dismiss", "Close")]
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll(id="help-box", classes="dialog"):
-            yield Markdown(HELP, id="help-text")
-            yield Static("escape closes", classes="dialog-hint")
-
-
-class PersonaEditorScreen(ModalScreen):
-    """Create or edit a persona; saving writes `<id>.toml` into the user's persona folder."""
-
-    # tab as a priority binding: the app moves the focus before it hands the next key to a widget, so text typed
-    # right after tab (a fast typist, a paste) lands in the next field, not in the one tab left
-    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel"),
-                Binding("tab", "app.focus_next", "Next field", show=False, priority=True),
-                Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True)]
-
-    def __init__(self, persona=None) -> None:
-        super().__init__()
-        self.persona = persona
-        self.id_edited = False  # the user typed an id: the name no longer proposes one
-        self.warned = ""  # the warning shown on the last ctrl+s (the next ctrl+s saves anyway)
-
-    def compose(self) -> ComposeResult:
-        p = self.persona
-        title = f"Edit persona {p.name} ({p.id})" if p else "New persona"
-        with VerticalScroll(id="editor-box", classes="dialog"):
-            yield Label(title, classes="dialog-title")
-            yield Static("ctrl+s saves to your persona folder · escape cancels", classes="dialog-hint")
-            yield Label("Name")
-            yield Input(p.name if p else "", placeholder="Captain Mara Vell", id="ed-name")
-            yield Label("Id (the file name; a new id saves a copy under that id)" if p else
-                        "Id (the file name; proposed from the name, edit it if you like)")
-            yield Input(p.id if p else "", placeholder="captain-mara-vell", id="ed-id", select_on_focus=False)
-            yield Label("Short description")
-            yield Input(p.description if p else "", placeholder="What this persona is for", id="ed-description")
-            yield Label("System prompt")
-            yield TextArea(p.system_prompt if p else "", id="ed-system", soft_wrap=True)
-            yield Label("Greetings (separate several with a line holding only ---)")
-            yield TextArea("\n---\n".join(p.greetings) if p else "", id="ed-greetings", soft_wrap=True)
-            yield Label("Scenario")
-            yield TextArea(p.scenario if p else "", id="ed-scenario", soft_wrap=True)
-            with Horizontal(classes="editor-row"):
-                with Vertical():
-                    yield Label("Colour")
-                    yield Input(p.color if p else "#5b8def", id="ed-color")
-                with Vertical():
-                    yield Label("Temperature")
-                    yield Input(str(p.temperature) if p else "0.7", id="ed-temperature")
-                with Vertical():
-                    yield Label("Top p")
-                    yield Input(str(p.top_p) if p else "0.95", id="ed-top-p")
-                with Vertical():
-                    yield Label("Max tokens")
-                    yield Input(str(p.max_tokens) if p else "512", id="ed-max-tokens")
-            yield Static("", id="ed-error")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Save (ctrl+s)", variant="primary", id="ed-save")
-                yield Button("Cancel (esc)", id="ed-cancel")
-
-    def on_mount(self) -> None:
-        self.query_one("#ed-name").focus()
-
-    @on(Input.Changed, "#ed-name")
-    def _name_changed(self, event: Input.Changed) -> None:
-        from app.personas import new_persona_id
-
-        if self.persona is None and not self.id_edited:
-            box = self.query_one("#ed-id", Input)
-            with box.prevent(Input.Changed):
-                box.value = new_persona_id(event.value, self.app.persona_dirs()) if event.value.strip() else ""
-                box.cursor_position = len(box.value)
-
-    @on(Input.Changed, "#ed-id")
-    def _id_changed(self) -> None:
-        self.id_edited = True
-
-    @on(Input.Submitted)
-    def _next_field(self, event: Input.Submitted) -> None:
-        """enter in a one-line field goes on to the next field, as tab does."""
-        event.stop()
-        self.focus_next()
-
-    def _number(self, widget_id: str, kind):
-        raw = self.query_one(widget_id, Input).value.strip()
-        try:
-            return kind(raw)
-        except ValueError:
-            return raw  # build_persona reports it, naming the field
-
-    def build(self):
-        from app.personas import build_persona, new_persona_id
-
-        p = self.persona
-        fields = {}
-        if p is not None:
-            fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "source"}
-        greetings = [g.strip() for g in self.query_one("#ed-greetings", TextArea).text.split("\n---\n")]
-        name = self.query_one("#ed-name", Input).value.strip()
-        fields.update(
-            name=name,
-            description=self.query_one("#ed-description", Input).value,
-            system_prompt=self.query_one("#ed-system", TextArea).text,
-            greetings=[g for g in greetings if g],
-            scenario=self.query_one("#ed-scenario", TextArea).text,
-            color=self.query_one("#ed-color", Input).value.strip(),
-            temperature=self._number("#ed-temperature", float),
-            top_p=self._number("#ed-top-p", float),
-            max_tokens=self._number("#ed-max-tokens", int),
-        )
-        if not name:
-            raise ParleyError("The persona editor: field 'name' is empty. Give the persona a name.")
-        typed_id = self.query_one("#ed-id", Input).value.strip()
-        if p is None:
-            fields["id"] = typed_id or new_persona_id(name, self.app.persona_dirs())
-        elif typed_id:
-            fields["id"] = typed_id
-        return build_persona(fields, "the persona editor")
-
-    def missing_voice(self, persona) -> str:
-        """A warning for a persona with no system prompt (and perhaps no greeting either), or ''.
-
-        A greeting alone is optional; without a system prompt the model does not know who to be."""
-        if persona.system_prompt.strip():
-            return ""
-        missing = ["system prompt"] + (["greeting"] if not persona.greetings else [])
-        return (f"This persona has no {' and no '.join(missing)}: the model will not know who to be and will answer "
-                "as a plain assistant. Press ctrl+s again to save it as it is.")
-
-    def action_save(self) -> None:
-        from app.personas import save_persona
-
-        try:
-            persona = self.build()
-            warning = self.missing_voice(persona)
-            if warning and warning != self.warned:
-                self.warned = warning
-                self.query_one("#ed-error", Static).update(Text(warning, style="bold yellow"))
-                self.query_one("#ed-error").scroll_visible(animate=False)
-                return
-            if self.persona is None or persona.id != self.persona.id:
-                taken = persona.id in self.app.personas
-                if taken:
-                    raise ParleyError(f"The persona editor: id {persona.id!r} is taken by {self.app.personas[persona.id].name}. "
-                                      "Choose another id.")
-            path = save_persona(persona, self.app.user_persona_dir())
-        except ParleyError as exc:
-            self.query_one("#ed-error", Static).update(Text(str(exc), style="bold red"))
-            self.query_one("#ed-error").scroll_visible(animate=False)  # below the fold on a small terminal
-            return
-        self.dismiss(dataclasses.replace(persona, source=path))
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
-
-    @on(Button.Pressed, "#ed-save")
-    def _save_pressed(self) -> None:
-        self.action_save()
-
-    @on(Button.Pressed, "#ed-cancel")
-    def _cancel_pressed(self) -> None:
-        self.dismiss(None)
-
-
-class ConversationsScreen(ModalScreen):
-    """Old conversations: enter reopens, d deletes (after a yes), a shows every persona's."""
-
-    BINDINGS = [
-        Binding("escape", "dismiss(None)", "Close"),
-        Binding("d,delete", "delete", "Delete"),
-        Binding("a", "toggle_all", "All personas"),
-    ]
-
-    def __init__(self, persona_id: str | None) -> None:
-        super().__init__()
-        self.persona_id = persona_id
-        self.show_all = persona_id is None
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="conversations-box", classes="dialog"):
-            yield Label("", id="conv-title", classes="dialog-title")
-            yield OptionList(id="conversation-list")
-            yield Static("enter reopen · d delete · a all personas / this one · escape close", classes="dialog-hint")
-
-    def on_mount(self) -> None:
-        self.refresh_list()
-        self.query_one(OptionList).focus()
-
-    def refresh_list(self) -> None:
-        catalog = self.app.catalog
-        pid = None if self.show_all else self.persona_id
-        convs = [c for c in catalog.list_conversations(persona_id=pid, kind="chat")]
-        who = "all personas" if pid is None else self.app.personas.get(pid).name if pid in self.app.personas else pid
-        self.query_one("#conv-title", Label).update(f"Conversations — {who}")
-        options = self.query_one(OptionList)
-        options.clear_options()
-        for conv in convs:
-            persona = self.app.personas.get(conv.persona_id)
-            text = Text()
-            text.append(f"{conv.title or 'New conversation'}", style="bold")
-            text.append(f"\n  {persona.name if persona else conv.persona_id} · {catalog.message_count(conv.id)} "
-                        f"messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
-            options.add_option(Option(text, id=str(conv.id)))
-        if convs:
-            options.highlighted = 0
-
-    def action_toggle_all(self) -> None:
-        if self.persona_id is not None:
-            self.show_all = not self.show_all
-            self.refresh_list()
-
-    @on(OptionList.OptionSelected)
-    def _chosen(self, event: OptionList.OptionSelected) -> None:
-        self.dismiss(int(event.option.id))
-
-    def action_delete(self) -> None:
-        option = self.query_one(OptionList).highlighted_option
-        if option is None:
-            return
-        conversation_id = int(option.id)
-        open_pane = self.app.chat_screen.pane_for_conversation(conversation_id) if self.app.chat_screen else None
-        if open_pane is not None and open_pane.generating:
-            self.app.notify("A reply is being written in this conversation: stop it first (escape).",
-                            severity="warning")
-            return
-
-        async def confirmed(yes: bool | None) -> None:
-            if not yes:
-                return
-            self.app.catalog.delete_conversation(conversation_id)
-            self.app.submit(cmd.Forget(conversation_id))
-            self.refresh_list()
-            self.app.notify("Conversation deleted.", timeout=2)
-            screen = self.app.chat_screen
-            if screen is not None:
-                await screen.conversation_deleted(conversation_id)
-
-        self.app.push_screen(ConfirmScreen("Delete this conversation and all its messages?"), confirmed)
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
-
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="confirm-box", classes="dialog"):
-            yield Label(self.question)
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Yes (y)", variant="error", id="yes")
-                yield Button("No (n)", id="no")
-
-    def action_answer(self, yes: bool) -> None:
-        self.dismiss(yes)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-
-class ImportCardScreen(ModalScreen):
-    """Import a character card (V2/V3 JSON, PNG, CHARX) from a path."""
-
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="import-box", classes="dialog"):
-            yield Label("Import a character card (.json, .png or .charx)", classes="dialog-title")
-            yield Input(placeholder="/path/to/card.png", id="card-path")
-            yield Static("", id="card-error")
-            yield Static("enter imports · escape cancels", classes="dialog-hint")
-
-    def on_mount(self) -> None:
-        self.query_one(Input).focus()
-
-    @on(Input.Submitted, "#card-path")
-    def _import(self, event: Input.Submitted) -> None:
-        from app.personas.cards import import_card
-
-        raw = event.value.strip()
-        if not raw:
-            return
-        try:
-            persona = import_card(Path(raw).expanduser(), self.app.user_persona_dir())
-        except ParleyError as exc:
-            self.query_one("#card-error", Static).update(Text(str(exc), style="bold red"))
-            return
-        self.dismiss(persona)
-
-
-class ExportCardScreen(ModalScreen):
-    """Export a persona as a Character Card V2 (.json or .png, by the name)."""
-
-    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
-
-    def __init__(self, persona) -> None:
-        super().__init__()
-        self.persona = persona
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="export-box", classes="dialog"):
-            yield Label(f"Export {self.persona.name} as a character card (.json or .png)", classes="dialog-title")
-            yield Input(str(export_folder() / f"{self.persona.id}.json"), id="export-path")
-            yield Static("", id="export-error")
-            yield Static("enter exports · escape cancels", classes="dialog-hint")
-
-    def on_mount(self) -> None:
-        self.query_one(Input).focus()
-
-    @on(Input.Submitted, "#export-path")
-    def _export(self, event: Input.Submitted) -> None:
-        from app.personas.cards import export_card
-
-        try:
-            path = export_card(self.persona, Path(event.value.strip()).expanduser())
-        except ParleyError as exc:
-            self.query_one("#export-error", Static).update(Text(str(exc), style="bold red"))
-            return
-        self.app.notify(f"Exported {self.persona.name} to {path}.", timeout=4)
-        self.dismiss(path)
-
-
-def export_folder() -> Path:
-    """Where an exported card is proposed: the user's Documents folder, or home (never the folder Parley runs in)."""
-    documents = Path.home() / "Documents"
-    return documents if documents.is_dir() else Path.home()
+    SCREEN_HANDLERS = {
+        ev.ModelLoadProgressed: _model_load_progressed,
+        ev.ModelLoaded: _model_loaded,
+        ev.ReplyFinished: _reply_finished,
+        ev.ContextTrimmed: _context_trimmed,
+        ev.CacheStatesChanged: _cache_states_changed,
+        ev.CacheDiscarded: _cache_discarded,
+        ev.CacheNotSaved: _cache_not_saved,
+        ev.EngineFailed: _engine_failed,
+    }

@@ -1,10 +1,10 @@
-"""Scenes in the app: a tab where several personas share one room, the dialogs to create and list scenes.
+"""A scene's tab: several personas share one room (the dialogs to create and list scenes are in app.ui.screens).
 
 A scene is a catalog conversation of kind "scene" with members (app.engine.scene). Its tab shows the
 transcript (each persona's lines in its accent colour, the user's as "You"), one tick per member for
 who replies this round, and the message box. A round streams every speaker's reply at once into its own
 bubble; `@name` at the start of a message picks the speakers of that round only. Enter on an empty box
-lets the personas go on without the user. The screen routes the scene events here (`on_engine_*`).
+lets the personas go on without the user. The screen routes the scene's events here (`ENGINE_HANDLERS`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ from __future__ import annotations
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Input, Label, OptionList, ProgressBar, SelectionList, Static
-from textual.widgets.option_list import Option
+from textual.containers import Horizontal
+from textual.widgets import Checkbox, Label, Static
 
 from app.engine import commands as cmd
 from app.engine import events as ev
-from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
 from app.errors import ParleyError
 from app.ui.handles import handle_hint, take_handles
-from app.ui.widgets import (ChatInput, MessageView, Transcript, TranscriptNavigation, lore_entries, lore_mark,
-                            stats_line)
+from app.ui.widgets.conversation_tab import ConversationTab
+from app.ui.widgets.message_view import MessageView
+from app.ui.widgets.text import lore_entries, lore_mark, stats_line
 
 SCENE_TAB_PREFIX = "scene-"
 DEFAULT_COLOR = "#8a8a8a"
@@ -71,7 +68,7 @@ class SceneLine(MessageView):
         self.app.notify("Scene lines cannot be edited; send a new message instead.", severity="warning")
 
 
-class SceneTab(TranscriptNavigation, Vertical):
+class SceneTab(ConversationTab):
     """One scene's tab: header, transcript, who replies (ticks), prefill progress, the message box."""
 
     def __init__(self, conversation, **kwargs) -> None:
@@ -96,21 +93,16 @@ class SceneTab(TranscriptNavigation, Vertical):
         return persona.color if persona and persona.color else DEFAULT_COLOR
 
     # layout ---------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield Static(self._header(), classes="chat-header")
-        yield Transcript(classes="transcript")
-        with Horizontal(classes="prefill"):
-            yield Label("Reading the room", classes="prefill-label")
-            yield ProgressBar(total=1, show_eta=False, classes="prefill-bar")
+    PREFILL_LABEL = "Reading the room"
+    BUSY_HINT = "They are replying… escape stops the round"
+    QUEUED_HINT = "Queued: waits for {who} to finish replying, then this round starts"
+    WAITING_FALLBACK = "another tab"
+
+    def compose_controls(self) -> ComposeResult:
         with Horizontal(classes="speakers"):
             yield Label("Replies:", classes="speakers-label")
             for i, pid in enumerate(self.members):
                 yield Checkbox(self._speaker_label(pid, True), True, id=f"speaker-{i}", classes="speaker")
-        yield Static(self._hint(), classes="composer-hint")
-        yield ChatInput(classes="composer")
-
-    async def on_mount(self) -> None:
-        await self.reload()
 
     def _header(self) -> Text:
         text = Text()
@@ -129,22 +121,11 @@ class SceneTab(TranscriptNavigation, Vertical):
             text.append(f"   last {self.last_round}", style="dim")
         return text
 
-    def _hint(self) -> str:
-        if self.generating:
-            screen = getattr(self.app, "chat_screen", None)
-            running = getattr(screen, "running", None)
-            if screen is not None and running is not None and running != self.conversation_id:
-                other = screen.pane_for_conversation(running)
-                scene = screen.scene_for_conversation(running)
-                who = other.persona.name if other else f"the scene {scene.scene_title}" if scene else "another tab"
-                return f"Queued: waits for {who} to finish replying, then this round starts"
-            return "They are replying… escape stops the round"
+    def _idle_hint(self) -> str:
         return "enter send (empty: they go on) · @name picks who replies · tab to the ticks · F1 keys"
 
-    def refresh_chrome(self) -> None:
-        self.query_one(".chat-header", Static).update(self._header())
-        self.query_one(".composer-hint", Static).update(self._hint())
-        self.set_class(self.generating, "-generating")
+    def replied_note(self) -> str:
+        return f"The scene {self.scene_title} replied."
 
     def set_caches(self, caches: dict[str, str]) -> None:
         if caches != self.caches:
@@ -253,13 +234,7 @@ class SceneTab(TranscriptNavigation, Vertical):
         self.app.submit(cmd.SceneRound(self.conversation_id, said, tuple(speakers), self.app.sampling))
         return True
 
-    def stop(self) -> bool:
-        if self.generating:
-            self.app.submit(cmd.Cancel())
-            return True
-        return False
-
-    # engine events (routed here by the screen) ------------------------------------------
+    # engine events (the screen routes this scene's here) ---------------------------------
     async def on_engine_round_started(self, event: ev.SceneRoundStarted) -> None:
         if not self.live:  # a round this tab did not start (another client): show it all the same
             await self.reload()
@@ -270,12 +245,6 @@ class SceneTab(TranscriptNavigation, Vertical):
             user = next((v for v in reversed(self.message_views()) if v.role == "user" and v.message_id is None), None)
             if user is not None:
                 user.message_id = event.message_id
-
-    def on_engine_prefill(self, event: ev.PrefillProgressed) -> None:
-        self.add_class("-prefilling")
-        self.query_one(".prefill-bar", ProgressBar).update(total=max(1, event.total), progress=event.done)
-        if event.done >= event.total:
-            self.remove_class("-prefilling")
 
     async def on_engine_tokens(self, event: ev.SceneTokensGenerated) -> None:
         self.remove_class("-prefilling")
@@ -334,6 +303,16 @@ class SceneTab(TranscriptNavigation, Vertical):
             box.label = self._speaker_label(pid, box.value)
         self.refresh_chrome()
 
+    ENGINE_HANDLERS = {
+        ev.SceneRoundStarted: on_engine_round_started,
+        ev.MessageSaved: on_engine_saved,
+        ev.PrefillProgressed: ConversationTab.on_engine_prefill,
+        ev.SceneTokensGenerated: on_engine_tokens,
+        ev.SceneReplyFinished: on_engine_reply_finished,
+        ev.SceneRoundFinished: on_engine_round_finished,
+        ev.EngineFailed: on_engine_failed,
+    }
+
 
 def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[str, str]:
     """Where each member's cache of this scene is: "ram" (engine report), else "disk" (catalog), else "none"."""
@@ -345,131 +324,3 @@ def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[s
         if state.conversation_id == conversation_id and state.persona_id in out:
             out[state.persona_id] = "ram"
     return out
-
-
-# -- dialogs ------------------------------------------------------------------------------
-
-
-class NewSceneScreen(ModalScreen):
-    """Name a scene and pick 2 to 6 personas (their speaking order is the order they are picked in)."""
-
-    BINDINGS = [Binding("ctrl+s", "create", "Create"), Binding("escape", "dismiss(None)", "Cancel"),
-                Binding("tab", "app.focus_next", "Next field", show=False, priority=True),  # see PersonaEditorScreen
-                Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True)]
-
-    def compose(self) -> ComposeResult:
-        personas = sorted(self.app.personas.values(), key=lambda p: p.name.lower())
-        with Vertical(id="new-scene-box", classes="dialog"):
-            yield Label("New scene", classes="dialog-title")
-            yield Label("Name")
-            yield Input(placeholder="The classroom", id="scene-name")
-            yield Label(f"Personas ({MIN_MEMBERS} to {MAX_MEMBERS}; space picks, in speaking order)")
-            yield SelectionList(*[(Text.assemble(("● ", p.color or DEFAULT_COLOR), (p.name, "bold"),
-                                                 (f"  {p.description}" if p.description else "", "dim")), p.id)
-                                  for p in personas], id="scene-members")
-            yield Static("", id="scene-error")
-            with Horizontal(classes="dialog-buttons"):
-                yield Button("Create (ctrl+s)", variant="primary", id="scene-create")
-                yield Button("Cancel (esc)", id="scene-cancel")
-            yield Static("tab moves between the name and the list · enter in the name creates", classes="dialog-hint")
-
-    def on_mount(self) -> None:
-        self.query_one("#scene-name", Input).focus()
-
-    def action_create(self) -> None:
-        name = self.query_one("#scene-name", Input).value
-        members = list(self.query_one("#scene-members", SelectionList).selected)
-        try:
-            conversation_id = create_scene(self.app.catalog, name, members, self.app.personas)
-        except ParleyError as exc:
-            self.query_one("#scene-error", Static).update(Text(str(exc), style="bold red"))
-            return
-        self.dismiss(conversation_id)
-
-    @on(Input.Submitted, "#scene-name")
-    def _name_submitted(self) -> None:
-        self.action_create()
-
-    @on(Button.Pressed, "#scene-create")
-    def _create_pressed(self) -> None:
-        self.action_create()
-
-    @on(Button.Pressed, "#scene-cancel")
-    def _cancel_pressed(self) -> None:
-        self.dismiss(None)
-
-
-class ScenesScreen(ModalScreen):
-    """The scenes: enter reopens one, n makes a new one, d deletes (after a yes)."""
-
-    BINDINGS = [
-        Binding("escape", "dismiss(None)", "Close"),
-        Binding("n", "new", "New scene"),
-        Binding("d,delete", "delete", "Delete"),
-    ]
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="scenes-box", classes="dialog"):
-            yield Label("Scenes", classes="dialog-title")
-            yield OptionList(id="scene-list")
-            yield Static("enter reopen · n new scene · d delete · escape close", classes="dialog-hint")
-
-    def on_mount(self) -> None:
-        self.refresh_list()
-        self.query_one(OptionList).focus()
-
-    def refresh_list(self) -> None:
-        catalog = self.app.catalog
-        options = self.query_one(OptionList)
-        options.clear_options()
-        scenes = catalog.list_conversations(kind="scene")
-        for conv in scenes:
-            text = Text()
-            text.append(conv.title or "Scene", style="bold")
-            text.append("\n  ")
-            for i, pid in enumerate(conv.members):
-                persona = self.app.personas.get(pid)
-                if i:
-                    text.append(" · ", style="dim")
-                text.append(persona.name if persona else pid, style=persona.color if persona else "dim")
-            text.append(f" · {catalog.message_count(conv.id)} messages · {conv.updated_at[:16].replace('T', ' ')}",
-                        style="dim")
-            options.add_option(Option(text, id=str(conv.id)))
-        if not scenes:
-            options.add_option(Option(Text("No scenes yet: press n to make one.", style="dim"), disabled=True))
-        else:
-            options.highlighted = 0
-
-    @on(OptionList.OptionSelected)
-    def _chosen(self, event: OptionList.OptionSelected) -> None:
-        if event.option.id:
-            self.dismiss(int(event.option.id))
-
-    def action_new(self) -> None:
-        self.dismiss("new")
-
-    def action_delete(self) -> None:
-        from app.ui.screens import ConfirmScreen
-
-        option = self.query_one(OptionList).highlighted_option
-        if option is None or not option.id:
-            return
-        conversation_id = int(option.id)
-        screen = self.app.chat_screen
-        tab = screen.scene_for_conversation(conversation_id) if screen else None
-        if tab is not None and tab.generating:
-            self.app.notify("A round is going on in this scene: stop it first (escape).", severity="warning")
-            return
-
-        async def confirmed(yes: bool | None) -> None:
-            if not yes:
-                return
-            if screen is not None:
-                await screen.close_scene(conversation_id)
-            self.app.catalog.delete_conversation(conversation_id)
-            self.app.submit(cmd.Forget(conversation_id))
-            self.refresh_list()
-            self.app.notify("Scene deleted.", timeout=2)
-
-        self.app.push_screen(ConfirmScreen("Delete this scene and all its messages?"), confirmed)
-
