@@ -37,6 +37,7 @@ from app.kvstore.fast_decode import Unsupported, start_working_copies
 from app.kvstore.host_block import layer_blocks, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 from app.kvstore.read_ahead import ReadAhead
+from app.kvstore.window import global_layers, layer_list, local_layers, restore_windowed, window_arrays
 
 GRACE_SECONDS = 600  # never reap files or rows younger than this: another process may be mid-save
 
@@ -62,7 +63,7 @@ class LoadMiss:
 
 class BlockPool:
     def __init__(self, catalog, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32,
-                 kv_shape: tuple[int, int, int] | None = None):
+                 kv_shape: tuple[int, int, int] | None = None, windows: list[int | None] | None = None):
         self.catalog = catalog
         self.db = catalog.db
         self.root = root
@@ -74,6 +75,8 @@ class BlockPool:
         # (KV heads, key dim, value dim): known up front, a restore zero-fills its working copies while
         # the first block is still being read; learned from the first restore when not given
         self.kv_shape = kv_shape
+        # per layer, its sliding window or None: a windowed model's block files hold the global layers only
+        self.windows = windows if windows and any(windows) else None
         (root / "blocks").mkdir(parents=True, exist_ok=True, mode=0o700)
         (root / "tails").mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -85,7 +88,10 @@ class BlockPool:
         return self.root / "tails" / name
 
     def _expect(self) -> dict[str, str]:
-        return {"fingerprint": self.fingerprint, "scheme": self.scheme_id, "n_layers": str(self.n_layers)}
+        expect = {"fingerprint": self.fingerprint, "scheme": self.scheme_id, "n_layers": str(self.n_layers)}
+        if self.windows:  # files written before windowing (every layer in each block) lack it: rebuilt
+            expect["layers"] = layer_list(self.windows)
+        return expect
 
     # -- save --------------------------------------------------------------
     def save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
@@ -110,7 +116,7 @@ class BlockPool:
             path = self.block_path(h)
             if h not in known or not is_regular(path):
                 tokens = cache.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
-                arrays = cache.block_arrays(i)
+                arrays = cache.block_arrays(i, global_layers(self.windows) if self.windows else None)
                 size = write_cache_file(path, arrays, tokens, {**self._expect(), "kind": "block", "hash": h, "parent": parent})
                 new_rows.append({"hash": h, "fingerprint": self.fingerprint, "scheme": self.scheme_id,
                                  "tokens": len(tokens), "bytes": size, "created_at": time.time(), "last_used_at": time.time()})
@@ -118,8 +124,13 @@ class BlockPool:
                 blocks_written += 1
             parent = h
         tail_name = f"{_safe(key)}-{os.urandom(6).hex()}.safetensors"
-        tail_size = write_cache_file(self._tail_path(tail_name), cache.tail_arrays(), cache.tail_tokens,
-                                     {**self._expect(), "kind": "tail", "key": key, "parent": parent})
+        tail, extra = cache.tail_arrays(), {}
+        if self.windows:
+            kept, extra["window_from"] = window_arrays(cache.layers, local_layers(self.windows))
+            tail.update(kept)
+            extra["window_from"] = str(extra["window_from"])
+        tail_size = write_cache_file(self._tail_path(tail_name), tail, cache.tail_tokens,
+                                     {**self._expect(), "kind": "tail", "key": key, "parent": parent, **extra})
         written += tail_size
         old = self._row(key)
         block_bytes = sum(r["bytes"] for r in self.db.query(
@@ -181,6 +192,8 @@ class BlockPool:
         this thread decodes one block the next ones are already arriving:
         restore costs about the read, not read + decode.
         """
+        if self.windows:
+            return restore_windowed(self, row, hashes, shared)
         parents = [chain_root(self.fingerprint, self.scheme_id), *hashes]
         tail_path = self._tail_path(row["tail_file"])
         to_read = [i for i, h in enumerate(hashes) if h not in shared]
