@@ -219,3 +219,35 @@ def test_cache_files_written_before_windowing_are_rebuilt(gemma, tmp_path):
     pool.save("conv", live, None, "p")  # rebuilt and saved again: now it loads
     restored = pool.load("conv")
     assert not isinstance(restored, LoadMiss) and restored.tokens == live.tokens
+
+
+def test_engine_edit_past_the_kept_blocks_prefills_afresh_and_replies_as_a_new_chat(tmp_path):
+    """An edit of the first message of a long gemma3 chat cuts back past what the local layers kept: the
+    engine prefills the whole prompt again (not just the part after the old common prefix) and replies
+    exactly as a new conversation with the edited message does."""
+    from app.catalog import Catalog
+    from app.engine import commands as cmd
+    from app.engine import events as ev
+    from app.model.chat_tokenizer import ChatTokenizer
+    from tests.engine_helpers import EngineRunner, write_persona
+
+    folder = build_tiny_arch(tmp_path / "g3", "gemma3", "q4g64")
+    write_persona(tmp_path / "personas", "tester", max_tokens=6)
+    long_text = " ".join(f"w{i % 97}" for i in range(420))
+    assert 1300 < len(ChatTokenizer(folder).encode(long_text)) < 1900
+    runner = EngineRunner(folder, tmp_path / "personas")
+    try:
+        with Catalog() as catalog:
+            edited, fresh = catalog.create_conversation("tester"), catalog.create_conversation("tester")
+        final, _ = runner.run(cmd.Generate(edited, long_text), timeout=300)
+        assert isinstance(final, ev.ReplyFinished)
+        with Catalog() as catalog:
+            first = catalog.current_path(edited)[0]
+        after_edit, _ = runner.run(cmd.EditAndResend(edited, first.id, "Edited question"), timeout=300)
+        new_chat, _ = runner.run(cmd.Generate(fresh, "Edited question"), timeout=300)
+    finally:
+        runner.close()
+    assert isinstance(after_edit, ev.ReplyFinished) and isinstance(new_chat, ev.ReplyFinished)
+    assert after_edit.stats.reused_tokens == 0
+    assert after_edit.stats.prefilled_tokens == new_chat.stats.prefilled_tokens + new_chat.stats.reused_tokens
+    assert after_edit.text == new_chat.text
