@@ -251,3 +251,15 @@ def test_engine_edit_past_the_kept_blocks_prefills_afresh_and_replies_as_a_new_c
     assert after_edit.stats.reused_tokens == 0
     assert after_edit.stats.prefilled_tokens == new_chat.stats.prefilled_tokens + new_chat.stats.reused_tokens
     assert after_edit.text == new_chat.text
+
+
+def test_windows_bench_reports_growth_with_the_global_layers_only(gemma, tmp_path):
+    """`python -m app.bench.windows`: from 2600 to 3600 tokens the windowed cache grows (RAM and disk) by the
+    global layer's share, about a third of what the full cache grows by (one global layer in three)."""
+    from app.bench.windows import measure
+
+    full = [measure(gemma, tmp_path / f"f{n}", n, False) for n in (2600, 3600)]
+    windowed = [measure(gemma, tmp_path / f"w{n}", n, True) for n in (2600, 3600)]
+    for key in ("encoded_ram_kb", "disk_kb"):
+        grew_full, grew_windowed = full[1][key] - full[0][key], windowed[1][key] - windowed[0][key]
+        assert 0 < grew_windowed < 0.45 * grew_full

@@ -1,8 +1,10 @@
 """The block pool on disk: content-addressed sealed blocks, per-cache tails, catalog rows.
 
 Layout under `$PARLEY_HOME/caches/`:
-  blocks/ab/<hash>.safetensors   one sealed 256-token block, all layers (immutable)
-  tails/<key>-<nonce>.safetensors the newest, unfinished block of one cache (rewritten per turn)
+  blocks/ab/<hash>.safetensors   one sealed 256-token block, all layers (immutable); for a model with
+                                  sliding-window layers, its global layers only (`app.kvstore.window`)
+  tails/<key>-<nonce>.safetensors the newest, unfinished block of one cache (rewritten per turn), plus
+                                  the sliding-window layers' kept blocks
 
 A cache (`key`: "conv:<id>" for a chat, "conv:<id>:<persona>" for a scene
 member, "pre:<persona>:<preamble hash>" for a persona's preamble) is a row in
