@@ -46,7 +46,6 @@ def build(dest: Path, shape: dict) -> Path:
 
 
 def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
-    import resource
     import time
 
     import mlx.core as mx
@@ -71,13 +70,33 @@ def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
     t2 = time.perf_counter()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     from app import fastblas
 
     return {"blas": Path(fastblas.loaded).name if fastblas.loaded else "reference",
             "weights_mb": weights / 2**20, "kv_working_copy_mb": kv / 2**20, "peak_rss_mb": peak / 2**20,
             "budget_mb": (1.5 * weights + kv) / 2**20 + 300, "prefill_tps": n_prefill / (t1 - t0),
             "decode_tps": n_decode / (t2 - t1)}
+
+
+def _peak_rss_bytes() -> int:
+    """This process image's peak resident memory: /proc's VmHWM on Linux.
+
+    Not getrusage's ru_maxrss: Linux keeps that across fork and exec, so the measuring child reported the
+    parent's resident memory at the fork (the parent had just built the 0.5B model: ~990 MB) whenever
+    that was more than its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys as _sys
+
+    scale = 1 if _sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def main(argv: list[str] | None = None) -> int:
