@@ -51,7 +51,10 @@ class ConversationCache:
             return len(self.tokens)
         if not all(can_cut_to(layer, n) for layer in self.layers):
             for layer in self.layers:
-                layer.reset() if isinstance(layer, WindowedKVCache) else layer.trim(layer.offset)
+                if isinstance(layer, WindowedKVCache):
+                    layer.reset()
+                else:
+                    layer.trim(layer.offset)
             self.tokens.clear()
             self._hashes.clear()
             return 0
