@@ -82,7 +82,7 @@ def measure(lm, home, context: int = CONTEXT, budget: int = BUDGET_BYTES, say=pr
                 break
             fit += 1
         manager.entries.clear()
-        encoded = sum(a.nbytes for layer in layers for block in layer.sealed for a in block.values())
+        encoded = sum(a.nbytes for layer in layers for block in layer.sealed if block is not None for a in block.values())
         elements = context * lm.n_layers * lm.n_kv_heads * lm.head_dim * 2
         rows.append({
             "scheme": name, "bits_per_element_nominal": round(scheme.bits_per_element, 3),

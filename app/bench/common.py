@@ -87,11 +87,12 @@ def make_pool(lm, home: Path, scheme: str = "q4", catalog=None):
     from app.engine.session import activation_dtype, kv_shape
     from app.kvstore.pool import BlockPool
     from app.kvstore.schemes import get_scheme
+    from app.model.arch import sliding_windows
 
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     catalog = catalog or Catalog(home / "catalog.db")
     return BlockPool(CacheStore(catalog), home / "caches", lm.fingerprint, get_scheme(scheme), lm.n_layers,
-                     activation_dtype(lm.model), kv_shape(lm.model))
+                     activation_dtype(lm.model), kv_shape(lm.model), sliding_windows(lm.model))
 
 
 def fill(lm, pool, ids: list[int]):

@@ -3,7 +3,8 @@
 Builds a random-weight llama of about 0.5B parameters (Qwen2.5-0.5B's shape, 4-bit group 64) in a
 temporary folder, then, in a fresh process, loads it with `load_model` (CPU path on), prefills 512
 tokens and decodes 32, and prints the weight bytes on disk, the KV working copy, the peak RSS and the
-budget 1.5 x weights + KV + 300 MB.
+budget 1.5 x weights + KV + 300 MB. The measuring process preloads the BLAS `parley` uses (`app.fastblas`):
+without it every matmul ran on the reference BLAS and prefill took minutes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def build(dest: Path, shape: dict) -> Path:
 
 
 def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
-    import resource
     import time
 
     import mlx.core as mx
@@ -70,10 +70,33 @@ def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
     t2 = time.perf_counter()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"weights_mb": weights / 2**20, "kv_working_copy_mb": kv / 2**20, "peak_rss_mb": peak / 2**20,
+    peak = _peak_rss_bytes()
+    from app import fastblas
+
+    return {"blas": Path(fastblas.loaded).name if fastblas.loaded else "reference",
+            "weights_mb": weights / 2**20, "kv_working_copy_mb": kv / 2**20, "peak_rss_mb": peak / 2**20,
             "budget_mb": (1.5 * weights + kv) / 2**20 + 300, "prefill_tps": n_prefill / (t1 - t0),
             "decode_tps": n_decode / (t2 - t1)}
+
+
+def _peak_rss_bytes() -> int:
+    """This process image's peak resident memory: /proc's VmHWM on Linux.
+
+    Not getrusage's ru_maxrss: Linux keeps that across fork and exec, so the measuring child reported the
+    parent's resident memory at the fork (the parent had just built the 0.5B model: ~990 MB) whenever
+    that was more than its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys as _sys
+
+    scale = 1 if _sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=32, help="decode steps (default 32)")
     parser.add_argument("--only", choices=("fp32", "lean"), help="measure one way only")
     args = parser.parse_args(argv)
+    from app import fastblas
+
+    fastblas.preload()  # as `parley` does (app.cli): without it MLX's matmuls use the reference BLAS
     if args.folder:
         print(json.dumps(measure(Path(args.folder), args.prefill, args.decode)))
         return 0
@@ -99,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = json.loads(out.stdout.strip().splitlines()[-1])
     labels = list(results)
     print(f"{'':>20}  " + "  ".join(f"{label:>20}" for label in labels))
+    print(f"{'blas':>20}  " + "  ".join(f"{results[label].pop('blas'):>20}" for label in labels))
     for key in results[labels[0]]:
         print(f"{key:>20}  " + "  ".join(f"{results[label][key]:>20,.1f}" for label in labels))
     print(f"{'within budget':>20}  " + "  ".join(

@@ -293,11 +293,12 @@ def _prepare_cache(session, ids: list[int], hint: str | None, busy: set[str]) ->
             in_place = match.key.startswith(SERVER_PREFIX) and match.key not in busy and (
                 match.key == target or (target is None and source.n_tokens - reused <= IN_PLACE_SLACK))
             if in_place:
-                source.trim_to(reused)
+                reused = source.trim_to(reused)
                 manager.pin(match.key)
                 return _Prepared(match.key, source, reused, where)
             key = target or _new_key()
             cache = source.copy_prefix(reused)
+            reused = cache.n_tokens  # 0 when the sliding-window layers no longer hold that prefix
             manager.put(key, cache, None, SERVER_PERSONA)
             manager.pin(key)
             manager.compact(match.key)

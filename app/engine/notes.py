@@ -79,7 +79,7 @@ def write_notes(session, turn, leaving: list[dict]) -> str | None:
         return ""  # a window too small to keep room for notes (see notes_room): the turns leave without them
     cache, _ = session.cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
     reused = min(common_prefix(cache.tokens, ids), len(ids) - 1)
-    cache.trim_to(reused)
+    reused = cache.trim_to(reused)
     todo = ids[reused:]
     total = len(todo) + max_new
     logits = None

@@ -261,7 +261,7 @@ class SceneRunner:
             session.emit(ev.ContextTrimmed(cid, prompt.start))
         seat.cache, seat.source = session.cache_for(turn, preamble_key(persona.id, preamble_hash(persona)))
         reused = min(common_prefix(seat.cache.tokens, prompt.ids), len(prompt.ids) - 1)
-        seat.cache.trim_to(reused)
+        reused = seat.cache.trim_to(reused)
         seat.reused = reused
         todo = prompt.ids[reused:]
         seat.prefilled = len(todo)

@@ -62,6 +62,7 @@ class Session:
         from app.kvstore.memory import reuse_freed_memory
         from app.kvstore.pool import BlockPool
         from app.kvstore.schemes import get_scheme
+        from app.model.arch import sliding_windows
         from app.model.loader import load_model
 
         scheme_obj = get_scheme(scheme)
@@ -69,7 +70,8 @@ class Session:
         dtype = activation_dtype(lm.model)
         emit(ev.ModelLoaded(lm.name, lm.fingerprint, lm.context_window, str(mx.default_device())))
         catalog = Catalog(catalog_path)
-        pool = BlockPool(CacheStore(catalog), paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype, kv_shape(lm.model))
+        pool = BlockPool(CacheStore(catalog), paths.caches_dir(), lm.fingerprint, scheme_obj, lm.n_layers, dtype,
+                         kv_shape(lm.model), sliding_windows(lm.model))
         pool.gc()  # leftovers of crashes and deleted conversations, older than a few minutes
         manager = CacheManager(pool, int(budget_mb * 1024 * 1024))
         reuse_freed_memory(manager.budget_bytes)
@@ -294,7 +296,7 @@ class Session:
         cache, source = self.cache_for(turn, preamble_key(turn.persona.id, preamble_hash(turn.persona)))
         reused = common_prefix(cache.tokens, prompt.ids)
         reused = min(reused, len(prompt.ids) - 1)  # the last prompt token must be fed to get logits
-        cache.trim_to(reused)
+        reused = cache.trim_to(reused)  # 0 when a sliding-window layer no longer holds that far back
         logits = None
         todo = prompt.ids[reused:]
         for step in prefill(self.lm.model, cache, todo):
@@ -388,7 +390,10 @@ class Session:
         n = len(preamble_ids)
         if n == 0 or key in self.manager.entries or self.manager.pool.has(key) or cache.tokens[:n] != preamble_ids:
             return
-        self.manager.put(key, cache.copy_prefix(n), None, turn.persona.id)
+        snapshot = cache.copy_prefix(n)
+        if snapshot.n_tokens != n:  # the sliding-window layers have let the preamble go
+            return
+        self.manager.put(key, snapshot, None, turn.persona.id)
         faults.save_cache(self, key, None)
         self.manager.compact(key)
 

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from app.kvstore.blockfile import chain_next, chain_root, scheme_id
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
+from app.kvstore.window import WindowedKVCache, can_cut_to
 
 
 @dataclass
@@ -39,15 +40,29 @@ class ConversationCache:
         self.tokens.extend(token_ids)
         assert self.layers[0].offset == len(self.tokens), "cache and token list out of step"
 
-    def trim_to(self, n: int) -> None:
-        """Keep only the first `n` tokens (an edit, a regenerate, a re-rendered turn)."""
+    def trim_to(self, n: int) -> int:
+        """Keep only the first `n` tokens (an edit, a regenerate, a re-rendered turn); return the tokens kept.
+
+        That is `n`, or 0 when a sliding-window layer no longer holds the blocks a cache of n tokens
+        needs (`app.kvstore.window`): then the cache starts afresh and the caller prefills everything.
+        """
         drop = len(self.tokens) - n
         if drop <= 0:
-            return
+            return len(self.tokens)
+        if not all(can_cut_to(layer, n) for layer in self.layers):
+            for layer in self.layers:
+                if isinstance(layer, WindowedKVCache):
+                    layer.reset()
+                else:
+                    layer.trim(layer.offset)
+            self.tokens.clear()
+            self._hashes.clear()
+            return 0
         for layer in self.layers:
             layer.trim(drop)
         del self.tokens[n:]
         del self._hashes[self.n_sealed :]
+        return n
 
     def block_hashes(self) -> list[str]:
         """Chain hash of every sealed block, computed incrementally."""
@@ -57,10 +72,12 @@ class ConversationCache:
             self._hashes.append(parent)
         return list(self._hashes)
 
-    def block_arrays(self, index: int) -> dict[str, mx.array]:
-        """Encoded block `index` of every layer, stacked on axis 0 (the file layout)."""
-        names = self.layers[0].sealed[index].keys()
-        return {name: mx.stack([layer.sealed[index][name] for layer in self.layers]) for name in names}
+    def block_arrays(self, index: int, layers: list[int] | None = None) -> dict[str, mx.array]:
+        """Encoded block `index` of every layer (or of the `layers` given: a windowed model's global ones),
+        stacked on axis 0 (the file layout)."""
+        chosen = self.layers if layers is None else [self.layers[i] for i in layers]
+        names = chosen[0].sealed[index].keys()
+        return {name: mx.stack([layer.sealed[index][name] for layer in chosen]) for name in names}
 
     def tail_arrays(self) -> dict[str, mx.array]:
         """The unsealed tail of every layer; fp32 tails hold fp16-exact values and are stored as fp16."""
@@ -85,10 +102,17 @@ class ConversationCache:
         return sum(layer.encoded_nbytes for layer in self.layers)
 
     def copy_prefix(self, n: int) -> "ConversationCache":
-        """A new cache holding the first `n` tokens (used to snapshot a persona's preamble)."""
+        """A new cache holding the first `n` tokens (used to snapshot a persona's preamble); empty when a
+        sliding-window layer no longer holds the blocks those n tokens need (see `trim_to`)."""
         sealed_blocks = n // BLOCK_TOKENS
         layers = []
         for layer in self.layers:
+            if isinstance(layer, WindowedKVCache):
+                copy = layer.prefix_copy(n)
+                if copy is None:
+                    return ConversationCache.empty(len(self.layers), layer.scheme, self.fingerprint)
+                layers.append(copy)
+                continue
             start = sealed_blocks * BLOCK_TOKENS
             tail_k, tail_v = layer.span(start, n) if layer.keys is not None else (None, None)
             dtype = layer.keys.dtype if layer.keys is not None else mx.float32

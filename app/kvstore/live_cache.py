@@ -161,7 +161,7 @@ class SealingKVCache(KVCache):
 
     @property
     def encoded_nbytes(self) -> int:
-        return sum(block_nbytes(block) for block in self.sealed)
+        return sum(block_nbytes(block) for block in self.sealed if block is not None)  # None: dropped (window.py)
 
 
 def _layer_of(tails, i: int) -> mx.array | None:

@@ -22,6 +22,7 @@ from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.host_block import block_nbytes, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 from app.kvstore.pool import BlockPool, CacheWriteFailed, LoadMiss
+from app.kvstore.window import WindowedKVCache, restore_window_layer
 
 
 @dataclass
@@ -33,6 +34,7 @@ class CompactCache:
     sealed: list[list[dict]]  # per layer, per block
     tails: list[tuple[mx.array, mx.array]]
     dtype: mx.Dtype
+    windows: list[int | None] | None = None  # per layer, its sliding window (None entries in `sealed`: dropped)
 
     @classmethod
     def of(cls, cache: ConversationCache) -> "CompactCache":
@@ -42,11 +44,17 @@ class CompactCache:
                  for layer in cache.layers]
         mx.eval(tails)
         dtype = next((l.keys.dtype for l in cache.layers if l.keys is not None), mx.float32)
-        return cls(list(cache.tokens), cache.block_hashes(), [list(l.sealed) for l in cache.layers], tails, dtype)
+        windows = [getattr(l, "window", None) if isinstance(l, WindowedKVCache) else None for l in cache.layers]
+        return cls(list(cache.tokens), cache.block_hashes(), [list(l.sealed) for l in cache.layers], tails, dtype,
+                   windows if any(windows) else None)
 
     def expand(self, scheme, fingerprint: str) -> ConversationCache:
         n_blocks = {len(s) for s in self.sealed}
-        if len(n_blocks) == 1 and self.sealed:
+        if self.windows:
+            layers = [restore_window_layer(scheme, w, s, tk, tv, self.dtype) if w else
+                      SealingKVCache.restore(scheme, s, tk, tv, self.dtype)
+                      for w, s, (tk, tv) in zip(self.windows, self.sealed, self.tails)]
+        elif len(n_blocks) == 1 and self.sealed:
             # all layers at once, decoded straight into the working copies (C kernels; MLX without them)
             blocks = [stacked([s[b] for s in self.sealed]) for b in range(n_blocks.pop())]
             layers = SealingKVCache.restore_layers(scheme, blocks, self.sealed, [tk for tk, _ in self.tails],
@@ -191,7 +199,7 @@ class CacheManager:
         for i, h in enumerate(hashes):
             if h not in seen:
                 seen.add(h)
-                total += sum(block_nbytes(layer[i]) for layer in sealed)
+                total += sum(block_nbytes(layer[i]) for layer in sealed if layer[i] is not None)
         return total
 
     def where(self, key: str) -> str:

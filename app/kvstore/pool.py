@@ -1,8 +1,10 @@
 """The block pool on disk: content-addressed sealed blocks, per-cache tails, catalog rows.
 
 Layout under `$PARLEY_HOME/caches/`:
-  blocks/ab/<hash>.safetensors   one sealed 256-token block, all layers (immutable)
-  tails/<key>-<nonce>.safetensors the newest, unfinished block of one cache (rewritten per turn)
+  blocks/ab/<hash>.safetensors   one sealed 256-token block, all layers (immutable); for a model with
+                                  sliding-window layers, its global layers only (`app.kvstore.window`)
+  tails/<key>-<nonce>.safetensors the newest, unfinished block of one cache (rewritten per turn), plus
+                                  the sliding-window layers' kept blocks
 
 A cache (`key`: "conv:<id>" for a chat, "conv:<id>:<persona>" for a scene
 member, "pre:<persona>:<preamble hash>" for a persona's preamble) is a row in
@@ -38,6 +40,7 @@ from app.kvstore.fast_decode import Unsupported, start_working_copies
 from app.kvstore.host_block import layer_blocks, stacked
 from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
 from app.kvstore.read_ahead import ReadAhead
+from app.kvstore.window import global_layers, layer_list, local_layers, restore_windowed, window_arrays
 
 GRACE_SECONDS = 600  # never reap files or rows younger than this: another process may be mid-save
 
@@ -63,7 +66,7 @@ class LoadMiss:
 
 class BlockPool:
     def __init__(self, store, root: Path, fingerprint: str, scheme, n_layers: int, dtype=mx.float32,
-                 kv_shape: tuple[int, int, int] | None = None):
+                 kv_shape: tuple[int, int, int] | None = None, windows: list[int | None] | None = None):
         self.store = store  # app.catalog.caches.CacheStore: the rows of `caches` and `cache_blocks`
         self.root = root
         self.fingerprint = fingerprint
@@ -74,6 +77,8 @@ class BlockPool:
         # (KV heads, key dim, value dim): known up front, a restore zero-fills its working copies while
         # the first block is still being read; learned from the first restore when not given
         self.kv_shape = kv_shape
+        # per layer, its sliding window or None: a windowed model's block files hold the global layers only
+        self.windows = windows if windows and any(windows) else None
         (root / "blocks").mkdir(parents=True, exist_ok=True, mode=0o700)
         (root / "tails").mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -86,7 +91,10 @@ class BlockPool:
 
     def expected_header(self) -> dict[str, str]:
         """What every file of this pool's model and scheme says in its header."""
-        return {"fingerprint": self.fingerprint, "scheme": self.scheme_id, "n_layers": str(self.n_layers)}
+        expect = {"fingerprint": self.fingerprint, "scheme": self.scheme_id, "n_layers": str(self.n_layers)}
+        if self.windows:  # files written before windowing (every layer in each block) lack it: rebuilt
+            expect["layers"] = layer_list(self.windows)
+        return expect
 
     # -- save --------------------------------------------------------------
     def save(self, key: str, cache: ConversationCache, conversation_id: int | None, persona_id: str) -> SaveReport:
@@ -110,15 +118,20 @@ class BlockPool:
             path = self.block_path(h)
             if h not in known or not is_regular(path):
                 tokens = cache.tokens[i * BLOCK_TOKENS : (i + 1) * BLOCK_TOKENS]
-                arrays = cache.block_arrays(i)
+                arrays = cache.block_arrays(i, global_layers(self.windows) if self.windows else None)
                 size = write_cache_file(path, arrays, tokens, {**self.expected_header(), "kind": "block", "hash": h, "parent": parent})
                 new_rows.append((h, len(tokens), size))
                 written += size
                 blocks_written += 1
             parent = h
         tail_name = f"{_safe(key)}-{os.urandom(6).hex()}.safetensors"
-        tail_size = write_cache_file(self.tail_path(tail_name), cache.tail_arrays(), cache.tail_tokens,
-                                     {**self.expected_header(), "kind": "tail", "key": key, "parent": parent})
+        tail, extra = cache.tail_arrays(), {}
+        if self.windows:
+            kept, extra["window_from"] = window_arrays(cache.layers, local_layers(self.windows))
+            tail.update(kept)
+            extra["window_from"] = str(extra["window_from"])
+        tail_size = write_cache_file(self.tail_path(tail_name), tail, cache.tail_tokens,
+                                     {**self.expected_header(), "kind": "tail", "key": key, "parent": parent, **extra})
         written += tail_size
         old = self.record(key)
         block_bytes = sum(self.store.known_blocks(hashes).values())
@@ -168,6 +181,8 @@ class BlockPool:
         this thread decodes one block the next ones are already arriving:
         restore costs about the read, not read + decode.
         """
+        if self.windows:
+            return restore_windowed(self, row, hashes, shared)
         parents = [chain_root(self.fingerprint, self.scheme_id), *hashes]
         tail_path = self.tail_path(row.tail_file)
         to_read = [i for i, h in enumerate(hashes) if h not in shared]
@@ -216,7 +231,7 @@ class BlockPool:
         try:
             return read()
         except BadCacheFile:
-            self._drop_block(h)
+            self.drop_block(h)
             raise
 
     def read_block(self, h: str, parent: str) -> tuple[dict, list[int]]:
@@ -233,7 +248,7 @@ class BlockPool:
         self.drop(key)
         return LoadMiss(key, reason)
 
-    def _drop_block(self, block_hash: str) -> None:
+    def drop_block(self, block_hash: str) -> None:
         discard(self.block_path(block_hash))
         self.store.delete_block(block_hash)
 
@@ -350,7 +365,7 @@ class BlockPool:
             try:
                 read_cache_file(self.block_path(block.hash), {**self.expected_header(), "kind": "block", "hash": block.hash})
             except BadCacheFile as exc:
-                self._drop_block(block.hash)
+                self.drop_block(block.hash)
                 problems.append(f"block {block.hash[:12]}: {exc} (dropped)")
         return checked, problems
 
