@@ -76,8 +76,8 @@ def kernels() -> ctypes.CDLL | None:
         _kernels = None
         return None
     lib = _load()
-    if lib is not None and want is not None:
-        _switch(lib, want)
+    if lib is not None:
+        _switch(lib, want or _best(lib))  # also undoes an earlier use_variant / PARLEY_KERNELS (tests)
     _kernels = lib
     return lib
 
@@ -166,6 +166,10 @@ def use_variant(name: str) -> None:
     if k is None:
         raise KernelChoiceError(f"cannot use the {name} kernels: the C kernels are off or not built")
     _switch(k, name)
+
+
+def _best(k: ctypes.CDLL) -> str:
+    return next(name for i, name in reversed(list(enumerate(VARIANTS))) if k.parley_variant_usable(i))
 
 
 def _switch(k: ctypes.CDLL, name: str) -> None:
