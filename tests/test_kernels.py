@@ -219,9 +219,7 @@ def fresh_choice(monkeypatch):
     monkeypatch.delenv("PARLEY_CPU_KERNELS", raising=False)
     cpu_kernels.reset()
     yield monkeypatch
-    monkeypatch.delenv("PARLEY_KERNELS", raising=False)
-    cpu_kernels.reset()
-    cpu_kernels.kernels()
+    cpu_kernels.reset()  # the next kernels() loads afresh, after monkeypatch has undone the test's changes
 
 
 def test_forcing_a_variant_this_cpu_cannot_run_is_refused(fresh_choice):
