@@ -47,9 +47,12 @@ class OptionalKernels(build_ext):
         except Exception as e:  # the compiler's own messages went to stderr above this note
             self._report(e)
 
-    @staticmethod
-    def _report(error: Exception) -> None:
-        print(NOTE.format(str(error).strip() or type(error).__name__), file=sys.stderr)
+    reported = False
+
+    def _report(self, error: Exception) -> None:
+        if not OptionalKernels.reported:  # once: an editable install then also fails to copy the missing library
+            OptionalKernels.reported = True
+            print(NOTE.format(str(error).strip() or type(error).__name__), file=sys.stderr)
 
 
 setup(

@@ -48,7 +48,7 @@ def kernel_setup() -> dict:
              "cpu_features": cpu_kernels.cpu_features()}
     try:
         facts["requested"] = cpu_kernels.requested()
-        lib = cpu_kernels.kernels()
+        lib = cpu_kernels.kernels() if path is not None else None  # (kernels() would also warn on stderr)
     except ParleyError as e:
         facts.update(state="refused", reason=str(e))
         return facts
