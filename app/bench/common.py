@@ -180,23 +180,7 @@ def _fmt(c) -> str:
 
 
 def machine() -> dict:
-    """One line's worth of facts about where the numbers came from."""
-    import platform
+    """Where the numbers came from: `parley doctor`'s facts (kernels and variant, CPU, BLAS, MLX, versions)."""
+    from app.diagnostics import active_setup
 
-    import mlx.core as mx
-
-    from app import fastblas
-
-    info = {"platform": platform.platform(terse=True), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "mlx": getattr(mx, "__version__", "?"),
-            "device": str(mx.default_device()), "blas": fastblas.loaded or "bundled"}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
-        info["ram_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    return info
+    return active_setup()

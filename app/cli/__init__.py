@@ -15,7 +15,7 @@ import sys
 
 from app import fastblas
 
-SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene", "user", "notes", "serve", "models"]
+SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene", "user", "notes", "serve", "models", "doctor"]
 
 
 def budget_mb(text: str) -> float:

@@ -1,6 +1,7 @@
 /* Attention pieces of the CPU path: the softmax of prefill (after BLAS computed the scores) and the whole
    one-token decode attention over a KV cache (no tiny BLAS calls: their thread wake-ups cost more than
    the math). */
+#include "kernels.h"
 #include <float.h>
 #include <math.h>
 #include <stddef.h>
@@ -8,7 +9,7 @@
 /* Row-wise softmax in place over s[rows][T] (scores already scaled). Row r is
    query (r % L), at absolute position offset + r % L; with causal set, keys
    after it get probability 0. */
-void causal_softmax(float *s, long rows, long L, long T, long offset, int causal) {
+void KFN(causal_softmax)(float *s, long rows, long L, long T, long offset, int causal) {
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < rows; r++) {
         float *row = s + r * T;
@@ -29,7 +30,7 @@ void causal_softmax(float *s, long rows, long L, long T, long offset, int causal
 /* One query row per head against a KV cache (decode step): out[h][D] = softmax(scale q_h K^T) V
    for the kv head h / (H / Hkv). Rows of K/V are contiguous (D floats); heads are k_hs/v_hs
    floats apart (the cache buffer may be longer than T). */
-void attn_decode(const float *q, const float *k, const float *v, float *out, float *s,
+void KFN(attn_decode)(const float *q, const float *k, const float *v, float *out, float *s,
                  long H, long Hkv, long T, long D, long k_hs, long v_hs, float scale) {
     long G = H / Hkv;
     for (long h = 0; h < H; h++) {

@@ -1,5 +1,6 @@
 /* Decode sealed KV-cache blocks (4/8-bit affine per token or per channel, float16, float32) straight into
    the fp32 working copies; bit-identical to `schemes.decode` (see app/kvstore/fast_decode.py). */
+#include "kernels.h"
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
@@ -129,7 +130,7 @@ static void *run_half(void *arg) {
     return NULL;
 }
 
-void kv_decode_jobs(const float *lut, long n, const long *jobs, long threads) {
+void KFN(kv_decode_jobs)(const float *lut, long n, const long *jobs, long threads) {
     pthread_t helper;
     long first = n / 2;
     struct half second = { lut, n - first, jobs + 12 * first };

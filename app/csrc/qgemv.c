@@ -3,18 +3,17 @@
    q4_gemv/q8_gemv: one row (a decode step). q4_rows/q8_rows: up to 8 rows at once (a scene's speakers),
    each group of weights loaded and converted once for all rows; per row bitwise the one-row result
    (one body in quant_rows.h). */
+#include "kernels.h"
 #include "quant_rows.h"
 
-/* 1 when the vector path of these kernels was compiled in (slower than an fp32 BLAS gemv otherwise). */
-int q4_fast(void) {
-#ifdef __AVX512F__
+/* 1 when a vector body of these kernels was compiled in (the scalar one is slower than an fp32 BLAS gemv). */
+int KFN(q4_fast)(void) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
     return 1;
 #else
     return 0;
 #endif
 }
-
-int q4_rows_fast(void) { return q4_fast(); }
 
 /* B rows of x (K floats apart) into y (O floats apart), B <= 8: the body specialised for each B. */
 #define QROWS_SWITCH(body, B, ...) \
@@ -25,7 +24,7 @@ int q4_rows_fast(void) { return q4_fast(); }
     case 7: body(__VA_ARGS__, 7); break; case 8: body(__VA_ARGS__, 8); break; \
     default: break; }
 
-void q4_rows(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
+void KFN(q4_rows)(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
              long O, long K, long B) {
     if (B < 1 || B > QROWS_MAX) return;
     long G = K / 32, H = K / 2;
@@ -34,7 +33,7 @@ void q4_rows(const unsigned char *w, const float *s, const float *b, const float
     QROWS_SWITCH(q4_rows_body, B, w, s, b, xe, xo, xs, y, O, K)
 }
 
-void q8_rows(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
+void KFN(q8_rows)(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
              long O, long K, long B) {
     if (B < 1 || B > QROWS_MAX) return;
     long G = K / 32;
@@ -43,10 +42,10 @@ void q8_rows(const unsigned char *w, const float *s, const float *b, const float
     QROWS_SWITCH(q8_rows_body, B, w, s, b, x, xs, y, O, K)
 }
 
-void q4_gemv(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K) {
-    q4_rows(w, s, b, x, y, O, K, 1);
+void KFN(q4_gemv)(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K) {
+    KFN(q4_rows)(w, s, b, x, y, O, K, 1);
 }
 
-void q8_gemv(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K) {
-    q8_rows(w, s, b, x, y, O, K, 1);
+void KFN(q8_gemv)(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K) {
+    KFN(q8_rows)(w, s, b, x, y, O, K, 1);
 }

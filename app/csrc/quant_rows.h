@@ -4,17 +4,30 @@
    batch. The bodies are always inlined with a constant B (1..8), which keeps the accumulators in registers.
 
    Per row and output: bias = sum_g bias[g] * (sum of the group's x), then per group
-   d = x_even . lo + x_odd . hi (4-bit) or x . q (8-bit), acc += scale[g] * d, y = sum(acc) + bias. */
+   d = x_even . lo + x_odd . hi (4-bit) or x . q (8-bit), acc += scale[g] * d, y = sum(acc) + bias.
+   Three bodies by instruction set (AVX-512: 16 lanes; AVX2+FMA: two halves of 8; portable: scalar); the
+   variant wrappers (variant_*.c) pick one through the target they compile for. */
 #ifndef PARLEY_QUANT_ROWS_H
 #define PARLEY_QUANT_ROWS_H
 
 #include <stddef.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 #define QROWS_MAX 8
 #define QROWS_INLINE static inline __attribute__((always_inline))
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* Sum of the 8 lanes. */
+QROWS_INLINE float qrows_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 h = _mm_movehdup_ps(s);
+    s = _mm_add_ps(s, h);
+    h = _mm_movehl_ps(h, s);
+    return _mm_cvtss_f32(_mm_add_ss(s, h));
+}
+#endif
 
 /* Row x[K] split into even (xe) and odd (xo) channels, 16 of each per group, and the group sums xs[K/32]. */
 QROWS_INLINE void q4_split_row(const float *x, long K, float *xe, float *xo, float *xs) {
@@ -72,6 +85,28 @@ QROWS_INLINE void q4_rows_body(const unsigned char *w, const float *s, const flo
             }
         }
         for (long r = 0; r < B; r++) y[r * O + o] = _mm512_reduce_add_ps(acc[r]) + bias[r];
+#elif defined(__AVX2__) && defined(__FMA__)
+        /* the 16 bytes of a group as two halves of 8 (channels 0-15 and 16-31 of the group) */
+        __m256 acc[QROWS_MAX][2];
+        for (long r = 0; r < B; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        const __m256i m15 = _mm256_set1_epi32(15);
+        for (long g = 0; g < G; g++) {
+            __m256i q0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + g * 16)));
+            __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + g * 16 + 8)));
+            __m256 lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(q0, m15)), hi0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(q0, 4));
+            __m256 lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(q1, m15)), hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(q1, 4));
+            __m256 sc = _mm256_set1_ps(so[g]);
+            for (long r = 0; r < B; r++) {
+                const float *xer = xe + r * H + g * 16, *xor_ = xo + r * H + g * 16;
+                __m256 d0 = _mm256_mul_ps(_mm256_loadu_ps(xer), lo0);
+                __m256 d1 = _mm256_mul_ps(_mm256_loadu_ps(xer + 8), lo1);
+                d0 = _mm256_fmadd_ps(_mm256_loadu_ps(xor_), hi0, d0);
+                d1 = _mm256_fmadd_ps(_mm256_loadu_ps(xor_ + 8), hi1, d1);
+                acc[r][0] = _mm256_fmadd_ps(sc, d0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(sc, d1, acc[r][1]);
+            }
+        }
+        for (long r = 0; r < B; r++) y[r * O + o] = qrows_hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) + bias[r];
 #else
         for (long r = 0; r < B; r++) {
             const float *xer = xe + r * H, *xor_ = xo + r * H;
@@ -112,6 +147,28 @@ QROWS_INLINE void q8_rows_body(const unsigned char *w, const float *s, const flo
             }
         }
         for (long r = 0; r < B; r++) y[r * O + o] = _mm512_reduce_add_ps(acc[r]) + bias[r];
+#elif defined(__AVX2__) && defined(__FMA__)
+        /* channels 0-7 and 16-23 into one half, 8-15 and 24-31 into the other (as the AVX-512 lanes pair them) */
+        __m256 acc[QROWS_MAX][2];
+        for (long r = 0; r < B; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (long g = 0; g < G; g++) {
+            const unsigned char *pg = p + g * 32;
+            __m256 a0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)pg)));
+            __m256 a1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pg + 8))));
+            __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pg + 16))));
+            __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pg + 24))));
+            __m256 sc = _mm256_set1_ps(so[g]);
+            for (long r = 0; r < B; r++) {
+                const float *xr = x + r * K + g * 32;
+                __m256 d0 = _mm256_mul_ps(_mm256_loadu_ps(xr), a0);
+                __m256 d1 = _mm256_mul_ps(_mm256_loadu_ps(xr + 8), a1);
+                d0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), c0, d0);
+                d1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), c1, d1);
+                acc[r][0] = _mm256_fmadd_ps(sc, d0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(sc, d1, acc[r][1]);
+            }
+        }
+        for (long r = 0; r < B; r++) y[r * O + o] = qrows_hsum256(_mm256_add_ps(acc[r][0], acc[r][1])) + bias[r];
 #else
         for (long r = 0; r < B; r++) {
             const float *xr = x + r * K;

@@ -21,7 +21,7 @@ Non-temporal stores were tried and were slower here.
 
 Only the plain schemes are handled (4/8-bit affine per token or per channel, float16; no rotation,
 centering or outliers) and only fp32 working copies; anything else, a shape or dtype that does not
-fit, no C compiler or `PARLEY_CPU_KERNELS=0` makes `decode_layers` return None and the caller
+fit, no C kernels (not built, or `PARLEY_KERNELS=off`) makes `decode_layers` return None and the caller
 decodes with MLX as before.
 """
 

@@ -14,14 +14,14 @@ SmolLM2-135M, `parley bench --quick`:
   `speed_up_for_cpu` therefore swaps the llama-style attention and MLP for
   versions that keep the matmuls in MLX/BLAS and run softmax and SiLU*up in a
   small C kernel (vectorized `expf`; no OpenMP: its spinning threads fought
-  OpenBLAS on 2 cores), compiled once with the system C
-  compiler and cached (`kernels()`); without a compiler they stay pure MLX.
+  OpenBLAS on 2 cores), built when Parley is installed (`cpu_kernels`);
+  without them (no compiler at install) they stay pure MLX.
   The kernels work in place on freshly evaluated MLX buffers, so these paths
   evaluate at each attention/MLP (fine on CPU: no GPU queue to keep full).
 * Decode (one token) is memory-bound: fp32 gemv streams 540 MB a token
   (~14-18 GB/s here). Decode steps instead use the original 4-bit (layers)
   and 8-bit (tied embedding/head) weights, kept outside the parameter tree,
-  through AVX-512 gemv kernels that read 4-8x fewer bytes (q/k/v and
+  through AVX-512 or AVX2 gemv kernels that read 4-8x fewer bytes (q/k/v and
   gate/up fused into one call each; SiLU*up and the down projection stay on
   the host buffer), and the decode attention runs in C over the KV cache
   buffers (no tiny BLAS calls, whose thread wake-ups cost more than the math).
@@ -41,10 +41,10 @@ buffers (4/8-bit gemv, decode attention, RMSNorm); `cpu_attention` and `cpu_bloc
 classes; `cpu_rewrite` rewrites a model (`speed_up_for_cpu`); `forward` has `prefill_logits`. This
 module is the facade the rest of the app imports.
 
-Without a C compiler everything stays pure MLX (fp32 weights); without
-AVX-512 the quantized decode kernels are off (fp32 gemv instead).
-Apple silicon never calls this: on Metal the quantized kernels are fast.
-`PARLEY_CPU_KERNELS=0` turns the C kernels off.
+Without the C kernels everything stays pure MLX (fp32 weights); with only
+their portable variant (no AVX2) the quantized decode kernels are off (fp32
+gemv instead). Apple silicon never calls this: on Metal the quantized kernels
+are fast. `PARLEY_KERNELS=off` turns the C kernels off, `=avx2` etc. picks a variant.
 """
 
 from __future__ import annotations

@@ -1,46 +1,131 @@
-"""The C kernels of the CPU path (sources in app/csrc), loaded once, with their ctypes signatures.
+"""The C kernels of the CPU path: one library built when Parley is installed, loaded here with ctypes.
 
-One library holds every kernel: softmax and decode attention (attention.c), SiLU*up (activations.c),
-the 4/8-bit gemv and its row-batched twin (qgemv.c), and the KV block decoder (kv_decode.c).
-`kernels()` is None without a C compiler or with `PARLEY_CPU_KERNELS=0`; callers then stay on plain MLX.
-`data_pointer` and `fresh` hand MLX buffers to the kernels.
+MLX's CPU backend computes exp/sigmoid one value at a time and has no fast low-bit matmul; a few kernels
+in C fill those gaps on Linux: softmax and decode attention (app/csrc/attention.c), SiLU*up
+(activations.c), the 4/8-bit gemv and its row-batched twin (qgemv.c), the KV block decoder (kv_decode.c).
+setup.py compiles them into `app/_kernels*.so` three times over (AVX-512, AVX2+FMA, portable) behind a
+dispatcher (dispatch.c) that picks the best variant this CPU runs when the library loads.
+
+The library is only ever loaded from the package folder, and not if it or its folder is writable by every
+user: nothing is compiled or cached at run time (the old runtime compile wrote to a predictable
+/tmp/parley-kernels-<uid> folder that another local user could plant a library in).
+
+`PARLEY_KERNELS=avx512|avx2|portable|off` forces a variant (one the CPU cannot run is refused with a
+`KernelChoiceError`); `PARLEY_CPU_KERNELS=0` (older name) means off. Without the library (no C compiler at
+install) `kernels()` is None, callers stay on plain MLX and one warning line says what to install.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import logging
+import os
+import stat
+import sys
+from pathlib import Path
 
-import mlx.core as mx
+from app.errors import BadInput
 
-from app.model import ckernels
+log = logging.getLogger(__name__)
 
-SOURCES = ("attention.c", "activations.c", "qgemv.c", "kv_decode.c")
+PACKAGE = Path(__file__).resolve().parent.parent
+VARIANTS = ("portable", "avx2", "avx512")  # index = the library's variant number
+CHOICES = (*VARIANTS, "off")
+NOT_BUILT = ("Parley's C kernels are not built (no C compiler when Parley was installed): running on plain MLX, "
+             "2-3x slower on the CPU. Install gcc (Debian/Ubuntu: sudo apt-get install gcc libc6-dev) and run "
+             "scripts/setup again (or pip install -e .).")
+
 _kernels: ctypes.CDLL | None | bool = False  # False: not tried yet
+_warned = False
+
+
+class KernelChoiceError(BadInput):
+    """PARLEY_KERNELS names a variant that does not exist or that this CPU cannot run."""
+
+
+def library_path() -> Path | None:
+    """The built library in the package folder (`app/_kernels<ext suffix>`), or None if it was not built."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = PACKAGE / f"_kernels{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def requested() -> str | None:
+    """The variant PARLEY_KERNELS asks for ("off" also for PARLEY_CPU_KERNELS=0), or None: the best one."""
+    if os.environ.get("PARLEY_CPU_KERNELS", "1") == "0":
+        return "off"
+    want = os.environ.get("PARLEY_KERNELS", "").strip().lower()
+    if not want:
+        return None
+    if want not in CHOICES:
+        raise KernelChoiceError(f"PARLEY_KERNELS={want!r} is not a kernel variant: use one of {', '.join(CHOICES)}, "
+                                "or unset it to use the best one this CPU runs.")
+    return want
 
 
 def kernels() -> ctypes.CDLL | None:
-    """The compiled C kernels (see app.model.ckernels), or None if unavailable."""
+    """The C kernels, or None (switched off, not Linux, or not built: the last says so once)."""
     global _kernels
     if _kernels is not False:
         return _kernels
-    _kernels = None
-    k = ckernels.build("parley_kernels", [ckernels.CSRC / name for name in SOURCES])
-    if k is not None:
-        _declare(k)
-        _kernels = k
-    return _kernels
+    want = requested()
+    if want == "off" or not sys.platform.startswith("linux"):
+        _kernels = None
+        return None
+    lib = _load()
+    if lib is not None:
+        _switch(lib, want or _best(lib))  # also undoes an earlier use_variant / PARLEY_KERNELS (tests)
+    _kernels = lib
+    return lib
 
 
 def reset() -> None:
-    """Forget the loaded library, so the next `kernels()` looks again (tests that switch kernels off)."""
+    """Forget the loaded library, so the next `kernels()` looks again (after PARLEY_KERNELS changed; tests)."""
     global _kernels
     _kernels = False
 
 
+def _load() -> ctypes.CDLL | None:
+    path = library_path()
+    if path is None:
+        _warn_once(NOT_BUILT)
+        return None
+    unsafe = _writable_by_others(path)
+    if unsafe is not None:
+        _warn_once(f"Parley's C kernels are not loaded: {unsafe} is writable by every user, so anyone could replace "
+                   f"the code (chmod o-w {unsafe}). Running on plain MLX.")
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _warn_once(f"Parley's C kernels could not be loaded ({e}): running on plain MLX. Reinstall (scripts/setup).")
+        return None
+    _declare(lib)
+    return lib
+
+
+def _writable_by_others(path: Path) -> Path | None:
+    """The library or its folder if writable by every user (world-writable, sticky or not), else None."""
+    for p in (path, path.parent):
+        if os.stat(p).st_mode & stat.S_IWOTH:
+            return p
+    return None
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(message)
+
+
 def _declare(k: ctypes.CDLL) -> None:
-    L, P = ctypes.c_long, ctypes.c_void_p
+    L, P, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
     signatures = {
-        "causal_softmax": [P, L, L, L, L, ctypes.c_int],
+        "causal_softmax": [P, L, L, L, L, I],
         "silu_mul": [P, P, L],
         "q4_gemv": [P, P, P, P, P, L, L],
         "q8_gemv": [P, P, P, P, P, L, L],
@@ -52,11 +137,66 @@ def _declare(k: ctypes.CDLL) -> None:
     for name, args in signatures.items():
         fn = getattr(k, name)
         fn.argtypes, fn.restype = args, None
-    k.q4_fast.restype = ctypes.c_int
-    k.q4_rows_fast.restype = ctypes.c_int
+    for name in ("q4_fast", "q4_rows_fast", "parley_variant_count", "parley_active_variant"):
+        getattr(k, name).restype = I
+    for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):
+        getattr(k, name).argtypes, getattr(k, name).restype = [I], I
 
 
-def data_pointer(a: mx.array) -> int:
+def variants() -> dict[str, dict[str, bool]]:
+    """Each variant: built into the library, and usable (built and this CPU runs it). Empty without the library."""
+    path = library_path()
+    if path is None or _writable_by_others(path) is not None:
+        return {}
+    k = ctypes.CDLL(str(path))  # the same loaded library as kernels()'s, if that is loaded
+    _declare(k)
+    return {name: {"built": bool(k.parley_variant_built(i)), "usable": bool(k.parley_variant_usable(i))}
+            for i, name in enumerate(VARIANTS)}
+
+
+def active_variant() -> str | None:
+    """The variant the kernels run now, or None when they are off or missing."""
+    k = kernels()
+    return None if k is None else VARIANTS[k.parley_active_variant()]
+
+
+def use_variant(name: str) -> None:
+    """Run every kernel as variant `name` from now on (tests; PARLEY_KERNELS does it at load)."""
+    k = kernels()
+    if k is None:
+        raise KernelChoiceError(f"cannot use the {name} kernels: the C kernels are off or not built")
+    _switch(k, name)
+
+
+def _best(k: ctypes.CDLL) -> str:
+    return next(name for i, name in reversed(list(enumerate(VARIANTS))) if k.parley_variant_usable(i))
+
+
+def _switch(k: ctypes.CDLL, name: str) -> None:
+    if name not in VARIANTS:
+        raise KernelChoiceError(f"{name!r} is not a kernel variant: use one of {', '.join(VARIANTS)}")
+    i = VARIANTS.index(name)
+    if k.parley_use_variant(i) != 0:
+        why = "were not built into the library (they need GCC on x86-64)" if not k.parley_variant_built(i) else \
+            f"need CPU features this machine lacks ({cpu_features()})"
+        usable = [v for j, v in enumerate(VARIANTS) if k.parley_variant_usable(j)]
+        raise KernelChoiceError(f"the {name} kernels {why}: set PARLEY_KERNELS to one of {', '.join(usable + ['off'])}, "
+                                "or unset it to use the best one this CPU runs.")
+
+
+def cpu_features() -> str:
+    """The vector instruction sets this CPU reports that matter to the kernels (Linux /proc/cpuinfo)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return "unknown"
+    wanted = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "avx", "sse4_2", "asimd", "neon")
+    have = [f for f in wanted if f in flags]
+    return ", ".join(have) or "none of avx/avx2/avx512/neon"
+
+
+def data_pointer(a) -> int:
     """Address of an evaluated, row-contiguous fp32 MLX array's data (shared, not copied), for a kernel that
     writes into it. Raises ValueError for anything else (a C write through a wrong layout corrupts memory)."""
     import numpy as np
@@ -67,8 +207,9 @@ def data_pointer(a: mx.array) -> int:
     return view.ctypes.data
 
 
-def fresh(a: mx.array) -> mx.array:
-    """Evaluate `a` into its own contiguous buffer that the kernels may overwrite."""
+def fresh(a):
+    """Evaluate `a` (an MLX array) into its own contiguous buffer that the kernels may overwrite."""
+    import mlx.core as mx
     import numpy as np
 
     mx.eval(a)

@@ -1,0 +1,38 @@
+/* The kernel table: every kernel of the CPU path, once per instruction-set variant.
+
+   Each variant_*.c sets the compile target (#pragma GCC target), defines KFN to suffix the kernel names
+   (causal_softmax -> causal_softmax_avx2) and includes kernels.inc, i.e. every kernel source once more;
+   dispatch.c exports the plain names and forwards each call to the variant chosen at load time (the best
+   the CPU runs) or by `parley_use_variant` (PARLEY_KERNELS). One build therefore runs everywhere, and the
+   tests can run each variant the machine supports. */
+#ifndef PARLEY_KERNELS_H
+#define PARLEY_KERNELS_H
+
+#ifndef KFN
+#define KFN(name) name
+#endif
+
+struct parley_kernels {
+    const char *name;
+    int built; /* 0: this compiler or architecture could not build the variant */
+    void (*causal_softmax)(float *s, long rows, long L, long T, long offset, int causal);
+    void (*attn_decode)(const float *q, const float *k, const float *v, float *out, float *s,
+                        long H, long Hkv, long T, long D, long k_hs, long v_hs, float scale);
+    void (*silu_mul)(float *g, const float *u, long n);
+    int (*q4_fast)(void);
+    void (*q4_gemv)(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K);
+    void (*q8_gemv)(const unsigned char *w, const float *s, const float *b, const float *x, float *y, long O, long K);
+    void (*q4_rows)(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
+                    long O, long K, long B);
+    void (*q8_rows)(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
+                    long O, long K, long B);
+    void (*kv_decode_jobs)(const float *lut, long n, const long *jobs, long threads);
+};
+
+/* The table of the variant being compiled (in a variant_*.c, after kernels.inc). */
+#define PARLEY_TABLE(label) { label, 1, KFN(causal_softmax), KFN(attn_decode), KFN(silu_mul), KFN(q4_fast), \
+    KFN(q4_gemv), KFN(q8_gemv), KFN(q4_rows), KFN(q8_rows), KFN(kv_decode_jobs) }
+
+extern const struct parley_kernels parley_variant_avx512, parley_variant_avx2, parley_variant_portable;
+
+#endif
