@@ -285,18 +285,19 @@ class _CpuAttention:
         offset = cache.offset if cache is not None else 0
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
-        if cache is not None:
+        out = _attend_compact(cache, q, k, v, a.scale) if B * L == 1 else None
+        if cache is not None and out is None:
             k, v = cache.update_and_fetch(k, v)
-        if k.dtype != mx.float32:
+        if out is None and k.dtype != mx.float32:
             return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
         D = q.shape[-1]
-        T = k.shape[2]
         if B * L == 1:
-            out = _attn_decode_host(q, k, v, a.scale)
+            out = _attn_decode_host(q, k, v, a.scale) if out is None else out
             o = self._o_q4()
             if o is not None:  # o_proj straight from the host buffer: an MLX array built from numpy needs no eval
                 return mx.array(o.numpy(out).reshape(1, 1, o.O))
             return a.o_proj(mx.array(out).reshape(1, 1, H * D))
+        T = k.shape[2]
         # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
         qg = (q * a.scale).reshape(B, Hkv, G * L, D)
         scores = _fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
@@ -337,6 +338,9 @@ class _CpuAttention:
         offset = cache.offset
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
+        out = _attend_compact(cache, q, k, v, a.scale)
+        if out is not None:
+            return o.numpy(out)
         k, v = cache.update_and_fetch(k, v)
         if k.dtype != mx.float32:  # as __call__ does
             return _host(self._mlx_tail(q, k, v, None, 1, 1))
@@ -487,6 +491,14 @@ def _attn_strided(x: mx.array):
 def _attn_decode(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(scale q K^T) V for one query position ([1, H, 1, D]) in the C kernel, no BLAS calls."""
     return mx.array(_attn_decode_host(q, k, v, scale))
+
+
+def _attend_compact(cache, q: mx.array, k: mx.array, v: mx.array, scale: float):
+    """The one-token step over a compact cache (sealed blocks kept only encoded, app.kvstore.live_cache):
+    append k/v and attend in C over the encoded blocks plus the tail; host (numpy, H * D floats) output.
+    None when the cache is not compact (or stops being so): the caller updates and attends as usual."""
+    attend_one = getattr(cache, "attend_one", None) if getattr(cache, "compact", False) else None
+    return attend_one(q, k, v, scale) if attend_one is not None else None
 
 
 def _attn_decode_host(q: mx.array, k: mx.array, v: mx.array, scale: float):
