@@ -69,7 +69,7 @@ def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
     mx.eval(logits)
     t2 = time.perf_counter()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    kv = cache.nbytes  # working copy (compact caches: the tail) + encoded blocks
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"weights_mb": weights / 2**20, "kv_working_copy_mb": kv / 2**20, "peak_rss_mb": peak / 2**20,
             "budget_mb": (1.5 * weights + kv) / 2**20 + 300, "prefill_tps": n_prefill / (t1 - t0),
