@@ -14,13 +14,13 @@ import pytest
 
 import mlx.core as mx
 
-from app.model import cpu_fast
+from app.model import cpu_fast, cpu_kernels
 from app.model.tiny_zoo import ARCHITECTURES, QUANTIZATIONS, build_tiny_arch
 from tests.engine_helpers import teacher_forced_logits
 
 PROMPT = [5 + (i * 7) % 300 for i in range(21)]  # longer than gemma3's tiny sliding window (8)
 FORCED = [11, 42, 7, 250, 99, 3]
-# Architectures whose attention runs through `_CpuAttention` (their math is its math); the others run
+# Architectures whose attention runs through `CpuAttention` (their math is its math); the others run
 # the model's own attention (softcaps: gemma2; MLA: deepseek_v2; fused qkv: phi3).
 FAST_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3"}
 
@@ -40,7 +40,9 @@ def built(tmp_path_factory):
 @pytest.fixture
 def kernels_off(monkeypatch):
     monkeypatch.setenv("PARLEY_CPU_KERNELS", "0")
-    monkeypatch.setattr(cpu_fast, "_kernels", False)  # rebuilt (as None) on next use; restored afterwards
+    cpu_kernels.reset()  # rebuilt (as None) on next use
+    yield
+    cpu_kernels.reset()
 
 
 def reference_logits(folder) -> list[np.ndarray]:
@@ -70,7 +72,7 @@ def assert_same_logits(ours, ref) -> None:
 
 
 def uses_fast_attention(model) -> bool:
-    return any(isinstance(layer.self_attn, cpu_fast._CpuAttention) for layer in model.layers)
+    return any(isinstance(layer.self_attn, cpu_fast.CpuAttention) for layer in model.layers)
 
 
 @pytest.mark.parametrize("quant", QUANTIZATIONS)
@@ -102,12 +104,12 @@ def test_quantized_decode_kernels_group_32(built, arch, monkeypatch):
 
     if cpu_fast.kernels() is None:
         pytest.skip("no C compiler: the CPU kernels are off")
-    monkeypatch.setattr(cpu_fast._Q4, "usable", staticmethod(
+    monkeypatch.setattr(cpu_fast.Q4Weights, "usable", staticmethod(
         lambda m: getattr(m, "bits", 0) in (4, 8) and getattr(m, "group_size", 0) == 32 and "biases" in m))
     folder = built(arch, "q4g32")
     lm = load_model(str(folder))
     attn = lm.model.layers[0].self_attn
-    assert attn._o_q4() is not None and (arch == "qwen2" or attn.__dict__.get("_qkv") is not None)  # qwen2: biases
+    assert attn.o_q4() is not None and (arch == "qwen2" or attn.__dict__.get("_qkv") is not None)  # qwen2: biases
     assert_same_logits(parley_logits(lm), reference_logits(folder))
 
 
@@ -163,6 +165,6 @@ def test_lean_cpu_path_equals_mlx_lm(built, arch, quant, monkeypatch):
     monkeypatch.setenv("PARLEY_LEAN_MB", "0")
     folder = built(arch, quant)
     lm = load_model(str(folder))
-    assert any(isinstance(m, cpu_fast._LeanLinear) for _, m in lm.model.named_modules())
-    assert not any(type(m) is nn.Linear or isinstance(m, cpu_fast._CpuLinear) for _, m in lm.model.named_modules())
+    assert any(isinstance(m, cpu_fast.LeanLinear) for _, m in lm.model.named_modules())
+    assert not any(type(m) is nn.Linear or isinstance(m, cpu_fast.CpuLinear) for _, m in lm.model.named_modules())
     assert_same_logits(parley_logits(lm), reference_logits(folder))

@@ -89,7 +89,7 @@ def test_quantized_gemv_kernel_matches_mlx(bits):
     mx.random.seed(0)
     layer = nn.QuantizedLinear(96, 80, bias=False, group_size=32, bits=bits)
     x = mx.random.normal((1, 1, 96))
-    _close(cpu_fast._Q4.of(layer)(x), layer(x), tol=1e-5)
+    _close(cpu_fast.Q4Weights.of(layer)(x), layer(x), tol=1e-5)
 
 
 def test_decode_steps_use_the_quantized_kernels_when_available(tiny_model_dir):
@@ -97,7 +97,7 @@ def test_decode_steps_use_the_quantized_kernels_when_available(tiny_model_dir):
 
     lm = load_model(str(tiny_model_dir))
     layer = lm.model.model.layers[0]
-    assert isinstance(layer.self_attn, cpu_fast._CpuAttention) == (cpu_fast.kernels() is not None)
+    assert isinstance(layer.self_attn, cpu_fast.CpuAttention) == (cpu_fast.kernels() is not None)
     if cpu_fast.kernels() is not None and cpu_fast.kernels().q4_fast() == 1:
         assert layer.self_attn.__dict__["_qkv"] is not None
         assert layer.mlp.__dict__["_gate_up"] is not None
@@ -121,7 +121,7 @@ def test_loading_the_kernels_keeps_subnormal_floats():
 
 
 def test_host_rms_norm_is_bitwise_mlx():
-    from app.model.cpu_fast import _rms_host
+    from app.model.cpu_fast import rms_host
 
     rng = np.random.default_rng(0)
     for n in (64, 576):
@@ -129,20 +129,20 @@ def test_host_rms_norm_is_bitwise_mlx():
         for _ in range(200):
             x = (rng.standard_normal(n) * rng.uniform(0.01, 50)).astype(np.float32)
             ref = np.array(mx.fast.rms_norm(mx.array(x), mx.array(w), 1e-5))
-            assert (_rms_host(x, w, 1e-5) == ref).all()
+            assert (rms_host(x, w, 1e-5) == ref).all()
 
 
 def test_host_decode_block_is_bitwise_the_layerwise_path(tiny_model_dir, monkeypatch):
-    from app.model import cpu_fast
+    from app.model import cpu_blocks, cpu_fast
 
     calls = []
-    rms = cpu_fast._rms_host
-    monkeypatch.setattr(cpu_fast, "_rms_host", lambda *a: calls.append(1) or rms(*a))
+    rms = cpu_blocks.rms_host
+    monkeypatch.setattr(cpu_blocks, "rms_host", lambda *a: calls.append(1) or rms(*a))
 
     a = load_model(str(tiny_model_dir))
     b = load_model(str(tiny_model_dir))
     layers = b.model.model.layers
-    if not isinstance(layers[0], cpu_fast._CpuBlock) or cpu_fast.kernels().q4_fast() != 1:
+    if not isinstance(layers[0], cpu_fast.CpuBlock) or cpu_fast.kernels().q4_fast() != 1:
         pytest.skip("no C kernels / AVX-512 here: the host block needs the quantized gemv kernels")
     for layer in layers:  # b: the per-module decode path (no host block)
         layer.__class__ = layer.__class__.__mro__[2]

@@ -31,153 +31,15 @@ import ctypes
 import mlx.core as mx
 import mlx.nn as nn
 
-from app.model import ckernels
+from app.model import cpu_fast
+from app.model.cpu_fast import kernels
 
-MAX_ROWS = 8  # rows per kernel call (accumulators kept in registers)
-
-_C_SOURCE = r"""
-#include <stddef.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
-int q4_rows_fast(void) {
-#ifdef __AVX512F__
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-/* y[B][O] = W x[B][K] for B <= 8 rows, W in MLX's 4-bit layout (group 32, low nibble first),
-   w = q * scale + bias per group. Per row this is exactly cpu_fast's q4_gemv (same operations in the
-   same order), but each group of weights is loaded and converted once for all B rows. */
-void q4_rows(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
-             long O, long K, long B) {
-    long G = K / 32;
-    float xe[8][K / 2], xo[8][K / 2], xs[8][G];
-    for (long r = 0; r < B; r++) {
-        const float *xr = x + r * K;
-        for (long g = 0; g < G; g++) {
-            float t = 0.f;
-            for (int j = 0; j < 16; j++) {
-                xe[r][g * 16 + j] = xr[g * 32 + 2 * j];
-                xo[r][g * 16 + j] = xr[g * 32 + 2 * j + 1];
-                t += xr[g * 32 + 2 * j] + xr[g * 32 + 2 * j + 1];
-            }
-            xs[r][g] = t;
-        }
-    }
-    for (long o = 0; o < O; o++) {
-        const unsigned char *p = w + o * (K / 2);
-        const float *so = s + o * G, *bo = b + o * G;
-        float bias[8];
-        for (long r = 0; r < B; r++) {
-            float t = 0.f;
-            for (long g = 0; g < G; g++) t += bo[g] * xs[r][g];
-            bias[r] = t;
-        }
-#ifdef __AVX512F__
-        __m512 acc[8];
-        for (long r = 0; r < B; r++) acc[r] = _mm512_setzero_ps();
-        const __m512i m15 = _mm512_set1_epi32(15);
-        for (long g = 0; g < G; g++) {
-            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + g * 16)));
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, m15));
-            __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4));
-            __m512 sc = _mm512_set1_ps(so[g]);
-            for (long r = 0; r < B; r++) {
-                __m512 d = _mm512_mul_ps(_mm512_loadu_ps(xe[r] + g * 16), lo);
-                d = _mm512_fmadd_ps(_mm512_loadu_ps(xo[r] + g * 16), hi, d);
-                acc[r] = _mm512_fmadd_ps(sc, d, acc[r]);
-            }
-        }
-        for (long r = 0; r < B; r++) y[r * O + o] = _mm512_reduce_add_ps(acc[r]) + bias[r];
-#else
-        for (long r = 0; r < B; r++) {
-            float acc = 0.f;
-            for (long g = 0; g < G; g++) {
-                float d = 0.f;
-                const unsigned char *pg = p + g * 16;
-                for (int j = 0; j < 16; j++) d += xe[r][g * 16 + j] * (float)(pg[j] & 15) + xo[r][g * 16 + j] * (float)(pg[j] >> 4);
-                acc += so[g] * d;
-            }
-            y[r * O + o] = acc + bias[r];
-        }
-#endif
-    }
-}
-
-/* The same for MLX's 8-bit layout (group 32, one weight a byte): cpu_fast's q8_gemv per row. */
-void q8_rows(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
-             long O, long K, long B) {
-    long G = K / 32;
-    float xs[8][G];
-    for (long r = 0; r < B; r++) {
-        const float *xr = x + r * K;
-        for (long g = 0; g < G; g++) {
-            float t = 0.f;
-            for (int j = 0; j < 32; j++) t += xr[g * 32 + j];
-            xs[r][g] = t;
-        }
-    }
-    for (long o = 0; o < O; o++) {
-        const unsigned char *p = w + o * K;
-        const float *so = s + o * G, *bo = b + o * G;
-        float bias[8];
-        for (long r = 0; r < B; r++) {
-            float t = 0.f;
-            for (long g = 0; g < G; g++) t += bo[g] * xs[r][g];
-            bias[r] = t;
-        }
-#ifdef __AVX512F__
-        __m512 acc[8];
-        for (long r = 0; r < B; r++) acc[r] = _mm512_setzero_ps();
-        for (long g = 0; g < G; g++) {
-            __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + g * 32))));
-            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + g * 32 + 16))));
-            __m512 sc = _mm512_set1_ps(so[g]);
-            for (long r = 0; r < B; r++) {
-                const float *xr = x + r * K;
-                __m512 d = _mm512_mul_ps(_mm512_loadu_ps(xr + g * 32), a);
-                d = _mm512_fmadd_ps(_mm512_loadu_ps(xr + g * 32 + 16), c, d);
-                acc[r] = _mm512_fmadd_ps(sc, d, acc[r]);
-            }
-        }
-        for (long r = 0; r < B; r++) y[r * O + o] = _mm512_reduce_add_ps(acc[r]) + bias[r];
-#else
-        for (long r = 0; r < B; r++) {
-            const float *xr = x + r * K;
-            float acc = 0.f;
-            for (long g = 0; g < G; g++) {
-                float d = 0.f;
-                for (int j = 0; j < 32; j++) d += xr[g * 32 + j] * (float)p[g * 32 + j];
-                acc += so[g] * d;
-            }
-            y[r * O + o] = acc + bias[r];
-        }
-#endif
-    }
-}
-"""
-_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+MAX_ROWS = 8  # rows per kernel call (accumulators kept in registers; app/csrc/quant_rows.h)
 
 
 def row_kernels() -> ctypes.CDLL | None:
-    """The compiled row-batched kernels (same flags as cpu_fast's, so rows are bitwise its gemv), or None."""
-    global _lib
-    if _lib is not False:
-        return _lib
-    _lib = None
-    k = ckernels.build("batch_kernels", _C_SOURCE)
-    if k is not None:
-        L, P = ctypes.c_long, ctypes.c_void_p
-        for name in ("q4_rows", "q8_rows"):
-            getattr(k, name).argtypes = [P, P, P, P, P, L, L, L]
-            getattr(k, name).restype = None
-        k.q4_rows_fast.restype = ctypes.c_int
-        _lib = k
-    return _lib
+    """The C kernels with the row-batched gemv (`q4_rows`/`q8_rows`: per row bitwise cpu_fast's gemv), or None."""
+    return kernels()
 
 
 def _host_rows(x: mx.array):
@@ -282,15 +144,10 @@ class RaggedDecoder:
             kk, vv = cache.update_and_fetch(k[b : b + 1], v[b : b + 1])
             rows.append((q[b : b + 1], kk, vv))
         if fast and all(kk.dtype == mx.float32 for _, kk, _ in rows):
-            from app.model import cpu_fast
-
-            attn_decode = getattr(cpu_fast, "_attn_decode", None)
-            if attn_decode is not None:  # what cpu_fast's one-token step runs: C kernel over the cache buffers
-                mx.eval(rows)
-                D = q.shape[-1]
-                outs = [attn_decode(qb, kk, vv, a.scale).reshape(1, H, 1, D) for qb, kk, vv in rows]
-            else:
-                outs = _cpu_attention_rows(a, rows, H, Hkv)
+            # what cpu_fast's one-token step runs: C kernel over the cache buffers
+            mx.eval(rows)
+            D = q.shape[-1]
+            outs = [cpu_fast.attn_decode(qb, kk, vv, a.scale).reshape(1, H, 1, D) for qb, kk, vv in rows]
         else:
             from mlx_lm.models.base import scaled_dot_product_attention
 
@@ -307,8 +164,6 @@ class RaggedDecoder:
             return self._linear(m.down_proj, swiglu(self._linear(m.gate_proj, x, fast), self._linear(m.up_proj, x, fast)), fast)
         import numpy as np
 
-        from app.model.cpu_fast import kernels
-
         y = q4_rows(gate_up, _host_rows(x))  # (B, 2n): gate then up, per row
         n = y.shape[1] // 2
         silu_mul = kernels().silu_mul
@@ -316,27 +171,6 @@ class RaggedDecoder:
             silu_mul(row.ctypes.data, row[n:].ctypes.data, n)
         g = np.ascontiguousarray(y[:, :n])
         return mx.array(q4_rows(down, g)).reshape(x.shape)
-
-
-def _cpu_attention_rows(a, rows, H: int, Hkv: int) -> list[mx.array]:
-    """cpu_fast's one-token attention, row by row: scaled q.K^T, softmax in its C kernel, then P.V."""
-    from app.model.cpu_fast import _fresh, _ptr, kernels
-
-    G = H // Hkv
-    scores = []
-    for qb, kk, _ in rows:
-        D = qb.shape[-1]
-        qg = (qb * a.scale).reshape(1, Hkv, G, D)
-        scores.append(qg @ kk.swapaxes(-1, -2))  # (1, Hkv, G, T)
-    mx.eval(scores)
-    outs = []
-    softmax = kernels().causal_softmax
-    for s, (qb, _, vv) in zip(scores, rows):
-        s = _fresh(s)
-        T = s.shape[-1]
-        softmax(_ptr(s), Hkv * G, 1, T, T - 1, 0)
-        outs.append((s @ vv).reshape(1, H, 1, qb.shape[-1]))
-    return outs
 
 
 def _mode(model) -> str:
@@ -352,9 +186,7 @@ def _mode(model) -> str:
     attn = layer.self_attn
     if not all(hasattr(getattr(attn, "inner", attn), n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")):
         return "loop"
-    from app.model import cpu_fast
-
-    wrapped = isinstance(attn, cpu_fast._CpuAttention) and isinstance(layer.mlp, cpu_fast._CpuMLP)
+    wrapped = isinstance(attn, cpu_fast.CpuAttention) and isinstance(layer.mlp, cpu_fast.CpuMLP)
     lib = row_kernels() if wrapped else None
     if wrapped and lib is not None and lib.q4_rows_fast() == 1 and cpu_fast.kernels() is not None:
         return "cpu"

@@ -19,16 +19,14 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from app.kvstore.blockfile import HostTensor
 from app.kvstore.host_block import LayerBlock
-from app.model import ckernels
+from app.model import cpu_kernels
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "q4_attention.c"
 ISA_PORTABLE, ISA_AVX2 = 0, 1
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
@@ -40,20 +38,13 @@ class Unsupported(Exception):
 
 
 def kernels() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (no compiler, `PARLEY_CPU_KERNELS=0`, not Linux, source missing)."""
+    """The C kernels with `kvq_attn_decode` (app/csrc/q4_attention.c), or None (no compiler,
+    `PARLEY_CPU_KERNELS=0`, not Linux); loads the float16 table once."""
     global _lib, _lut
     if _lib is False:
         _lib = None
-        try:
-            source = SOURCE.read_text()
-        except OSError:
-            return None
-        lib = ckernels.build("q4_attention", source)
+        lib = cpu_kernels.kernels()
         if lib is not None:
-            L, P = ctypes.c_long, ctypes.c_void_p
-            lib.kvq_attn_decode.argtypes = [P, P, P, P, L, L, L, L, ctypes.c_float, P, P, L, P, P, P, L, L, L, L]
-            lib.kvq_attn_decode.restype = None
-            lib.kvq_has_avx2.restype = ctypes.c_int
             # float16 -> float32 exactly as MLX converts (the table is what MLX computes)
             table = mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(mx.float16).astype(mx.float32)
             _lut = np.array(table, copy=True)

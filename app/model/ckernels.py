@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"]
 
 
@@ -44,11 +45,14 @@ def enabled() -> bool:
     return os.environ.get("PARLEY_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux")
 
 
-def build(name: str, source: str) -> ctypes.CDLL | None:
-    """Compile `source` into lib<name>-<key>.so (once) and load it; None if that is not possible."""
+def build(name: str, sources: list[Path]) -> ctypes.CDLL | None:
+    """Compile the C `sources` (files under app/csrc, which also holds their headers) into one
+    lib<name>-<key>.so (once) and load it; None if that is not possible."""
     if not enabled():
         return None
-    key = hashlib.sha256((source + " ".join(CFLAGS) + "|link-plain|" + cpu_id()).encode()).hexdigest()[:16]
+    texts = "".join(f.name + f.read_text() for f in sorted(CSRC.iterdir()) if f.suffix in (".c", ".h"))
+    names = " ".join(str(f) for f in sources)
+    key = hashlib.sha256((texts + names + " ".join(CFLAGS) + "|link-plain|" + cpu_id()).encode()).hexdigest()[:16]
     cc = os.environ.get("CC", "cc")
     for folder in cache_folders():
         lib = folder / f"{name}-{key}.so"
@@ -56,10 +60,13 @@ def build(name: str, source: str) -> ctypes.CDLL | None:
             if not lib.is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=folder) as tmp:
-                    src, obj, out = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
-                    src.write_text(source)
-                    subprocess.run([cc, *CFLAGS, "-c", "-o", str(obj), str(src)], check=True, capture_output=True, timeout=180)
-                    subprocess.run([cc, "-shared", "-o", str(out), str(obj), "-lm"], check=True, capture_output=True, timeout=120)
+                    objs = [Path(tmp) / f"{src.stem}.o" for src in sources]
+                    for src, obj in zip(sources, objs):
+                        subprocess.run([cc, *CFLAGS, f"-I{CSRC}", "-c", "-o", str(obj), str(src)], check=True,
+                                       capture_output=True, timeout=180)
+                    out = Path(tmp) / "k.so"
+                    subprocess.run([cc, "-shared", "-o", str(out), *map(str, objs), "-lm", "-lpthread"], check=True,
+                                   capture_output=True, timeout=120)
                     os.replace(out, lib)
             return ctypes.CDLL(str(lib))
         except (OSError, subprocess.SubprocessError):

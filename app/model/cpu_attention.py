@@ -1,0 +1,111 @@
+"""llama-style attention retyped for MLX's CPU backend (see app.model.cpu_rewrite).
+
+Prefill: BLAS matmuls for QK^T and PV, softmax in C. Decode (one token): q/k/v through one 4-bit gemv, the
+attention over the cache buffers in C, o_proj straight from the host buffer.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from app.model.cpu_kernels import data_pointer, fresh, kernels
+from app.model.host_exec import Q4Weights, attend_compact, attn_decode_host, host_vector, stack_q4
+
+
+class CpuAttention:
+    """llama-style attention for the CPU: BLAS matmuls for QK^T and PV, softmax in the C kernel.
+
+    Mixed into the model's own attention class by `_retype` (projections and rope used as they are).
+    Falls back to the original __call__ for masks other than None/"causal" and for caches that
+    do not hand back plain fp32 keys/values (e.g. mlx-lm's QuantizedKVCache).
+    """
+
+    def _cpu_prepare(self) -> None:
+        object.__setattr__(self, "_qkv", stack_q4([self.q_proj, self.k_proj, self.v_proj]))
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        a = self
+        if (mask is not None and not (isinstance(mask, str) and mask == "causal")) or hasattr(cache, "bits"):
+            return super().__call__(x, mask, cache)
+        B, L, _ = x.shape
+        H, Hkv = a.n_heads, a.n_kv_heads
+        G = H // Hkv
+        qkv = self.__dict__.get("_qkv")
+        if qkv is not None and B * L == 1:  # decode step: one 4-bit gemv for q, k and v
+            y = qkv(x)
+            nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+            q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+        else:
+            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+        q, k = self._qk_heads(q, k, B, L)
+        v = v.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = a.rope(q, offset=offset)
+        k = a.rope(k, offset=offset)
+        out = attend_compact(cache, q, k, v, a.scale) if B * L == 1 else None
+        if cache is not None and out is None:
+            k, v = cache.update_and_fetch(k, v)
+        if out is None and k.dtype != mx.float32:
+            return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+        D = q.shape[-1]
+        if B * L == 1:
+            out = attn_decode_host(q, k, v, a.scale) if out is None else out
+            o = self.o_q4()
+            if o is not None:  # o_proj straight from the host buffer: an MLX array built from numpy needs no eval
+                return mx.array(o.numpy(out).reshape(1, 1, o.O))
+            return a.o_proj(mx.array(out).reshape(1, 1, H * D))
+        T = k.shape[2]
+        # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
+        qg = (q * a.scale).reshape(B, Hkv, G * L, D)
+        scores = fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
+        kernels().causal_softmax(data_pointer(scores), B * Hkv * G * L, L, T, T - L, int(mask is not None and L > 1))
+        out = (scores @ v).reshape(B, H, L, D)
+        return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _qk_heads(self, q, k, B: int, L: int):
+        """Queries and keys split into heads, [B, heads, L, D], through the model's q/k norms where it has them
+        (qwen3, gemma3: RMSNorm over each head's vector, as the model's own __call__ applies them)."""
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+
+    def o_q4(self) -> "Q4Weights | None":
+        # the attention output is n_heads * (q_proj rows / n_heads) wide; not every model names head_dim (qwen2/3)
+        o = self.o_proj.__dict__.get("_q4")
+        return o if o is not None and "bias" not in self.o_proj and o.K == self.q_proj.weight.shape[0] else None
+
+    def decode_host(self, xa, cache):
+        """The one-token step of __call__ from a host (numpy) input row to o_proj's host output, or None.
+
+        The same operations as __call__'s decode path (q/k/v gemv, MLX rope, the cache's own
+        update_and_fetch, C attention, o_proj gemv): same values, same cache contents.
+        """
+        a = self
+        qkv, o = self.__dict__.get("_qkv"), self.o_q4()
+        if qkv is None or o is None or cache is None or hasattr(cache, "bits") or qkv.K != xa.size:
+            return None
+        Hkv = a.n_kv_heads
+        y = mx.array(qkv.numpy(xa)).reshape(1, 1, qkv.O)
+        nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+        q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+        q, k = self._qk_heads(q, k, 1, 1)
+        v = v.reshape(1, 1, Hkv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset
+        q = a.rope(q, offset=offset)
+        k = a.rope(k, offset=offset)
+        out = attend_compact(cache, q, k, v, a.scale)
+        if out is not None:
+            return o.numpy(out)
+        k, v = cache.update_and_fetch(k, v)
+        if k.dtype != mx.float32:  # as __call__ does
+            return host_vector(self._mlx_tail(q, k, v, None, 1, 1))
+        return o.numpy(attn_decode_host(q, k, v, a.scale))
+
+    def _mlx_tail(self, q, k, v, mask, B, L):
+        from mlx_lm.models.base import scaled_dot_product_attention
+
+        a = self
+        out = scaled_dot_product_attention(q, k, v, cache=None, scale=a.scale, mask=mask)
+        return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
