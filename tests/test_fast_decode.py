@@ -13,6 +13,14 @@ from app.kvstore.schemes import SCHEMES, KVScheme, TensorQuant
 needs_c = pytest.mark.skipif(fast_decode.kernels() is None, reason="no C compiler / PARLEY_CPU_KERNELS=0")
 
 
+@pytest.fixture(autouse=True)
+def full_working_copies(monkeypatch):
+    """These tests check restores into fp32 working copies (what caches the compact path does not cover
+    get, and what a compact cache decodes when it leaves compact mode); compact restores decode nothing
+    (tests/test_compact_cache.py)."""
+    monkeypatch.setenv("PARLEY_KV_COMPACT", "0")
+
+
 def bits(a: mx.array) -> np.ndarray:
     return np.asarray(a.astype(mx.float32)).view(np.uint32)
 

@@ -35,10 +35,13 @@ def test_restored_cache_gives_identical_logits(lm, scheme):
 
 
 @pytest.mark.parametrize("given", ["none", "model", "wrong"])
-def test_restore_with_the_working_copies_sized_up_front(lm, given):
+def test_restore_with_the_working_copies_sized_up_front(lm, given, monkeypatch):
     """The pool zero-fills working copies before the first block arrives when it knows the KV shape;
-    a wrong shape is refused by the C path and decoded by MLX instead: exact either way."""
+    a wrong shape is refused by the C path and decoded by MLX instead: exact either way. (Full working
+    copies: compact caches decode nothing on restore.)"""
     from app.engine.session import kv_shape
+
+    monkeypatch.setenv("PARLEY_KV_COMPACT", "0")
 
     shape = {"none": None, "model": kv_shape(lm.model), "wrong": (7, 16, 16)}[given]
     pool = make_pool(lm)
@@ -55,7 +58,7 @@ def test_sealed_blocks_really_are_quantized(lm):
     pool = make_pool(lm, "q4")
     cache = fill(lm, pool, tokens(300))
     raw = fill(lm, make_pool(lm, "f16"), tokens(300))
-    assert not mx.array_equal(cache.layers[0].keys[..., :256, :], raw.layers[0].keys[..., :256, :])
+    assert not mx.array_equal(cache.layers[0].span(0, 256)[0], raw.layers[0].span(0, 256)[0])
     # the tail (tokens 256..299) stays full precision: identical to an unquantized run up to attention effects
     assert cache.layers[0].keys.dtype == mx.float32
 
@@ -225,6 +228,6 @@ def test_saving_rounds_the_tail_in_place_without_copying_the_working_copy(lm):
     mx.eval(tail, [layer.keys for layer in cache.layers])
     assert [np.asarray(memoryview(layer.keys)).ctypes.data for layer in cache.layers] == ptrs
     layer = cache.layers[0]
-    kept = layer.keys[..., layer.sealed_tokens:layer.offset, :]
+    kept = layer.keys[..., layer.sealed_tokens - layer.base:layer.offset - layer.base, :]
     assert mx.array_equal(kept, kept.astype(mx.float16).astype(mx.float32))  # rounded, in place
     assert mx.array_equal(tail["k"][0], kept[0].astype(mx.float16))

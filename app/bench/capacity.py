@@ -48,7 +48,7 @@ def measure(lm, home, context: int = CONTEXT, budget: int = BUDGET_BYTES, say=pr
     base_pool = common.make_pool(lm, home / "f16", "f16")
     base, _ = common.fill(lm, base_pool, ids)
     n_blocks = context // BLOCK_TOKENS
-    fp32_bytes = sum(l.keys[..., : l.offset, :].astype(mx.float32).nbytes * 2 for l in base.layers)
+    fp32_bytes = sum(l.offset * l.keys.shape[1] * (l.keys.shape[3] + l.values.shape[3]) * 4 for l in base.layers)
     rows = []
     for name in SCHEMES:
         scheme = get_scheme(name)
@@ -58,7 +58,7 @@ def measure(lm, home, context: int = CONTEXT, budget: int = BUDGET_BYTES, say=pr
             sealed = []
             for b in range(n_blocks):
                 s, e = b * BLOCK_TOKENS, (b + 1) * BLOCK_TOKENS
-                sealed.append(scheme.encode(layer.keys[0, :, s:e, :], layer.values[0, :, s:e, :]))
+                sealed.append(scheme.encode(*layer.span(s, e)))  # span: compact caches hold sealed rows encoded
             mx.eval(sealed)
             tk, tv = layer.tail() if layer.offset > n_blocks * BLOCK_TOKENS else (None, None)
             layers.append(SealingKVCache.restore(scheme, sealed, tk, tv, pool.dtype))

@@ -72,8 +72,7 @@ def _store(lm, pool, ids_all: list[int], context: int) -> dict:
     key = f"bench:{n}"
     pool.save(key, cache, None, "bench")
     files = common.cache_files(pool, key)
-    working_bytes = sum(layer.keys[..., : layer.offset, :].nbytes + layer.values[..., : layer.offset, :].nbytes
-                        for layer in cache.layers)
+    working_bytes = cache.nbytes - cache.encoded_nbytes  # the fp32 working copy (compact caches: the tail only)
     del cache
     st = {"context": context, "n": n, "key": key, "files": files, "nbytes": sum(p.stat().st_size for p in files),
           "working_bytes": working_bytes, "prefill_s": prefill_s,

@@ -69,7 +69,7 @@ def measure(folder: Path, n_prefill: int = 512, n_decode: int = 32) -> dict:
     mx.eval(logits)
     t2 = time.perf_counter()
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    kv = cache.nbytes  # working copy (compact caches: the tail) + encoded blocks
     peak = _peak_rss_bytes()
     from app import fastblas
 

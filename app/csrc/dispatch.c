@@ -75,3 +75,11 @@ void q8_rows(const unsigned char *w, const float *s, const float *b, const float
 void kv_decode_jobs(const float *lut, long n, const long *jobs, long threads) {
     active->kv_decode_jobs(lut, n, jobs, threads);
 }
+int kvq_has_avx2(void) { return active->kvq_has_avx2(); }
+void kvq_attn_decode(const float *lut, const float *q, float *out, float *scratch,
+                     long H, long Hkv, long Dk, long Dv, float scale,
+                     const long *kspec, const long *vspec, long n_blocks, const long *blocks,
+                     const float *tk, const float *tv, long n_tail, long tk_hs, long tv_hs, long isa) {
+    active->kvq_attn_decode(lut, q, out, scratch, H, Hkv, Dk, Dv, scale, kspec, vspec, n_blocks, blocks,
+                            tk, tv, n_tail, tk_hs, tv_hs, isa);
+}

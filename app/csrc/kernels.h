@@ -27,11 +27,17 @@ struct parley_kernels {
     void (*q8_rows)(const unsigned char *w, const float *s, const float *b, const float *x, float *y,
                     long O, long K, long B);
     void (*kv_decode_jobs)(const float *lut, long n, const long *jobs, long threads);
+    int (*kvq_has_avx2)(void);
+    void (*kvq_attn_decode)(const float *lut, const float *q, float *out, float *scratch,
+                            long H, long Hkv, long Dk, long Dv, float scale,
+                            const long *kspec, const long *vspec, long n_blocks, const long *blocks,
+                            const float *tk, const float *tv, long n_tail, long tk_hs, long tv_hs, long isa);
 };
 
 /* The table of the variant being compiled (in a variant_*.c, after kernels.inc). */
 #define PARLEY_TABLE(label) { label, 1, KFN(causal_softmax), KFN(attn_decode), KFN(silu_mul), KFN(q4_fast), \
-    KFN(q4_gemv), KFN(q8_gemv), KFN(q4_rows), KFN(q8_rows), KFN(kv_decode_jobs) }
+    KFN(q4_gemv), KFN(q8_gemv), KFN(q4_rows), KFN(q8_rows), KFN(kv_decode_jobs), \
+    KFN(kvq_has_avx2), KFN(kvq_attn_decode) }
 
 extern const struct parley_kernels parley_variant_avx512, parley_variant_avx2, parley_variant_portable;
 

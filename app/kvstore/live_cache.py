@@ -11,16 +11,32 @@ saved, so the stored tail is exact at half the size).
 
 Subclassing mlx-lm's `KVCache` keeps its growth strategy, masks and `trim`,
 so any mlx-lm model attends over it unchanged.
+
+Compact mode (the default on the CPU path, where the C kernel of
+`app.kvstore.block_attention` builds and the scheme is one it reads): sealed
+blocks are kept ONLY encoded; the working copy holds just the tail (from `base`
+= the sealed tokens on). The one-token step attends over the encoded blocks
+in C (`attend_one`, called by `app.model.cpu_fast`'s attention), a prefill chunk
+gets the blocks decoded for that call (freed after it), and a restore has
+nothing to decode. Whatever asks for the full keys of a one-token step some
+other way (another architecture's attention, the batched engine, a windowed
+layer, fp16 caches on Metal) turns the cache back into the full working copy
+once (`materialize`), with the very values sealing used to write back.
+`PARLEY_KV_COMPACT=0` keeps every cache in the full form.
 """
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from app.kvstore import block_attention
 from app.kvstore.blockfile import HostTensor
 from app.kvstore.fast_decode import decode_layers, layer_shape
-from app.kvstore.host_block import block_nbytes
+from app.kvstore.host_block import LayerBlock, block_nbytes
 
 BLOCK_TOKENS = 256
 
@@ -28,39 +44,149 @@ BLOCK_TOKENS = 256
 class SealingKVCache(KVCache):
     """A KVCache whose completed 256-token blocks are quantized in place."""
 
-    def __init__(self, scheme, block_tokens: int = BLOCK_TOKENS):
+    def __init__(self, scheme, block_tokens: int = BLOCK_TOKENS, compact: bool | None = None):
         super().__init__()
         self.scheme = scheme
         self.block_tokens = block_tokens
         self.sealed: list[dict[str, mx.array]] = []  # encoded blocks, oldest first
+        self.compact = compact_applies(scheme) if compact is None else compact
+        self._table: block_attention.BlockTable | None = None
 
-    base = 0  # absolute position of the working copy's first row (sliding-window layers drop old blocks)
+    base = 0  # absolute position of the working copy's first row (compact caches, sliding-window layers)
 
     @property
     def sealed_tokens(self) -> int:
         return len(self.sealed) * self.block_tokens
 
     def update_and_fetch(self, keys, values):
-        super().update_and_fetch(keys, values)
+        if self.compact and (keys.shape[2] == 1 or keys.dtype != mx.float32):
+            self.materialize()  # a one-token step that wants the full keys: not the C attention's caller
+        self._append(keys, values)
+        if self.compact:
+            return self._full_keys_and_values()
+        return self.keys_and_values()
+
+    def _append(self, keys, values) -> None:
+        """KVCache's growth and insert, on working-copy positions (from `base`), then seal full blocks."""
+        base = self.base
+        self.offset -= base
+        try:
+            KVCache.update_and_fetch(self, keys, values)
+        finally:
+            self.offset += base
         while self.offset - self.sealed_tokens >= self.block_tokens:
             self._seal_next_block()
-        return self.keys_and_values()
+
+    def keys_and_values(self):
+        n = self.offset - self.base
+        return self.keys[..., :n, :], self.values[..., :n, :]
 
     def _seal_next_block(self) -> None:
         start, end = self.sealed_tokens - self.base, self.sealed_tokens + self.block_tokens - self.base
         k = self.keys[0, :, start:end, :]
         v = self.values[0, :, start:end, :]
         encoded = self.scheme.encode(k, v)
+        self.sealed.append(encoded)
+        if self.compact:  # the block leaves the working copy: only its encoded form is kept
+            self.keys = mx.contiguous(self.keys[..., end:, :])
+            self.values = mx.contiguous(self.values[..., end:, :])
+            mx.eval(self.keys, self.values)  # the old buffers go now, not at the next eval
+            self.base += end
+            return
         dk, dv = self.scheme.decode(encoded, self.keys.dtype)
         self.keys[0, :, start:end, :] = dk
         self.values[0, :, start:end, :] = dv
-        self.sealed.append(encoded)
 
     def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        keep_blocks = (self.offset - n) // self.block_tokens
+        if self.compact and keep_blocks < len(self.sealed):  # cut blocks become the full-precision tail again
+            k, v = self._decoded(keep_blocks, len(self.sealed))
+            self._prepend(k, v)
+            self.base = keep_blocks * self.block_tokens
         n = super().trim(n)
-        keep_blocks = self.offset // self.block_tokens
         del self.sealed[keep_blocks:]  # a cut block becomes the full-precision tail again
         return n
+
+    # -- compact mode -----------------------------------------------------------
+    def attend_one(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> np.ndarray | None:
+        """The one-token decode step over this compact cache: append `k`/`v` ([1, Hkv, 1, D]), then
+        softmax(scale q K^T) V over the encoded blocks and the tail, in C. Returns H * Dv fp32 (host
+        memory), or None after turning the cache back into the full form (the caller then updates and
+        attends as usual) when the kernel cannot read these blocks or arrays."""
+        if not self.compact:
+            return None
+        if (q.dtype != mx.float32 or k.dtype != mx.float32 or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]
+                or self._block_table(k.shape[1], k.shape[3], v.shape[3]) is None):
+            self.materialize()
+            return None
+        self._append(k, v)
+        table = self._block_table(k.shape[1], k.shape[3], v.shape[3])
+        if table is None:
+            self.materialize()
+            return None
+        mx.eval(q, self.keys, self.values)
+        n_tail = self.offset - self.base
+        qa = np.asarray(memoryview(q))
+        tk = np.ascontiguousarray(np.asarray(memoryview(self.keys))[0]) if n_tail else None
+        tv = np.ascontiguousarray(np.asarray(memoryview(self.values))[0]) if n_tail else None
+        return block_attention.attend(table, qa, tk, tv, n_tail, scale)
+
+    def _block_table(self, heads: int, dk: int, dv: int) -> block_attention.BlockTable | None:
+        """The kernel's view of the sealed blocks, kept in step with `sealed`; None if it cannot read them."""
+        try:
+            if self._table is None or (self._table.h, self._table.dk, self._table.dv) != (heads, dk, dv):
+                self._table = block_attention.BlockTable(self.scheme, heads, dk, dv)
+            self._table.sync(self.sealed)
+            return self._table
+        except block_attention.Unsupported:
+            self._table = None
+            return None
+
+    def materialize(self) -> None:
+        """Leave compact mode: decode the sealed blocks back in front of the tail (what sealing writes back)."""
+        if not self.compact:
+            return
+        self.compact = False
+        self._table = None
+        if self.sealed and self.base:
+            k, v = self._decoded(0, self.base // self.block_tokens)
+            self._prepend(k, v)
+            self.base = 0
+        if self.keys is not None:
+            self.keys, self.values = _with_headroom(self.keys, self.step), _with_headroom(self.values, self.step)
+            mx.eval(self.keys, self.values)
+
+    def _prepend(self, k: mx.array, v: mx.array) -> None:
+        """Put decoded rows (H, T, D) in front of the working copy's rows [base, offset)."""
+        n = self.offset - self.base
+        if self.keys is not None and n:
+            k = mx.concatenate([k, self.keys[0, :, :n, :].astype(k.dtype)], axis=1)
+            v = mx.concatenate([v, self.values[0, :, :n, :].astype(v.dtype)], axis=1)
+        self.keys, self.values = k[None], v[None]
+
+    def _full_keys_and_values(self) -> tuple[mx.array, mx.array]:
+        """Keys and values of every position (a prefill chunk attends over all): the sealed blocks
+        decoded for this call only, then the tail."""
+        tk, tv = self.keys_and_values()
+        if not self.sealed:
+            return tk, tv
+        k, v = self._decoded(0, len(self.sealed))
+        return mx.concatenate([k[None], tk], axis=2), mx.concatenate([v[None], tv], axis=2)
+
+    def _decoded(self, first: int, last: int) -> tuple[mx.array, mx.array]:
+        """Encoded blocks [first, last) decoded to fp32 (H, T, D): the values sealing writes back.
+
+        In C straight from the blocks' buffers (block files' host memory too, without making MLX
+        arrays of them) where `fast_decode` applies, else with the scheme's MLX decode."""
+        blocks = [_decoder_input(b) for b in self.sealed[first:last]]
+        dtype = self.keys.dtype if self.keys is not None else mx.float32
+        fast = decode_layers(self.scheme, 1, blocks, None, None, dtype, 1) if blocks else None
+        if fast is not None:
+            keys, values, _ = fast[0]
+            return keys[0], values[0]
+        parts = [self.scheme.decode(b, dtype) for b in self.sealed[first:last]]
+        return mx.concatenate([k for k, _ in parts], axis=1), mx.concatenate([v for _, v in parts], axis=1)
 
     @staticmethod
     def round_tails_to_fp16(layers: list["SealingKVCache"]) -> None:
@@ -93,16 +219,27 @@ class SealingKVCache(KVCache):
 
     def span(self, start: int, end: int) -> tuple[mx.array, mx.array]:
         """Keys and values of absolute positions [start, end), shape (heads, end - start, dim)."""
+        if start < self.base:  # rows only the encoded blocks hold
+            first = start // self.block_tokens
+            k, v = self._decoded(first, min(self.base, end + self.block_tokens - 1) // self.block_tokens)
+            if end > self.base:
+                wk, wv = self.span(self.base, end)
+                k, v = mx.concatenate([k, wk], axis=1), mx.concatenate([v, wv], axis=1)
+            a = start - first * self.block_tokens
+            return k[:, a:a + end - start], v[:, a:a + end - start]
         a, b = start - self.base, end - self.base
         return self.keys[0, :, a:b, :], self.values[0, :, a:b, :]
 
     @classmethod
     def restore(cls, scheme, sealed: list[dict], tail_k: mx.array | None, tail_v: mx.array | None,
                 dtype: mx.Dtype, block_tokens: int = BLOCK_TOKENS) -> "SealingKVCache":
-        """Rebuild the working copy from encoded blocks plus a full-precision tail."""
-        cache = cls(scheme, block_tokens)
+        """Rebuild the working copy from encoded blocks plus a full-precision tail (compact caches: just
+        take the blocks as they are and the tail)."""
+        cache = cls(scheme, block_tokens, compact=compact_applies(scheme, dtype))
         cache.sealed = list(sealed)
         has_tail = tail_k is not None and tail_k.shape[1] > 0
+        if cache.compact:
+            return cache._adopt(tail_k if has_tail else None, tail_v if has_tail else None, dtype)
         if sealed or has_tail:
             blocks = [{name: [a] for name, a in encoded.items()} for encoded in sealed]
             fast = decode_layers(scheme, 1, blocks, [tail_k] if has_tail else None,
@@ -110,6 +247,7 @@ class SealingKVCache(KVCache):
             if fast is not None:
                 cache.keys, cache.values, cache.offset = fast[0]
                 return cache
+        cache.compact = False
         parts_k, parts_v = [], []
         for encoded in sealed:
             k, v = scheme.decode(encoded, dtype)
@@ -140,6 +278,9 @@ class SealingKVCache(KVCache):
         n_layers = len(sealed)
         has_tail = tail_k is not None and layer_shape(tail_k)[1] > 0
         step = cls(scheme, block_tokens).step
+        if compact_applies(scheme, dtype):  # nothing to decode
+            return [cls.restore(scheme, sealed[i], _layer_of(tail_k, i) if has_tail else None,
+                                _layer_of(tail_v, i) if has_tail else None, dtype, block_tokens) for i in range(n_layers)]
         fast = decode_layers(scheme, n_layers, blocks, tail_k if has_tail else None,
                              tail_v if has_tail else None, dtype, step) if n_layers else None
         if fast is None:
@@ -153,15 +294,50 @@ class SealingKVCache(KVCache):
         """Caches over working copies already decoded: `copies[i]` = (keys, values, offset) of layer i."""
         caches = []
         for i, (keys, values, offset) in enumerate(copies):
-            cache = cls(scheme, block_tokens)
+            cache = cls(scheme, block_tokens, compact=False)
             cache.sealed = list(sealed[i])
             cache.keys, cache.values, cache.offset = keys, values, offset
             caches.append(cache)
         return caches
 
+    def _adopt(self, tail_k, tail_v, dtype) -> "SealingKVCache":
+        """This compact cache over its `sealed` blocks plus the tail (H, T, D) or None: no decoding."""
+        self.base = self.offset = self.sealed_tokens
+        if tail_k is not None:
+            self.keys = _with_headroom(tail_k.astype(dtype)[None], self.step)
+            self.values = _with_headroom(tail_v.astype(dtype)[None], self.step)
+            self.offset += tail_k.shape[1]
+        elif self.sealed:  # an empty tail buffer of the blocks' shape, ready for the next token
+            heads, dk, dv = _block_shape(self.sealed[0])
+            self.keys = mx.zeros((1, heads, self.step, dk), dtype)
+            self.values = mx.zeros((1, heads, self.step, dv), dtype)
+        return self
+
     @property
     def encoded_nbytes(self) -> int:
         return sum(block_nbytes(block) for block in self.sealed if block is not None)  # None: dropped (window.py)
+
+
+def compact_applies(scheme, dtype=mx.float32) -> bool:
+    """Keep caches of this scheme compact (sealed blocks only encoded)? On fp32 working copies when the
+    C kernel builds and reads the scheme, unless `PARLEY_KV_COMPACT=0`."""
+    return (dtype == mx.float32 and os.environ.get("PARLEY_KV_COMPACT", "1") != "0"
+            and block_attention.scheme_applies(scheme) and block_attention.kernels() is not None)
+
+
+def _decoder_input(block) -> dict:
+    """One layer's block as `fast_decode.decode_layers` takes it for a single layer (no copies)."""
+    if isinstance(block, LayerBlock):
+        return {name: HostTensor(t.data[block.index:block.index + 1], t.dtype) for name, t in block.host.items()}
+    return {name: [a] for name, a in block.items()}
+
+
+def _block_shape(block) -> tuple[int, int, int]:
+    """(KV heads, key dim, value dim) of one layer's encoded block."""
+    dims = block.host["dims"].data[block.index] if isinstance(block, LayerBlock) else np.asarray(block["dims"])
+    first = "k" if "k" in block else "k_q"
+    heads = block.host[first].data.shape[1] if isinstance(block, LayerBlock) else block[first].shape[0]
+    return int(heads), int(dims[0]), int(dims[1])
 
 
 def _layer_of(tails, i: int) -> mx.array | None:

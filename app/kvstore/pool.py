@@ -38,7 +38,7 @@ from app.kvstore.blockfile import (BadCacheFile, HostTensor, chain_next, chain_r
 from app.kvstore.conversation_cache import ConversationCache
 from app.kvstore.fast_decode import Unsupported, start_working_copies
 from app.kvstore.host_block import layer_blocks, stacked
-from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache
+from app.kvstore.live_cache import BLOCK_TOKENS, SealingKVCache, compact_applies
 from app.kvstore.read_ahead import ReadAhead
 from app.kvstore.window import global_layers, layer_list, local_layers, restore_windowed, window_arrays
 
@@ -174,7 +174,8 @@ class BlockPool:
         return ConversationCache(layers, self.fingerprint, self.scheme_id, tokens, list(hashes))
 
     def _restore(self, row, hashes: list[str], shared: dict) -> tuple[list[SealingKVCache], list[int]]:
-        """Read, verify and decode a stored cache into working copies, block by block.
+        """Read, verify and decode a stored cache into working copies, block by block (compact caches: read
+        and verify only; their blocks stay encoded).
 
         The kernel is asked to read every file ahead (`prefetch`) and a helper
         thread reads and verifies the files in order (`ReadAhead`), so while
@@ -193,8 +194,9 @@ class BlockPool:
         per_layer: list[list] = [[] for _ in range(self.n_layers)]
         whole_blocks, tokens, copies = [], [], None
         step = SealingKVCache(self.scheme).step
+        decode = not compact_applies(self.scheme, self.dtype)  # compact caches take the blocks as read
         with ReadAhead(jobs, hint=partial(prefetch, paths[1:])) as files:
-            if hashes and self.kv_shape:  # zero-fill now, while the helper reads the first block
+            if hashes and self.kv_shape and decode:  # zero-fill now, while the helper reads the first block
                 copies = start_working_copies(self.scheme, self.n_layers, None, row.tokens, self.dtype, step,
                                               shape=self.kv_shape)
             for i, h in enumerate(hashes):
@@ -205,7 +207,7 @@ class BlockPool:
                     block = layer_blocks(host, self.n_layers)
                     shared[h] = (block, block_tokens)
                 whole = stacked(block)
-                if i == 0 and copies is None:
+                if i == 0 and copies is None and decode:
                     copies = start_working_copies(self.scheme, self.n_layers, whole, row.tokens, self.dtype, step)
                     self.kv_shape = self.kv_shape or (copies.shape if copies else None)
                 copies = _add_block(copies, whole, both_cores=files.finished)
@@ -218,7 +220,7 @@ class BlockPool:
         if len(tokens) != row.tokens:
             raise BadCacheFile(f"it holds {len(tokens)} tokens, the catalog says {row.tokens}")
         tail_k, tail_v = tail.host["k"], tail.host["v"]
-        if copies is None and not hashes and tail_k.data.ndim == 4 and tail_k.data.shape[2]:
+        if copies is None and decode and not hashes and tail_k.data.ndim == 4 and tail_k.data.shape[2]:
             copies = start_working_copies(self.scheme, self.n_layers, None, row.tokens, self.dtype, step,
                                           tail=(tail_k, tail_v))
         layers = _finish(copies, self.scheme, whole_blocks, per_layer, tail_k, tail_v, self.dtype)

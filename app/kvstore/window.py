@@ -32,6 +32,7 @@ class WindowedKVCache(SealingKVCache):
     @classmethod
     def adopt(cls, layer: SealingKVCache, window: int) -> "WindowedKVCache":
         """Turn `layer` (a full cache of a sliding-window layer) into a windowed one, in place."""
+        layer.materialize()  # windowed layers keep their own (fp32) working copy
         layer.__class__ = cls
         layer.window = window
         layer.base = 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from app.model.cpu_kernels import data_pointer, fresh, kernels
-from app.model.host_exec import Q4Weights, attn_decode_host, host_vector, stack_q4
+from app.model.host_exec import Q4Weights, attend_compact, attn_decode_host, host_vector, stack_q4
 
 
 class CpuAttention:
@@ -42,18 +42,19 @@ class CpuAttention:
         offset = cache.offset if cache is not None else 0
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
-        if cache is not None:
+        out = attend_compact(cache, q, k, v, a.scale) if B * L == 1 else None
+        if cache is not None and out is None:
             k, v = cache.update_and_fetch(k, v)
-        if k.dtype != mx.float32:
+        if out is None and k.dtype != mx.float32:
             return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
         D = q.shape[-1]
-        T = k.shape[2]
         if B * L == 1:
-            out = attn_decode_host(q, k, v, a.scale)
+            out = attn_decode_host(q, k, v, a.scale) if out is None else out
             o = self.o_q4()
             if o is not None:  # o_proj straight from the host buffer: an MLX array built from numpy needs no eval
                 return mx.array(o.numpy(out).reshape(1, 1, o.O))
             return a.o_proj(mx.array(out).reshape(1, 1, H * D))
+        T = k.shape[2]
         # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
         qg = (q * a.scale).reshape(B, Hkv, G * L, D)
         scores = fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
@@ -94,6 +95,9 @@ class CpuAttention:
         offset = cache.offset
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
+        out = attend_compact(cache, q, k, v, a.scale)
+        if out is not None:
+            return o.numpy(out)
         k, v = cache.update_and_fetch(k, v)
         if k.dtype != mx.float32:  # as __call__ does
             return host_vector(self._mlx_tail(q, k, v, None, 1, 1))

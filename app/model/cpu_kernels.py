@@ -2,7 +2,8 @@
 
 MLX's CPU backend computes exp/sigmoid one value at a time and has no fast low-bit matmul; a few kernels
 in C fill those gaps on Linux: softmax and decode attention (app/csrc/attention.c), SiLU*up
-(activations.c), the 4/8-bit gemv and its row-batched twin (qgemv.c), the KV block decoder (kv_decode.c).
+(activations.c), the 4/8-bit gemv and its row-batched twin (qgemv.c), the KV block decoder (kv_decode.c),
+the decode attention over encoded KV blocks (q4_attention.c).
 setup.py compiles them into `app/_kernels*.so` three times over (AVX-512, AVX2+FMA, portable) behind a
 dispatcher (dispatch.c) that picks the best variant this CPU runs when the library loads.
 
@@ -133,11 +134,12 @@ def _declare(k: ctypes.CDLL) -> None:
         "q8_rows": [P, P, P, P, P, L, L, L],
         "attn_decode": [P, P, P, P, P, L, L, L, L, L, L, ctypes.c_float],
         "kv_decode_jobs": [P, L, P, L],
+        "kvq_attn_decode": [P, P, P, P, L, L, L, L, ctypes.c_float, P, P, L, P, P, P, L, L, L, L],
     }
     for name, args in signatures.items():
         fn = getattr(k, name)
         fn.argtypes, fn.restype = args, None
-    for name in ("q4_fast", "q4_rows_fast", "parley_variant_count", "parley_active_variant"):
+    for name in ("q4_fast", "q4_rows_fast", "kvq_has_avx2", "parley_variant_count", "parley_active_variant"):
         getattr(k, name).restype = I
     for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):
         getattr(k, name).argtypes, getattr(k, name).restype = [I], I

@@ -95,6 +95,14 @@ def attn_decode(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array
     return mx.array(attn_decode_host(q, k, v, scale))
 
 
+def attend_compact(cache, q: mx.array, k: mx.array, v: mx.array, scale: float):
+    """The one-token step over a compact cache (sealed blocks kept only encoded, app.kvstore.live_cache):
+    append k/v and attend in C over the encoded blocks plus the tail; host (numpy, H * D floats) output.
+    None when the cache is not compact (or stops being so): the caller updates and attends as usual."""
+    attend_one = getattr(cache, "attend_one", None) if getattr(cache, "compact", False) else None
+    return attend_one(q, k, v, scale) if attend_one is not None else None
+
+
 def attn_decode_host(q: mx.array, k: mx.array, v: mx.array, scale: float):
     """`attn_decode` into a host (numpy, H * D floats) buffer."""
     import numpy as np
