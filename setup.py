@@ -21,7 +21,7 @@ CSRC = "app/csrc"
 KERNELS = Extension(
     "app._kernels",
     sources=[f"{CSRC}/{name}.c" for name in ("dispatch", "variant_avx512", "variant_avx2", "variant_portable")],
-    depends=[f"{CSRC}/{name}" for name in ("kernels.h", "kernels.inc", "system.h", "quant_rows.h", "attention.c",
+    depends=[f"{CSRC}/{name}" for name in ("kernels.h", "kernels.inc", "system.h", "quant_rows.h", "kv_codes.h", "attention.c",
                                             "activations.c", "qgemv.c", "kv_decode.c", "q4_attention.c")],
     include_dirs=[CSRC],
     extra_compile_args=["-O3", "-ffast-math", "-fopenmp-simd", "-std=gnu11"],

@@ -15,18 +15,7 @@
 
 #ifdef __AVX2__
 #include <immintrin.h>
-/* 8 consecutive 4-bit codes (4 bytes, even channel in the low nibble) as floats. */
-static inline __m256 codes4x8(const uint8_t *p) {
-    uint32_t x;
-    memcpy(&x, p, 4);
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)x), shifts), _mm256_set1_epi32(15));
-    return _mm256_cvtepi32_ps(v);
-}
-/* 8 consecutive 8-bit codes as floats. */
-static inline __m256 codes8x8(const uint8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
+#include "kv_codes.h"
 /* code * scale + bias with a separate multiply and add, as MLX computes it (the product is exact anyway). */
 static inline __m256 affine8(__m256 c, __m256 s, __m256 b) { return _mm256_add_ps(_mm256_mul_ps(c, s), b); }
 #endif

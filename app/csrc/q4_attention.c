@@ -24,6 +24,7 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#include "kv_codes.h"
 
 int KFN(kvq_has_avx2)(void) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -61,17 +62,7 @@ static void rows_init(rows_t *r, const spec_t *sp, const long *blk, int which, l
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-static inline __m256 codes4x8(const uint8_t *p) {
-    uint32_t x;
-    memcpy(&x, p, 4);
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    __m256i v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)x), shifts), _mm256_set1_epi32(15));
-    return _mm256_cvtepi32_ps(v);
-}
-static inline __m256 codes8x8(const uint8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-static inline float hsum8(__m256 v) {
+static inline float kvq_hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -146,7 +137,7 @@ static inline float dot(const float *a, const float *b, long D, int avx) {
     if (avx && D % 8 == 0) {
         __m256 acc = _mm256_setzero_ps();
         for (long j = 0; j < D; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-        return hsum8(acc);
+        return kvq_hsum8(acc);
     }
 #endif
     float s = 0.f;
