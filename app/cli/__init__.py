@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     fastblas.preload()  # before anything imports mlx
+    from app.model import light_mlx_lm
+
+    light_mlx_lm.install()  # before anything imports mlx_lm: spares importing transformers
     from app.errors import ParleyError
 
     args = build_parser().parse_args(argv)

@@ -134,6 +134,10 @@ def model_fingerprint(folder: Path) -> str:
 def load_model(spec: str | None = None, progress: Progress | None = None, fast_cpu: bool = True) -> LoadedModel:
     """Load the model for `spec` into MLX; on a CPU device, rewrite it for speed."""
     import mlx.core as mx
+
+    from app.model import light_mlx_lm
+
+    light_mlx_lm.install()
     from mlx_lm.utils import load_model as mlx_load_model
 
     folder = resolve_model_folder(spec, progress)
