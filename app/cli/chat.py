@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--new", action="store_true", help="start a new conversation instead of continuing the latest")
     p.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
     add_sampling_options(p)
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, exit_promptly=True)  # everything is saved and closed when `run` returns
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
