@@ -60,11 +60,13 @@ def embedded_gguf() -> Path:
 def resolve_model_folder(spec: str | None, progress: Progress | None = None) -> Path:
     """The mlx-lm folder for `spec` (None: the embedded model), converting or fetching it first."""
     if spec is None:
-        folder = paths.models_dir() / EMBEDDED_NAME
-        if not (folder / "config.json").is_file():
+        from app.model.gguf_convert import is_converted_from
+
+        folder, gguf = paths.models_dir() / EMBEDDED_NAME, embedded_gguf()
+        if not is_converted_from(folder, gguf):  # first start, or the package's GGUF changed since
             from app.model.convert import convert_gguf
 
-            convert_gguf(embedded_gguf(), folder, progress)
+            convert_gguf(gguf, folder, progress)
         return folder
     local = Path(spec).expanduser()
     if local.is_file():
