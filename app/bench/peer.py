@@ -274,7 +274,8 @@ class LlamaHalf:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
         wall = time.perf_counter() - t0
         if done.returncode != 0:
-            raise RuntimeError(f"llama.cpp {mode} failed: {describe_exit(done.returncode)}: {done.stderr.strip()[-600:]}")
+            detail = done.stderr.strip()[-600:]
+            raise RuntimeError(f"llama.cpp {mode} failed: {describe_exit(done.returncode)}" + (f": {detail}" if detail else ""))
         return json.loads(done.stdout.strip().splitlines()[-1]), wall
 
     def probe(self) -> str | None:
