@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -144,23 +145,25 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
 
     folder = resolve_model_folder(spec, progress)
     check_architecture(_read_config(folder), str(folder))
-    tokenizer = ChatTokenizer(folder)
-    try:
-        model, config = mlx_load_model(folder)
-    except ValueError as exc:
-        raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
-    check_tensor_types(model, str(folder))
-    if fast_cpu and mx.default_device() == mx.cpu:
-        from app.model.cpu_fast import speed_up_for_cpu
+    with ThreadPoolExecutor(1, thread_name_prefix="parley-load") as aside:
+        # No MLX in these two: parse the tokenizer and check the fingerprint while the weights load and convert.
+        tokenizer, fingerprint = aside.submit(ChatTokenizer, folder), aside.submit(model_fingerprint, folder)
+        try:
+            model, config = mlx_load_model(folder)
+        except ValueError as exc:
+            raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
+        check_tensor_types(model, str(folder))
+        if fast_cpu and mx.default_device() == mx.cpu:
+            from app.model.cpu_fast import speed_up_for_cpu
 
-        speed_up_for_cpu(model)
+            speed_up_for_cpu(model)
     n_kv_heads, key_dim, value_dim = kv_shape(model)
     return LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer.result(),
         folder=folder,
         name=EMBEDDED_NAME if spec is None else folder.name,
-        fingerprint=model_fingerprint(folder),
+        fingerprint=fingerprint.result(),
         n_layers=len(model.layers),
         n_kv_heads=n_kv_heads,
         head_dim=key_dim,
