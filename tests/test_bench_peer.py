@@ -21,7 +21,8 @@ def test_parley_half_runs_in_fresh_processes_and_the_missing_peer_is_skipped(tin
     result = peer.run(None, args)
     json.dumps(result)
     rows = {r["figure"]: r for r in result["rows"]}
-    for key in ("prefill_small", "prefill_big", "decode_small", "decode_big", "resume_q4_0", "state_q4_0", "startup"):
+    for key in ("prefill_small", "prefill_big", "decode_small", "decode_big", "resume_q4_0", "resume_floor", "state_q4_0",
+                "startup", "startup_printed"):
         assert rows[key]["parley"] > 0, rows[key]
         assert rows[key]["llama_cpp"] is None and rows[key]["ratio"] is None
     samples = result["samples"]["parley"]

@@ -71,9 +71,13 @@ def figures(contexts=CONTEXTS) -> list[Figure]:
         Figure("resume_q4_0", f"resume a {big} conversation in a new process, ttft ms (llama.cpp: q4_0 KV state)",
                "resume_ms", "resume_ms_q4_0"),
         Figure("resume_f16", "  same, llama.cpp f16 KV state", "resume_ms", "resume_ms_f16"),
+        Figure("resume_floor", "  floor: reading Parley's files as its restore does (page cache), ms",
+               "resume_floor_ms", None),
         Figure("state_q4_0", "state on disk for that conversation, MB (llama.cpp: q4_0)", "state_mb", "state_mb_q4_0"),
         Figure("state_f16", "  same, llama.cpp f16", "state_mb", "state_mb_f16"),
         Figure("startup", "`chat` wall time minus its ttft, s (start-up and exit)", "startup_s", "startup_s"),
+        Figure("startup_printed", "  same, minus the ttft `parley chat` prints (from the send: model load inside)",
+               "wall_minus_printed_ttft_s", None),
     ]
 
 
@@ -101,6 +105,9 @@ def run(lm, args) -> dict:
                 peer = None
         if why:
             say(f"peer: llama.cpp half skipped: {why}")
+        if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+            say("peer: note: PYTHONDONTWRITEBYTECODE is set, so Parley's modules are compiled again at every start "
+                "(a user's install keeps .pyc files): unset it for the start-up a user sees")
         samples = {"parley": {}, "peer": {}}
         for r in range(rounds):
             one_round(parley, peer, contexts, samples)
@@ -137,7 +144,8 @@ def summarise(samples: dict, contexts, rounds: int, skipped: str | None, peer_se
         rows.append({"figure": f.key, "label": f.label, "parley": p, "llama_cpp": q,
                      "ratio": round(p / q, 2) if p is not None and q else None})
     return {"rounds": rounds, "contexts": list(contexts), "rows": rows, "samples": samples,
-            "peer_skipped": skipped, "peer_setup": peer_setup, "setup": active_setup(), "seconds": round(seconds, 1)}
+            "peer_skipped": skipped, "peer_setup": peer_setup, "setup": active_setup(), "seconds": round(seconds, 1),
+            "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE")}
 
 
 def active_setup() -> dict:
@@ -219,12 +227,13 @@ class ParleyHalf:
 
     def resume(self) -> dict:
         """Continue the last (largest) conversation in a new process; its state bytes measured first."""
-        state = conversation_state_bytes(self.home, self.conversation)
+        files = conversation_files(self.home, self.conversation)
+        state, floor_s = common.raw_read(files)  # the restore's own prefetching read: the floor of a resume
         reply, _ = self.chat(QUESTION, "--max-tokens", "1")
         if reply["cache"] != "disk" or reply["conversation"] != self.conversation:
             raise RuntimeError(f"the resume did not read the conversation's cache from disk: {reply}")
         return {"resume_ms": round(turn_ttft_s(reply) * 1000, 2), "state_mb": round(state / 1e6, 3),
-                "resume_reused_tokens": reply["reused_tokens"]}
+                "resume_floor_ms": round(floor_s * 1000, 2), "resume_reused_tokens": reply["reused_tokens"]}
 
 
 def turn_ttft_s(reply: dict) -> float:
@@ -232,8 +241,8 @@ def turn_ttft_s(reply: dict) -> float:
     return (reply["ttft_ms"] - reply.get("queued_ms", 0.0)) / 1000
 
 
-def conversation_state_bytes(home: Path, conversation_id: int) -> int:
-    """Bytes of the block and tail files of one conversation's stored cache (read from its catalog row)."""
+def conversation_files(home: Path, conversation_id: int) -> list[Path]:
+    """The block and tail files of one conversation's stored cache (from its catalog row)."""
     db = sqlite3.connect(home / "catalog.db")
     try:
         row = db.execute("select chain, tail_file from caches where key = ?", [f"conv:{conversation_id}"]).fetchone()
@@ -242,8 +251,7 @@ def conversation_state_bytes(home: Path, conversation_id: int) -> int:
     if row is None:
         raise RuntimeError(f"conversation {conversation_id} has no stored cache in {home}")
     root = home / "caches"
-    files = [root / "blocks" / h[:2] / f"{h}.safetensors" for h in json.loads(row[0])] + [root / "tails" / row[1]]
-    return sum(p.stat().st_size for p in files)
+    return [root / "blocks" / h[:2] / f"{h}.safetensors" for h in json.loads(row[0])] + [root / "tails" / row[1]]
 
 
 # -- llama.cpp's half ---------------------------------------------------------------------------------------
