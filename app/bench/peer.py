@@ -89,7 +89,7 @@ def _k(n: int) -> str:
 
 def run(lm, args) -> dict:
     """The part's entry point (`lm` is not used: every measurement loads the model in its own process)."""
-    rounds = max(1, int(getattr(args, "rounds", None) or ROUNDS))
+    rounds = max(1, int(getattr(args, "rounds", None) or (1 if common.quick(args) else ROUNDS)))
     contexts = tuple(getattr(args, "peer_contexts", None) or CONTEXTS)
     decode = int(getattr(args, "peer_decode_tokens", None) or DECODE_TOKENS)
     say = lambda m: common.log(args, m)  # noqa: E731

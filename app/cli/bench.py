@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--clients", type=int, nargs="+", dest="serve_clients", default=None, metavar="K",
                    help="serve: numbers of simulated clients to run (default 1 4 8)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
-    p.add_argument("--rounds", type=int, default=5, help="peer: interleaved rounds, medians taken (default 5)")
+    p.add_argument("--rounds", type=int, default=None, help="peer: interleaved rounds, medians taken (default 5; 1 with --quick)")
     p.add_argument("--peer-python", metavar="PATH", default=None,
                    help="peer: the Python that has llama-cpp-python (default: this one, if it has it)")
     p.set_defaults(handler=run)
