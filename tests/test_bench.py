@@ -21,7 +21,7 @@ def tiny_lm(tiny_model_dir):
 def _args(**kw) -> Namespace:
     base = dict(quick=True, json=None, repeats=1, ttft_contexts=(300,), restore_contexts=(300, 1100),
                 capacity_context=512, capacity_budget_bytes=64 << 20, save_contexts=(260, 520), save_turns=2,
-                agents_personas=2, agents_rounds=2, peer_contexts=(128,))
+                agents_personas=2, agents_rounds=2)
     base.update(kw)
     return Namespace(**base)
 
@@ -75,12 +75,6 @@ def test_agents(tiny_lm):
     assert set(result["modes"]) == {"persistence", "persistence_all_ram", "reprefill"}
     assert result["modes"]["persistence"]["turns"] == 4
     assert result["modes"]["persistence"]["cache_sources"]["none"] >= 2  # round 1 is cold
-
-
-def test_peer_skips_or_runs(tiny_lm):
-    result = get_part("peer")(tiny_lm, _args())
-    assert "skipped" in result or "rows" in result
-    assert get_table("peer")(result)
 
 
 def test_plot(tmp_path):

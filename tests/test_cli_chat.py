@@ -32,7 +32,7 @@ def test_chat_json_then_resume_from_disk_in_a_new_process(tiny_model_dir, tiny_p
     first = parley("--model", str(tiny_model_dir), "chat", tiny_persona, "Hello", "--json")
     assert first.returncode == 0, first.stderr
     one = json.loads(first.stdout)
-    assert set(one) == {"reply", "conversation", "ttft_ms", "reused_tokens", "prefilled_tokens",
+    assert set(one) == {"reply", "conversation", "ttft_ms", "queued_ms", "reused_tokens", "prefilled_tokens",
                         "generated_tokens", "decode_tps", "cache", "lore"}
     assert one["cache"] == "none" and one["generated_tokens"] == 5
     second = parley("--model", str(tiny_model_dir), "chat", tiny_persona, "Again", "--json")

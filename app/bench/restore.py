@@ -3,8 +3,9 @@
 For each context (1K-8K tokens of the shipped text) a q4 cache is prefilled by
 the engine's `prefill` and saved by the block pool. Then, median of `repeats`:
 
-* raw read: every block file and the tail file read whole with plain Python
-  `open().read()` - once with the files dropped from the OS page cache first
+* raw read: every block file and the tail file read whole with the restore's own
+  prefetching read (`common.raw_read`: a `ReadAhead` helper thread plus the
+  kernel prefetch hint, no checks, no decode: a fair floor) - once with the files dropped from the OS page cache first
   (posix_fadvise DONTNEED, so the bytes come from the disk) and once with them
   in the page cache (memory bandwidth only).
 * restore: `BlockPool.load` - safetensors header checks, checksum of every

@@ -20,6 +20,7 @@ from pathlib import Path
 from app.bench import PARTS, get_part, get_table
 
 QUICK = ["speed"]
+MODEL_FREE = {"peer"}  # parts that load the model in their own processes only
 
 
 def register(subparsers) -> None:
@@ -42,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--clients", type=int, nargs="+", dest="serve_clients", default=None, metavar="K",
                    help="serve: numbers of simulated clients to run (default 1 4 8)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
+    p.add_argument("--rounds", type=int, default=None, help="peer: interleaved rounds, medians taken (default 5; 1 with --quick)")
+    p.add_argument("--peer-python", metavar="PATH", default=None,
+                   help="peer: the Python that has llama-cpp-python (default: this one, if it has it)")
     p.set_defaults(handler=run)
 
 
@@ -63,7 +67,7 @@ def run(args) -> int:
     if unknown:
         print(f"parley bench: unknown part {unknown[0]!r}; choose from {', '.join(sorted(PARTS))}", file=sys.stderr)
         return 2
-    lm = load_model(args.model)
+    lm = None if set(parts) <= MODEL_FREE else load_model(args.model)
     results = {}
     for part in parts:
         results[part] = get_part(part)(lm, args)

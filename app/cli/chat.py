@@ -2,8 +2,9 @@
 
 Continues the persona's latest conversation (or `--new`), streams the reply
 to stdout, or with `--json` prints exactly one JSON object:
-{"reply", "conversation", "ttft_ms", "reused_tokens", "prefilled_tokens",
- "generated_tokens", "decode_tps", "cache", "lore"} (`lore`: names of the
+{"reply", "conversation", "ttft_ms", "queued_ms", "reused_tokens", "prefilled_tokens",
+ "generated_tokens", "decode_tps", "cache", "lore"} (`ttft_ms` counts from the send; `queued_ms` of it
+went waiting for the model to load, so the turn's own time to first token is their difference) (`lore`: names of the
 lorebook entries that entered the conversation with this turn). A second run in a new process
 resumes from the cache on disk.
 """
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--new", action="store_true", help="start a new conversation instead of continuing the latest")
     p.add_argument("--json", action="store_true", help="print one JSON object with the reply and its figures")
     add_sampling_options(p)
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, exit_promptly=True)  # everything is saved and closed when `run` returns
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -214,6 +215,7 @@ def reply_json(finished) -> dict:
         "reply": finished.text,
         "conversation": finished.conversation_id,
         "ttft_ms": round(s.ttft_ms, 2),
+        "queued_ms": round(s.queued_ms, 2),
         "reused_tokens": s.reused_tokens,
         "prefilled_tokens": s.prefilled_tokens,
         "generated_tokens": s.generated_tokens,

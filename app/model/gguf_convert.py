@@ -36,6 +36,21 @@ def converted_folder(gguf: Path) -> Path:
     return paths.models_dir() / f"{gguf.stem}-{ident}"
 
 
+def source_stamp(gguf: Path) -> dict:
+    """What a conversion was made from: the file's path, size and modification time."""
+    st = gguf.stat()
+    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_converted_from(folder: Path, gguf: Path) -> bool:
+    """Whether `folder` holds a finished conversion of `gguf` as it is now (a replaced or edited file is not)."""
+    try:
+        made_from = json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "config.json").is_file() and made_from == source_stamp(gguf)
+
+
 def gguf_model_folder(gguf: Path, progress: Progress | None = None) -> Path:
     """The mlx-lm folder for `gguf`, converted now if it was not before."""
     dest = converted_folder(gguf)
@@ -138,7 +153,7 @@ def write_model_folder(gguf: Path, dest: Path, weights: dict, config: dict, toke
         (tmp / "tokenizer_config.json").write_text(dump_json(tok_config))
         if "chat_template" in tok_config:
             (tmp / "chat_template.jinja").write_text(tok_config["chat_template"])
-        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
+        (tmp / SOURCE_FILE).write_text(json.dumps(source_stamp(gguf)))
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -60,11 +61,13 @@ def embedded_gguf() -> Path:
 def resolve_model_folder(spec: str | None, progress: Progress | None = None) -> Path:
     """The mlx-lm folder for `spec` (None: the embedded model), converting or fetching it first."""
     if spec is None:
-        folder = paths.models_dir() / EMBEDDED_NAME
-        if not (folder / "config.json").is_file():
+        from app.model.gguf_convert import is_converted_from
+
+        folder, gguf = paths.models_dir() / EMBEDDED_NAME, embedded_gguf()
+        if not is_converted_from(folder, gguf):  # first start, or the package's GGUF changed since
             from app.model.convert import convert_gguf
 
-            convert_gguf(embedded_gguf(), folder, progress)
+            convert_gguf(gguf, folder, progress)
         return folder
     local = Path(spec).expanduser()
     if local.is_file():
@@ -134,27 +137,33 @@ def model_fingerprint(folder: Path) -> str:
 def load_model(spec: str | None = None, progress: Progress | None = None, fast_cpu: bool = True) -> LoadedModel:
     """Load the model for `spec` into MLX; on a CPU device, rewrite it for speed."""
     import mlx.core as mx
+
+    from app.model import light_mlx_lm
+
+    light_mlx_lm.install()
     from mlx_lm.utils import load_model as mlx_load_model
 
     folder = resolve_model_folder(spec, progress)
     check_architecture(read_config(folder), str(folder))
-    tokenizer = ChatTokenizer(folder)
-    try:
-        model, config = mlx_load_model(folder)
-    except ValueError as exc:
-        raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
-    check_tensor_types(model, str(folder))
-    if fast_cpu and mx.default_device() == mx.cpu:
-        from app.model.cpu_fast import speed_up_for_cpu
+    with ThreadPoolExecutor(1, thread_name_prefix="parley-load") as aside:
+        # No MLX in these two: parse the tokenizer and check the fingerprint while the weights load and convert.
+        tokenizer, fingerprint = aside.submit(ChatTokenizer, folder), aside.submit(model_fingerprint, folder)
+        try:
+            model, config = mlx_load_model(folder)
+        except ValueError as exc:
+            raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
+        check_tensor_types(model, str(folder))
+        if fast_cpu and mx.default_device() == mx.cpu:
+            from app.model.cpu_fast import speed_up_for_cpu
 
-        speed_up_for_cpu(model)
+            speed_up_for_cpu(model)
     n_kv_heads, key_dim, value_dim = kv_shape(model)
     return LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=tokenizer.result(),
         folder=folder,
         name=EMBEDDED_NAME if spec is None else folder.name,
-        fingerprint=model_fingerprint(folder),
+        fingerprint=fingerprint.result(),
         n_layers=len(model.layers),
         n_kv_heads=n_kv_heads,
         head_dim=key_dim,

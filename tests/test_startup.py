@@ -1,0 +1,156 @@
+"""`parley chat` start-up: only what the command needs is imported; what an earlier start made is reused
+only while the model it was made from is unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Packages a one-turn `parley chat` has no use for (UI, server, plots, GGUF reader, HF tokenizers/downloads).
+NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx"}
+
+
+def run_python(code: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PARLEY_HOME": str(home)}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_chat_imports_no_ui_server_or_transformers(tiny_model_dir, parley_home):
+    code = f"""
+import json, sys
+from app.cli import main
+rc = main(["--model", {str(tiny_model_dir)!r}, "chat", "assistant", "hi", "--new", "--max-tokens", "2", "--json"])
+print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.modules}})}}))
+"""
+    done = run_python(code, parley_home)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[0])["generated_tokens"] >= 1  # the chat's own JSON: the turn really ran
+    result = json.loads(lines[-1])
+    assert result["rc"] == 0
+    assert "mlx_lm" in result["loaded"] and "jinja2" in result["loaded"]  # what it does need
+    assert not NOT_NEEDED & set(result["loaded"]), NOT_NEEDED & set(result["loaded"])
+
+
+def test_mlx_lm_without_its_init_still_offers_its_whole_api(parley_home):
+    """The deferred package: submodules import cheaply, the package's own names and tokenizer still work."""
+    code = """
+import json, sys
+from app.model import light_mlx_lm
+light_mlx_lm.install()
+import mlx_lm.utils
+from mlx_lm.models import llama
+cheap = "transformers" not in sys.modules
+from mlx_lm import load, generate  # names the real __init__ defines: it runs now
+import mlx_lm.tokenizer_utils as tu
+print(json.dumps({"cheap": cheap, "load": load is mlx_lm.utils.load, "generate": callable(generate),
+                  "wrapper": tu.TokenizerWrapper.__module__, "version": mlx_lm.__version__}))
+"""
+    done = run_python(code, parley_home)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["cheap"] and got["load"] and got["generate"]
+    assert got["wrapper"] == "mlx_lm.tokenizer_utils" and got["version"]
+
+
+def test_chat_exit_code_and_output_survive_the_prompt_exit(tiny_model_dir, parley_home):
+    """`python -m app chat` ends with os._exit: the JSON must still be flushed, the reply saved, the code kept."""
+    base = [sys.executable, "-m", "app", "--model", str(tiny_model_dir), "chat", "assistant"]
+    env = {**os.environ, "PARLEY_HOME": str(parley_home)}
+    first = subprocess.run([*base, "hi", "--new", "--max-tokens", "2", "--json"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    one = json.loads(first.stdout)
+    second = subprocess.run([*base, "again", "--max-tokens", "2", "--json"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    two = json.loads(second.stdout)
+    assert two["conversation"] == one["conversation"] and two["cache"] == "disk"  # saved before the exit
+    assert two["ttft_ms"] >= two["queued_ms"] >= 0
+    bad = subprocess.run([*base, "   ", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "empty" in bad.stderr
+
+
+@pytest.fixture
+def embedded_from(monkeypatch):
+    """Point the embedded model at a GGUF of the test's choosing."""
+    from app.model import loader
+
+    def use(path: Path) -> None:
+        monkeypatch.setattr(loader, "embedded_gguf", lambda: path)
+
+    return use
+
+
+@pytest.fixture(scope="module")
+def gguf_copy(tmp_path_factory):
+    """A private copy of the embedded GGUF (the tests change it), and a way to flip one byte of its weights."""
+    import shutil
+
+    from app.model.loader import embedded_gguf
+
+    return Path(shutil.copy(embedded_gguf(), tmp_path_factory.mktemp("gguf") / "embedded.gguf"))
+
+
+def flip_last_byte(path: Path) -> None:
+    """Same size, other content (the file ends in tensor data), newer modification time."""
+    before = path.stat().st_mtime_ns
+    with path.open("r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        last = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([last[0] ^ 0x01]))
+    os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
+
+
+def test_embedded_conversion_is_reused_then_redone_when_the_gguf_changes(gguf_copy, parley_home, embedded_from):
+    from app.model.loader import model_fingerprint, resolve_model_folder
+
+    embedded_from(gguf_copy)
+    folder = resolve_model_folder(None)
+    made = (folder / "model.safetensors").stat().st_mtime_ns
+    first = model_fingerprint(folder)
+    assert resolve_model_folder(None) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == made  # unchanged file: not converted again
+
+    flip_last_byte(gguf_copy)  # the package was upgraded: same path and size, other weights
+    assert resolve_model_folder(None) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns != made
+    assert model_fingerprint(folder) != first  # caches keyed on the old model are not served
+
+
+def test_a_damaged_or_foreign_stamp_means_convert_again(gguf_copy, tmp_path, parley_home, embedded_from):
+    import shutil
+
+    from app.model.gguf_convert import SOURCE_FILE, is_converted_from
+    from app.model.loader import resolve_model_folder
+
+    embedded_from(gguf_copy)
+    folder = resolve_model_folder(None)
+    other = Path(shutil.copy(gguf_copy, tmp_path / "other.gguf"))
+    assert is_converted_from(folder, gguf_copy) and not is_converted_from(folder, other)
+    (folder / SOURCE_FILE).write_text("{not json")
+    assert not is_converted_from(folder, gguf_copy)
+    resolve_model_folder(None)
+    assert is_converted_from(folder, gguf_copy)
+
+
+def test_fingerprint_memo_follows_a_rewritten_weight_file(tiny_model_dir, tmp_path, parley_home):
+    """The memo skips hashing only while every file's size and mtime are as when it was hashed."""
+    import shutil
+
+    from app.model.loader import model_fingerprint
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+    first = model_fingerprint(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # same size, other content (the last byte of a tensor)
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert model_fingerprint(folder) != first
