@@ -87,6 +87,7 @@ def child(model: str | None, home: Path, key: str, prefill_more: int = PREFILL_M
 
 def store(model: str | None, home: Path, contexts: list[int]) -> dict[int, str]:
     from app.bench import common
+    from app.catalog.caches import conversation_key
     from app.model.loader import load_model, resolve_model_folder
 
     lm = load_model(str(resolve_model_folder(model)))
@@ -95,7 +96,7 @@ def store(model: str | None, home: Path, contexts: list[int]) -> dict[int, str]:
     whole, _ = common.fill(lm, pool, ids)  # one prefill; shorter contexts are its prefixes (the same values)
     keys = {}
     for n in contexts:
-        keys[n] = f"conv:{n}"
+        keys[n] = conversation_key(n)
         pool.save(keys[n], whole.copy_prefix(n) if n < whole.n_tokens else whole, None, "p")
     return keys
 

@@ -170,7 +170,7 @@ def cache_files(pool, key: str) -> list[Path]:
 
 def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
     """A plain right-aligned text table."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = [title] if title else []
     for j, r in enumerate(cells):
@@ -180,7 +180,7 @@ def table(headers: list[str], rows: list[list], title: str | None = None) -> str
     return "\n".join(lines)
 
 
-def _fmt(c) -> str:
+def fmt(c) -> str:
     if isinstance(c, float):
         if c >= 100:
             return f"{c:,.0f}"

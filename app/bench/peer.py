@@ -32,7 +32,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -170,7 +169,7 @@ def report(result: dict) -> str:
 
 
 def _cell(value) -> str:
-    return "-" if value is None else common._fmt(float(value))
+    return "-" if value is None else common.fmt(float(value))
 
 
 # -- Parley's half ----------------------------------------------------------------------------------------------
@@ -243,15 +242,18 @@ def turn_ttft_s(reply: dict) -> float:
 
 def conversation_files(home: Path, conversation_id: int) -> list[Path]:
     """The block and tail files of one conversation's stored cache (from its catalog row)."""
-    db = sqlite3.connect(home / "catalog.db")
+    from app.catalog import Catalog
+    from app.catalog.caches import CacheStore, conversation_key
+
+    catalog = Catalog(home / "catalog.db")
     try:
-        row = db.execute("select chain, tail_file from caches where key = ?", [f"conv:{conversation_id}"]).fetchone()
+        row = CacheStore(catalog).record(conversation_key(conversation_id))
     finally:
-        db.close()
+        catalog.close()
     if row is None:
         raise RuntimeError(f"conversation {conversation_id} has no stored cache in {home}")
     root = home / "caches"
-    return [root / "blocks" / h[:2] / f"{h}.safetensors" for h in json.loads(row[0])] + [root / "tails" / row[1]]
+    return [root / "blocks" / h[:2] / f"{h}.safetensors" for h in row.chain] + [root / "tails" / row.tail_file]
 
 
 # -- llama.cpp's half ---------------------------------------------------------------------------------------
@@ -328,7 +330,10 @@ def describe_exit(code: int) -> str:
     if code < 0:
         import signal
 
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
         hint = " (this llama.cpp build uses instructions this CPU lacks, e.g. AVX-512)" if name == "SIGILL" else ""
         return f"killed by {name}{hint}"
     return f"exit status {code}"

@@ -110,7 +110,7 @@ def save(llm, path: str) -> dict:
 
     n = llm.n_tokens
     tokens = (llama_cpp.llama_token * n)(*llm.input_ids[:n].tolist())
-    if not llama_cpp.llama_state_save_file(llm._ctx.ctx, path.encode(), tokens, n):
+    if not llama_cpp.llama_state_save_file(llm.ctx, path.encode(), tokens, n):
         raise SystemExit(f"llama_state_save_file failed for {path}")
     return {"state_tokens": n, "state_bytes": os.path.getsize(path)}
 
@@ -123,7 +123,7 @@ def resume(llm, args) -> dict:
     tokens = (llama_cpp.llama_token * capacity)()
     count = ctypes.c_size_t(0)
     t0 = time.perf_counter()
-    if not llama_cpp.llama_state_load_file(llm._ctx.ctx, args.state.encode(), tokens, capacity, ctypes.byref(count)):
+    if not llama_cpp.llama_state_load_file(llm.ctx, args.state.encode(), tokens, capacity, ctypes.byref(count)):
         raise SystemExit(f"llama_state_load_file failed for {args.state}")
     n = count.value
     llm.input_ids[:n] = tokens[:n]
