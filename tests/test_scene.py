@@ -111,11 +111,13 @@ def test_batched_decode_gives_the_same_tokens_as_decoding_alone(tiny_model_dir):
     from app.engine.commands import Sampling
     from app.engine.generation import decode, prefill
     from app.kvstore.conversation_cache import ConversationCache
+    from app.kvstore.live_cache import compact_applies
     from app.kvstore.schemes import get_scheme
     from app.model.loader import load_model
 
     lm = load_model(str(tiny_model_dir))
     scheme = get_scheme("q4")
+    compact = compact_applies(scheme)
     lengths, counts = (250, 37, 120, 300), (20, 9, 20, 14)
     prompts = [[(7 * i + 13 * b) % 300 + 5 for i in range(n)] for b, n in enumerate(lengths)]
 
@@ -164,7 +166,10 @@ def test_batched_decode_gives_the_same_tokens_as_decoding_alone(tiny_model_dir):
             k, v = caches[b].layers[-1].tail()
             sk, sv = solo_cache.layers[-1].tail()
             n = k.shape[1]
-            assert mx.array_equal(k, sk[:, :n]) and mx.array_equal(v, sv[:, :n])
+            if compact:  # alone: attention over the encoded blocks (C); batched: over a decoded copy (BLAS)
+                assert mx.allclose(k, sk[:, :n], rtol=1e-5, atol=1e-6) and mx.allclose(v, sv[:, :n], rtol=1e-5, atol=1e-6)
+            else:
+                assert mx.array_equal(k, sk[:, :n]) and mx.array_equal(v, sv[:, :n])
 
 
 def test_row_kernel_is_bitwise_the_single_row_gemv(tiny_model_dir):
