@@ -154,3 +154,12 @@ def test_scene_seats_count_per_member(store):
     assert conversation_cache_state(scene, rows, ram, persona_id="bob") == CacheSummary("ram", 25, 3, scene)
     assert cache_states_by_persona(rows, ram) == {"ann": CacheSummary("disk", 10, 1, scene),
                                                   "bob": CacheSummary("ram", 25, 3, scene)}
+
+
+def test_one_cache_state_type_the_ui_defines_none_of_its_own():
+    """The catalog's CacheSummary is the only cache-state class: a second copy (the UI had one) drifts from the rule."""
+    copies = [f"{f.relative_to(APP)}:{node.lineno}" for f in sorted(APP.rglob("*.py"))
+              if f.relative_to(APP).parts[0] != "catalog"
+              for node in ast.walk(ast.parse(f.read_text(), str(f)))
+              if isinstance(node, ast.ClassDef) and "CacheSummary" in node.name]
+    assert copies == [], f"a cache-state class outside app/catalog (use app.catalog.caches.CacheSummary): {copies}"

@@ -8,6 +8,7 @@ The UI thread reads conversations through its own `Catalog`.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 from textual.app import App
@@ -131,12 +132,16 @@ class ParleyApp(App):
             self.chat_screen.refresh_personas()
 
     def disk_caches(self) -> list[dict]:
-        """Conversation caches on disk, from the catalog's cache records (empty before that table exists)."""
+        """Conversation caches on disk, from the catalog's cache records. Runs on a worker thread (the screen's
+        disk-caches read), so only what SQLite itself can refuse is turned into "no disk state this time": a
+        locked moment or no cache table yet (OperationalError; `conversation_rows` says [] for those already),
+        or the catalog closed under this thread as the app quits (ProgrammingError). Anything else is a bug and
+        is raised."""
         from app.catalog.caches import CacheStore
 
         try:
             return CacheStore(self.catalog).conversation_rows()
-        except Exception:  # no cache table yet, or a locked moment: show no disk state this time
+        except (sqlite3.OperationalError, sqlite3.ProgrammingError):
             return []
 
     # -- app actions -----------------------------------------------------------------

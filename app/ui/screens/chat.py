@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static, TabbedContent, TabPane, TextArea
 from textual.worker import get_current_worker
 
+from app.catalog.caches import cache_states_by_persona, conversation_cache_state
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.errors import ParleyError
@@ -24,7 +25,7 @@ from app.ui.screens.conversations import ConversationsScreen
 from app.ui.screens.new_scene import NewSceneScreen
 from app.ui.screens.persona_editor import PersonaEditorScreen
 from app.ui.screens.scenes import ScenesScreen
-from app.ui.widgets import CacheSummary, ChatPane, PersonaList, RamGauge
+from app.ui.widgets import ChatPane, PersonaList, RamGauge
 from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.scene_tab import SceneTab, scene_caches, scene_tab_id
 
@@ -248,37 +249,13 @@ class ChatScreen(Screen):
         self.show_caches()
 
     def show_caches(self) -> None:
-        """Cache state per persona: RAM (from the engine's last report) beats disk (from the catalog) beats none."""
-        summary: dict[str, CacheSummary] = {}
-        ram_convs = set()
-        for state in self.ram_list or self.ram_states.values():
-            s = summary.setdefault(state.persona_id, CacheSummary("ram"))
-            if s.where != "ram":
-                summary[state.persona_id] = s = CacheSummary("ram")
-            s.tokens += state.tokens
-            s.bytes += state.bytes
-            ram_convs.add((state.conversation_id, state.persona_id))
-        for row in self._disk_rows:
-            pid = row["persona_id"]
-            if (row["conversation_id"], pid) in ram_convs or pid is None:
-                continue
-            s = summary.get(pid)
-            if s is None:
-                s = summary[pid] = CacheSummary("disk")
-            if s.where == "disk":
-                s.tokens += int(row["tokens"] or 0)
-                s.bytes += int(row["bytes"] or 0)
-        self.query_one(PersonaList).set_caches(summary)
-        disk = {row["conversation_id"]: row for row in self._disk_rows}
+        """Cache state per persona and per open chat, by the catalog's one rule (app.catalog.caches): RAM (from
+        the engine's last report) beats disk (from the catalog) beats none."""
+        personas = cache_states_by_persona(self._disk_rows, self.ram_list or self.ram_states.values())
+        self.query_one(PersonaList).set_caches(personas)
         for pane in self.panes():
-            state = self.ram_states.get(pane.conversation_id)
-            if state is not None:
-                pane.set_live_cache(CacheSummary("ram", state.tokens, state.bytes))
-            elif pane.conversation_id in disk:
-                row = disk[pane.conversation_id]
-                pane.set_live_cache(CacheSummary("disk", int(row["tokens"] or 0), int(row["bytes"] or 0)))
-            else:
-                pane.set_live_cache(None)
+            state = conversation_cache_state(pane.conversation_id, self._disk_rows, self.ram_states.values())
+            pane.set_live_cache(None if state.where == "none" else state)
         for scene in self.scenes():
             scene.set_caches(scene_caches(scene.members, self.ram_list, self._disk_rows, scene.conversation_id))
 

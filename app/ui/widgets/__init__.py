@@ -7,7 +7,7 @@
 - `text`: how figures and model text are drawn.
 """
 
-from app.ui.widgets.cache_summary import CacheSummary
+from app.ui.widgets.cache_summary import cache_label
 from app.ui.widgets.chat_input import ChatInput
 from app.ui.widgets.chat_pane import PASTE_NOTE_CHARS, ChatPane, paste_note
 from app.ui.widgets.message_view import MessageView
@@ -18,6 +18,6 @@ from app.ui.widgets.text import (QUEUE_SHOWN_MS, clean, duration, human_bytes, l
                                  stats_line)
 from app.ui.widgets.transcript import Transcript, TranscriptNavigation
 
-__all__ = ["PASTE_NOTE_CHARS", "QUEUE_SHOWN_MS", "CacheSummary", "ChatInput", "ChatPane", "MessageView", "PersonaList",
+__all__ = ["PASTE_NOTE_CHARS", "QUEUE_SHOWN_MS", "ChatInput", "ChatPane", "MessageView", "PersonaList",
            "RamGauge", "SceneLine", "SceneTab", "Transcript", "TranscriptNavigation", "clean", "duration",
-           "human_bytes", "lore_entries", "lore_mark", "lore_of", "paste_note", "stats_line"]
+           "cache_label", "human_bytes", "lore_entries", "lore_mark", "lore_of", "paste_note", "stats_line"]

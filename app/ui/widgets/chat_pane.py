@@ -6,10 +6,10 @@ from rich.text import Text
 from textual import on
 from textual.widgets import Static, TextArea
 
+from app.catalog.caches import CacheSummary
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.errors import ParleyError
-from app.ui.widgets.cache_summary import CacheSummary
 from app.ui.widgets.chat_input import ChatInput
 from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.message_view import MessageView

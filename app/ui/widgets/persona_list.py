@@ -10,8 +10,9 @@ from textual.containers import Vertical
 from textual.widgets import Input, OptionList
 from textual.widgets.option_list import Option
 
+from app.catalog.caches import CacheSummary
 from app.ui import messages as msg
-from app.ui.widgets.cache_summary import CacheSummary
+from app.ui.widgets.cache_summary import cache_label
 
 
 class PersonaList(Vertical):
@@ -60,7 +61,7 @@ class PersonaList(Vertical):
         text.append(persona.name, style="bold")
         text.append("\n  ")
         style = {"ram": "#3fa34d", "disk": "#c98a00"}.get(cache.where, "dim")
-        text.append(cache.label(), style=style)
+        text.append(cache_label(cache), style=style)
         return text
 
     def refresh_list(self) -> None:

@@ -15,6 +15,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Checkbox, Label, Static
 
+from app.catalog.caches import conversation_cache_state
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.errors import ParleyError
@@ -315,12 +316,7 @@ class SceneTab(ConversationTab):
 
 
 def scene_caches(members, ram_states, disk_rows, conversation_id: int) -> dict[str, str]:
-    """Where each member's cache of this scene is: "ram" (engine report), else "disk" (catalog), else "none"."""
-    out = {pid: "none" for pid in members}
-    for row in disk_rows:
-        if row["conversation_id"] == conversation_id and row["persona_id"] in out:
-            out[row["persona_id"]] = "disk"
-    for state in ram_states:
-        if state.conversation_id == conversation_id and state.persona_id in out:
-            out[state.persona_id] = "ram"
-    return out
+    """Where each member's cache of this scene is: "ram", "disk" or "none", by the catalog's one rule
+    (app.catalog.caches.conversation_cache_state: RAM beats disk beats none)."""
+    ram, rows = list(ram_states), list(disk_rows)
+    return {pid: conversation_cache_state(conversation_id, rows, ram, persona_id=pid).where for pid in members}
