@@ -41,13 +41,8 @@ def kernels() -> ctypes.CDLL | None:
     `PARLEY_CPU_KERNELS=0`, not Linux); loads the float16 table once."""
     global _lib, _lut
     if _lib is False:
-        _lib = None
-        lib = cpu_kernels.kernels()
-        if lib is not None:
-            # float16 -> float32 exactly as MLX converts (the table is what MLX computes)
-            table = mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(mx.float16).astype(mx.float32)
-            _lut = np.array(table, copy=True)
-            _lib = lib
+        _lib = cpu_kernels.kernels()
+        _lut = cpu_kernels.float16_table() if _lib is not None else None
     return _lib
 
 

@@ -198,6 +198,22 @@ def cpu_features() -> str:
     return ", ".join(have) or "none of avx/avx2/avx512/neon"
 
 
+_float16_table = None
+
+
+def float16_table():
+    """float16 -> float32 for every 16-bit pattern, exactly as MLX converts them (the table is what MLX
+    computes): the KV kernels read stored float16 values through it. Built once."""
+    global _float16_table
+    if _float16_table is None:
+        import mlx.core as mx
+        import numpy as np
+
+        table = mx.arange(65536, dtype=mx.uint32).astype(mx.uint16).view(mx.float16).astype(mx.float32)
+        _float16_table = np.array(table, copy=True)
+    return _float16_table
+
+
 def data_pointer(a) -> int:
     """Address of an evaluated, row-contiguous fp32 MLX array's data (shared, not copied), for a kernel that
     writes into it. Raises ValueError for anything else (a C write through a wrong layout corrupts memory)."""
