@@ -20,9 +20,10 @@ from setuptools.command.build_ext import build_ext
 CSRC = "app/csrc"
 KERNELS = Extension(
     "app._kernels",
-    sources=[f"{CSRC}/{name}.c" for name in ("dispatch", "variant_avx512", "variant_avx2", "variant_portable")],
+    sources=[f"{CSRC}/{name}.c" for name in ("dispatch", "threads", "variant_avx512", "variant_avx2",
+                                                          "variant_portable")],
     depends=[f"{CSRC}/{name}" for name in ("kernels.h", "kernels.inc", "system.h", "quant_rows.h", "kv_codes.h", "attention.c",
-                                            "activations.c", "qgemv.c", "kv_decode.c", "q4_attention.c")],
+                                            "activations.c", "qgemv.c", "kv_decode.c", "q4_attention.c", "threads.h")],
     include_dirs=[CSRC],
     extra_compile_args=["-O3", "-ffast-math", "-fopenmp-simd", "-std=gnu11"],
     libraries=["m", "pthread"],

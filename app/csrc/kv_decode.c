@@ -1,7 +1,7 @@
 /* Decode sealed KV-cache blocks (4/8-bit affine per token or per channel, float16, float32) straight into
    the fp32 working copies; bit-identical to `schemes.decode` (see app/kvstore/fast_decode.py). */
 #include "kernels.h"
-#include <pthread.h>
+#include "threads.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -110,23 +110,20 @@ static void decode_range(const float *lut, long n, const long *jobs) {
     }
 }
 
-/* The jobs split in two halves, the second on a helper thread: decoding is bound by memory
-   writes, and one core alone does not saturate them (30 -> 20 ms for an 8K-token cache). */
-struct half { const float *lut; long n; const long *jobs; };
-static void *run_half(void *arg) {
-    struct half *h = arg;
-    decode_range(h->lut, h->n, h->jobs);
-    return NULL;
+/* The jobs shared with the pool's helper threads (threads.c), one job a chunk: decoding is bound by
+   memory writes, and one core alone does not saturate them (30 -> 20 ms for an 8K-token cache).
+   `threads` < 2 keeps them on the calling thread. */
+struct decode_jobs { const float *lut; const long *jobs; };
+static void decode_one(void *arg, long k) {
+    const struct decode_jobs *d = arg;
+    decode_range(d->lut, 1, d->jobs + 12 * k);
 }
 
 void KFN(kv_decode_jobs)(const float *lut, long n, const long *jobs, long threads) {
-    pthread_t helper;
-    long first = n / 2;
-    struct half second = { lut, n - first, jobs + 12 * first };
-    if (threads < 2 || n < 2 || pthread_create(&helper, NULL, run_half, &second) != 0) {
+    if (threads < 2 || n < 2) {
         decode_range(lut, n, jobs);
         return;
     }
-    decode_range(lut, first, jobs);
-    pthread_join(helper, NULL);
+    struct decode_jobs d = { lut, jobs };
+    parley_parallel_for(decode_one, &d, n);
 }

@@ -60,11 +60,12 @@ QROWS_INLINE float qrows_bias(const float *bo, const float *xs, long G) {
     return t;
 }
 
-/* 4-bit body for B rows: xe/xo rows are K/2 floats apart, xs rows G apart; y rows O apart. */
+/* 4-bit body for B rows, outputs o0..o1-1 of O: xe/xo rows are K/2 floats apart, xs rows G apart; y rows O apart. */
 QROWS_INLINE void q4_rows_body(const unsigned char *w, const float *s, const float *b, const float *xe,
-                               const float *xo, const float *xs, float *y, long O, long K, const long B) {
+                               const float *xo, const float *xs, float *y, long O, long K, long o0, long o1,
+                               const long B) {
     long G = K / 32, H = K / 2;
-    for (long o = 0; o < O; o++) {
+    for (long o = o0; o < o1; o++) {
         const unsigned char *p = w + o * H;
         const float *so = s + o * G, *bo = b + o * G;
         float bias[QROWS_MAX];
@@ -123,11 +124,11 @@ QROWS_INLINE void q4_rows_body(const unsigned char *w, const float *s, const flo
     }
 }
 
-/* 8-bit body for B rows: x rows K apart, xs rows G apart; y rows O apart. */
+/* 8-bit body for B rows, outputs o0..o1-1 of O: x rows K apart, xs rows G apart; y rows O apart. */
 QROWS_INLINE void q8_rows_body(const unsigned char *w, const float *s, const float *b, const float *x,
-                               const float *xs, float *y, long O, long K, const long B) {
+                               const float *xs, float *y, long O, long K, long o0, long o1, const long B) {
     long G = K / 32;
-    for (long o = 0; o < O; o++) {
+    for (long o = o0; o < o1; o++) {
         const unsigned char *p = w + o * K;
         const float *so = s + o * G, *bo = b + o * G;
         float bias[QROWS_MAX];

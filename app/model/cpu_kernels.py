@@ -143,6 +143,8 @@ def _declare(k: ctypes.CDLL) -> None:
         getattr(k, name).restype = I
     for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):
         getattr(k, name).argtypes, getattr(k, name).restype = [I], I
+    k.parley_threads.argtypes, k.parley_threads.restype = [], L
+    k.parley_set_threads.argtypes, k.parley_set_threads.restype = [L], I
 
 
 def variants() -> dict[str, dict[str, bool]]:
@@ -168,6 +170,22 @@ def use_variant(name: str) -> None:
     if k is None:
         raise KernelChoiceError(f"cannot use the {name} kernels: the C kernels are off or not built")
     _switch(k, name)
+
+
+def threads() -> int:
+    """Threads the decode kernels use (caller included; app/csrc/threads.c): PARLEY_THREADS, else
+    min(available cores, 2). 1 when the kernels are off."""
+    k = kernels()
+    return 1 if k is None else int(k.parley_threads())
+
+
+def set_threads(n: int) -> None:
+    """Run the decode kernels on `n` threads from now on (tests; PARLEY_THREADS does it at load)."""
+    k = kernels()
+    if k is None:
+        raise KernelChoiceError("cannot set the kernel threads: the C kernels are off or not built")
+    if k.parley_set_threads(n) != 0:
+        raise KernelChoiceError(f"{n} is not a kernel thread count: use 1 to 16 (PARLEY_THREADS)")
 
 
 def _best(k: ctypes.CDLL) -> str:

@@ -1,0 +1,186 @@
+/* A persistent worker pool for the decode kernels: the caller and (threads - 1) helpers split a job's
+   chunks (the 4/8-bit gemv's output rows, the block attention's heads and channel slices).
+
+   Decode calls the gemv ~120 times a token, 20-500 us each, so a hand-off must cost ~1 us: a helper
+   spins (pause) for PARLEY_THREAD_SPIN_US (default 200 us) after its last chunk, then sleeps on a futex,
+   so an idle app burns no CPU and a spinning helper does not fight OpenBLAS's prefill threads for long.
+   Chunks are claimed one at a time from a shared counter (generation in the high 32 bits, next chunk in
+   the low), so a helper that is asleep, late or descheduled (a busy machine) only means the caller
+   claims more chunks itself; a job never waits for a helper that has not started. Which thread ran a
+   chunk never changes its numbers: kernels split only independent outputs. */
+#define _GNU_SOURCE
+#include "threads.h"
+
+#include <errno.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() do { } while (0)
+#endif
+
+#define LOAD(p) __atomic_load_n(p, __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n(p, v, __ATOMIC_RELEASE)
+
+static struct {
+    parley_chunk_fn fn;      /* the current job (valid while its generation is in `ticket`) */
+    void *ctx;
+    long chunks;
+    uint64_t ticket;         /* generation << 32 | next unclaimed chunk */
+    long done;               /* chunks of the current job finished */
+    uint32_t generation;     /* futex word: the latest job's generation */
+    int sleepers;            /* helpers asleep (or about to be) on `generation` */
+    int busy;                /* a job is running: a second caller runs its job serially */
+    long threads;            /* wanted, caller included */
+    long started;            /* helpers running */
+    long spin_ns;
+    pthread_mutex_t start_lock;
+} pool = { .threads = 0, .start_lock = PTHREAD_MUTEX_INITIALIZER };
+
+static long futex(uint32_t *word, int op, uint32_t value) {
+    return syscall(SYS_futex, word, op, value, NULL, NULL, 0);
+}
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* Claim and run chunks of generation `gen` until none is left (or a newer job replaced it). */
+static void run_chunks(uint32_t gen) {
+    for (;;) {
+        uint64_t t = LOAD(&pool.ticket);
+        if ((uint32_t)(t >> 32) != gen) return;
+        long i = (long)(uint32_t)t;
+        parley_chunk_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_RELAXED);
+        void *ctx = __atomic_load_n(&pool.ctx, __ATOMIC_RELAXED);
+        long n = __atomic_load_n(&pool.chunks, __ATOMIC_RELAXED);
+        if (i >= n) return;
+        /* the claim succeeds only while the job is still generation `gen` with chunk i unclaimed, so
+           fn/ctx/n read above are that job's (a job's fields change only after all its chunks are done) */
+        if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+        fn(ctx, i);
+        __atomic_fetch_add(&pool.done, 1, __ATOMIC_RELEASE);
+    }
+}
+
+static void *helper_main(void *arg) {
+    (void)arg;
+    uint32_t seen = LOAD(&pool.generation);
+    for (;;) {
+        long until = now_ns() + pool.spin_ns;
+        for (int k = 0; LOAD(&pool.generation) == seen; k++) {
+            CPU_RELAX();
+            if ((k & 63) == 63 && now_ns() > until) {
+                __atomic_fetch_add(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+                if (__atomic_load_n(&pool.generation, __ATOMIC_SEQ_CST) == seen)
+                    futex(&pool.generation, FUTEX_WAIT_PRIVATE, seen);
+                __atomic_fetch_sub(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+                until = now_ns() + pool.spin_ns;
+            }
+        }
+        seen = LOAD(&pool.generation);
+        run_chunks(seen);
+    }
+    return NULL;
+}
+
+static long env_long(const char *name, long fallback, long lo, long hi) {
+    const char *s = getenv(name);
+    if (!s || !*s) return fallback;
+    char *end;
+    long v = strtol(s, &end, 10);
+    return (*end || v < lo || v > hi) ? fallback : v;
+}
+
+static long default_threads(void) {
+    cpu_set_t set;
+    long cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : sysconf(_SC_NPROCESSORS_ONLN);
+    if (cores < 1) cores = 1;
+    return env_long("PARLEY_THREADS", cores < 2 ? cores : 2, 1, PARLEY_MAX_THREADS);
+}
+
+static void after_fork_in_child(void) { pool.started = 0; pool.sleepers = 0; pool.busy = 0; }
+
+long parley_threads(void) {
+    long n = __atomic_load_n(&pool.threads, __ATOMIC_ACQUIRE);
+    if (n == 0) {
+        n = default_threads();
+        long zero = 0;
+        __atomic_compare_exchange_n(&pool.threads, &zero, n, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+        n = __atomic_load_n(&pool.threads, __ATOMIC_ACQUIRE);
+    }
+    return n;
+}
+
+int parley_set_threads(long n) {
+    if (n < 1 || n > PARLEY_MAX_THREADS) return -1;
+    __atomic_store_n(&pool.threads, n, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Start helpers up to `want - 1` (never stopped: a smaller count just leaves some asleep). */
+static long ensure_helpers(long want) {
+    if (LOAD(&pool.started) >= want - 1) return want;
+    pthread_mutex_lock(&pool.start_lock);
+    static int registered;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, after_fork_in_child);
+        pool.spin_ns = env_long("PARLEY_THREAD_SPIN_US", 200, 0, 100000) * 1000L;
+        registered = 1;
+    }
+    while (pool.started < want - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        STORE(&pool.started, pool.started + 1);
+    }
+    long have = pool.started + 1;
+    pthread_mutex_unlock(&pool.start_lock);
+    return have < want ? have : want;
+}
+
+void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
+    long threads = parley_threads();
+    int expected = 0;
+    if (chunks < 2 || threads < 2 ||
+        !__atomic_compare_exchange_n(&pool.busy, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        for (long i = 0; i < chunks; i++) fn(ctx, i);
+        return;
+    }
+    if (ensure_helpers(threads) < 2) {
+        for (long i = 0; i < chunks; i++) fn(ctx, i);
+        STORE(&pool.busy, 0);
+        return;
+    }
+    uint32_t gen = pool.generation + 1;
+    __atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.ctx, ctx, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.chunks, chunks, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.done, 0, __ATOMIC_RELAXED);
+    STORE(&pool.ticket, (uint64_t)gen << 32);
+    __atomic_store_n(&pool.generation, gen, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) futex(&pool.generation, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    run_chunks(gen);
+    /* the chunks the helpers claimed: short, unless a helper was descheduled (then give it the core) */
+    for (long k = 1; LOAD(&pool.done) < chunks; k++) {
+        CPU_RELAX();
+        if ((k & 1023) == 0) sched_yield();
+    }
+    STORE(&pool.busy, 0);
+}

@@ -1,0 +1,23 @@
+/* The kernels' worker-thread pool (threads.c): the calling thread plus helpers share a job's chunks.
+   Declared outside the variants' hidden-visibility block (system.h includes this), defined once. */
+#ifndef PARLEY_THREADS_H
+#define PARLEY_THREADS_H
+
+/* One chunk of a job: a kernel's slice of independent outputs (rows, heads), arithmetic per output
+   unchanged, so the result is bitwise the same whoever runs which chunk. */
+typedef void (*parley_chunk_fn)(void *ctx, long chunk);
+
+/* Run fn(ctx, 0..chunks-1), each exactly once, on the caller and the pool's helpers; returns when all
+   are done. Serial when the pool has one thread, chunks < 2, or another job is running (nested or
+   from another thread). */
+void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks);
+
+/* Threads a job uses (caller included): PARLEY_THREADS, else min(available cores, 2). */
+long parley_threads(void);
+
+/* Set the thread count (1..PARLEY_MAX_THREADS; tests and the app's settings): 0 done, -1 refused. */
+int parley_set_threads(long n);
+
+#define PARLEY_MAX_THREADS 16
+
+#endif
