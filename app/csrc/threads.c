@@ -32,6 +32,14 @@
 #define LOAD(p) __atomic_load_n(p, __ATOMIC_ACQUIRE)
 #define STORE(p, v) __atomic_store_n(p, v, __ATOMIC_RELEASE)
 
+/* A stall: the caller waited this long for a helper's chunk (the helper was descheduled: more runnable
+   threads than cores). The next `backoff` jobs then run on the caller alone (same results), doubling up
+   to 16384 jobs while stalls continue, so an overloaded machine does not make decode slower than one
+   thread; a job without a stall resets it. */
+#define STALL_NS 100000L
+#define BACKOFF_MIN 64L
+#define BACKOFF_MAX 16384L
+
 static struct {
     parley_chunk_fn fn;      /* the current job (valid while its generation is in `ticket`) */
     void *ctx;
@@ -44,8 +52,11 @@ static struct {
     long threads;            /* wanted, caller included */
     long started;            /* helpers running */
     long spin_ns;
+    long serial_left;        /* jobs to run on the caller alone after a stall (backoff, see below) */
+    long backoff;            /* the next stall's serial_left: doubles on each stall, reset by a good job */
+    long stats[4];           /* jobs shared, chunks run by helpers, stalls, jobs run alone by backoff */
     pthread_mutex_t start_lock;
-} pool = { .threads = 0, .start_lock = PTHREAD_MUTEX_INITIALIZER };
+} pool = { .threads = 0, .backoff = BACKOFF_MIN, .start_lock = PTHREAD_MUTEX_INITIALIZER };
 
 static long futex(uint32_t *word, int op, uint32_t value) {
     return syscall(SYS_futex, word, op, value, NULL, NULL, 0);
@@ -58,7 +69,7 @@ static long now_ns(void) {
 }
 
 /* Claim and run chunks of generation `gen` until none is left (or a newer job replaced it). */
-static void run_chunks(uint32_t gen) {
+static void run_chunks(uint32_t gen, int helper) {
     for (;;) {
         uint64_t t = LOAD(&pool.ticket);
         if ((uint32_t)(t >> 32) != gen) return;
@@ -72,6 +83,7 @@ static void run_chunks(uint32_t gen) {
         if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
         fn(ctx, i);
         __atomic_fetch_add(&pool.done, 1, __ATOMIC_RELEASE);
+        if (helper) __atomic_fetch_add(&pool.stats[1], 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -91,7 +103,7 @@ static void *helper_main(void *arg) {
             }
         }
         seen = LOAD(&pool.generation);
-        run_chunks(seen);
+        run_chunks(seen, 1);
     }
     return NULL;
 }
@@ -155,16 +167,24 @@ static long ensure_helpers(long want) {
     return have < want ? have : want;
 }
 
+static void run_serial(parley_chunk_fn fn, void *ctx, long chunks) {
+    for (long i = 0; i < chunks; i++) fn(ctx, i);
+}
+
 void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
     long threads = parley_threads();
     int expected = 0;
     if (chunks < 2 || threads < 2 ||
         !__atomic_compare_exchange_n(&pool.busy, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-        for (long i = 0; i < chunks; i++) fn(ctx, i);
+        run_serial(fn, ctx, chunks);
         return;
     }
-    if (ensure_helpers(threads) < 2) {
-        for (long i = 0; i < chunks; i++) fn(ctx, i);
+    if (pool.serial_left > 0 || ensure_helpers(threads) < 2) {
+        if (pool.serial_left > 0) {
+            pool.serial_left--;
+            __atomic_fetch_add(&pool.stats[3], 1, __ATOMIC_RELAXED);
+        }
+        run_serial(fn, ctx, chunks);
         STORE(&pool.busy, 0);
         return;
     }
@@ -176,11 +196,29 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
     STORE(&pool.ticket, (uint64_t)gen << 32);
     __atomic_store_n(&pool.generation, gen, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) futex(&pool.generation, FUTEX_WAKE_PRIVATE, INT32_MAX);
-    run_chunks(gen);
+    run_chunks(gen, 0);
     /* the chunks the helpers claimed: short, unless a helper was descheduled (then give it the core) */
+    long t0 = 0, stalled = 0;
     for (long k = 1; LOAD(&pool.done) < chunks; k++) {
         CPU_RELAX();
-        if ((k & 1023) == 0) sched_yield();
+        if ((k & 63) == 0) {
+            long t = now_ns();
+            if (t0 == 0) t0 = t;
+            else if (t - t0 > STALL_NS) stalled = 1;
+            if (stalled) sched_yield();
+        }
+    }
+    __atomic_fetch_add(&pool.stats[0], 1, __ATOMIC_RELAXED);
+    if (stalled) {
+        __atomic_fetch_add(&pool.stats[2], 1, __ATOMIC_RELAXED);
+        pool.serial_left = pool.backoff;
+        pool.backoff = pool.backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : pool.backoff * 2;
+    } else {
+        pool.backoff = BACKOFF_MIN;
     }
     STORE(&pool.busy, 0);
+}
+
+void parley_pool_stats(long *out) {
+    for (int i = 0; i < 4; i++) out[i] = __atomic_load_n(&pool.stats[i], __ATOMIC_RELAXED);
 }

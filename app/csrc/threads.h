@@ -18,6 +18,10 @@ long parley_threads(void);
 /* Set the thread count (1..PARLEY_MAX_THREADS; tests and the app's settings): 0 done, -1 refused. */
 int parley_set_threads(long n);
 
+/* Counters since load, into out[4]: jobs shared with helpers, chunks the helpers ran, stalls (a helper
+   descheduled mid-chunk), jobs run alone while backing off after a stall. */
+void parley_pool_stats(long *out);
+
 #define PARLEY_MAX_THREADS 16
 
 #endif

@@ -30,6 +30,7 @@ ISA_PORTABLE, ISA_AVX2 = 0, 1
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 _lut: np.ndarray | None = None
+_lut_ptr = 0
 
 
 class Unsupported(Exception):
@@ -39,10 +40,11 @@ class Unsupported(Exception):
 def kernels() -> ctypes.CDLL | None:
     """The C kernels with `kvq_attn_decode` (app/csrc/q4_attention.c), or None (no compiler,
     `PARLEY_CPU_KERNELS=0`, not Linux); loads the float16 table once."""
-    global _lib, _lut
+    global _lib, _lut, _lut_ptr
     if _lib is False:
         _lib = cpu_kernels.kernels()
         _lut = cpu_kernels.float16_table() if _lib is not None else None
+        _lut_ptr = _lut.ctypes.data if _lut is not None else 0
     return _lib
 
 
@@ -135,6 +137,14 @@ class BlockTable:
         self.blocks: list = []
         self.groups: tuple[int, int] | None = None
         self._keep: list = []
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """What each `attend` passes the kernel, computed once per change of the blocks (not per call):
+        the sealed token count, the two tensor specs and the rows' address."""
+        self._tokens = int(self.rows[:, 6].sum())
+        self._specs = self._spec_arrays()
+        self._rows_arg = (self.rows.shape[0], self.rows.ctypes.data)
 
     def sync(self, sealed: list) -> None:
         n = 0
@@ -147,6 +157,7 @@ class BlockTable:
             rows.append(np.array([self._row(block)], np.int64))
         self.rows = np.ascontiguousarray(np.concatenate(rows))
         self.blocks = list(sealed)
+        self._refresh()
 
     def _row(self, block) -> list[int]:
         kp, tk, gk = _tensor_row(self.kspec, block, "k", self.h, self.dk, self._keep)
@@ -158,9 +169,12 @@ class BlockTable:
 
     @property
     def tokens(self) -> int:
-        return int(self.rows[:, 6].sum())
+        return self._tokens
 
     def specs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._specs
+
+    def _spec_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         gk, gv = self.groups or (self.kspec[2], self.vspec[2])
         return (np.array([self.kspec[0], self.kspec[1], gk], np.int64),
                 np.array([self.vspec[0], self.vspec[1], gv], np.int64))
@@ -172,30 +186,31 @@ def attend(table: BlockTable, q: np.ndarray, tail_k: np.ndarray | None, tail_v: 
 
     q: H * dk fp32 (contiguous). tail_k/tail_v: fp32 (Hkv, cap, d) with contiguous rows (cap >= n_tail;
     heads may be further apart), or None when n_tail is 0. Returns H * dv fp32.
+    Called once per layer and token: what does not change between calls (specs, token count, the
+    kernel's ISA) is computed once, in the table or at load.
     """
     lib = kernels()
     if lib is None:
         raise Unsupported("no kernel")
-    q = np.ascontiguousarray(q, np.float32).reshape(-1)
+    if q.dtype != np.float32 or not q.flags.c_contiguous:
+        q = np.ascontiguousarray(q, np.float32)
     H = q.size // table.dk
     if H * table.dk != q.size or H % table.h:
         raise Unsupported("query heads")
-    G = H // table.h
-    total = table.tokens + n_tail
+    total = table._tokens + n_tail
     if total < 1:
         raise Unsupported("nothing to attend to")
     out = np.empty(H * table.dv, np.float32)
-    scratch = np.empty(G * total, np.float32)
-    kspec, vspec = table.specs()
-    tk_ptr = tv_ptr = 0
-    tk_hs = tv_hs = 0
+    scratch = np.empty((H // table.h) * total, np.float32)
+    kspec, vspec = table._specs
+    tk_ptr = tv_ptr = tk_hs = tv_hs = 0
     if n_tail:
         tk_hs, tv_hs = _head_stride(tail_k, table.dk, n_tail), _head_stride(tail_v, table.dv, n_tail)
         tk_ptr, tv_ptr = tail_k.ctypes.data, tail_v.ctypes.data
-    lib.kvq_attn_decode(_lut.ctypes.data, q.ctypes.data, out.ctypes.data, scratch.ctypes.data,
+    lib.kvq_attn_decode(_lut_ptr, q.ctypes.data, out.ctypes.data, scratch.ctypes.data,
                         H, table.h, table.dk, table.dv, float(scale), kspec.ctypes.data, vspec.ctypes.data,
-                        table.rows.shape[0], table.rows.ctypes.data, tk_ptr, tv_ptr, n_tail, tk_hs, tv_hs,
-                        best_isa() if isa is None else isa)
+                        *table._rows_arg, tk_ptr, tv_ptr, n_tail, tk_hs, tv_hs,
+                        ISA_AVX2 if isa is None else isa)  # the kernel takes AVX2 only where its variant has it
     return out
 
 
