@@ -123,3 +123,75 @@ def test_schemes_the_kernel_refuses():
     assert ba.scheme_applies(SCHEMES["q4"]) and ba.scheme_applies(SCHEMES["f16"])
     for quant in (TensorQuant(rotate=True), TensorQuant(center=True), TensorQuant(outliers=2), TensorQuant(bits=2)):
         assert not ba.scheme_applies(KVScheme("x", quant, TensorQuant()))
+
+
+# ---------------------------------------------------------------- threads (app/csrc/threads.c)
+
+
+def usable_variants() -> list[str]:
+    from app.model import cpu_kernels
+
+    return [name for name, v in cpu_kernels.variants().items() if v["usable"]]
+
+
+@needs_c
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(TEST_SCHEMES)), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4, 5, 8]),
+       dims=st.sampled_from([(64, 64), (32, 32), (64, 32), (16, 64), (128, 128), (8, 8)]),
+       block_lens=st.lists(st.sampled_from([1, 8, 17, 64, 70, 256]), max_size=3),
+       n_tail=st.sampled_from([0, 1, 5, 63, 64, 65]), headroom=st.sampled_from([0, 3]), threads=st.integers(2, 4),
+       seed=st.integers(0, 2**16))
+def test_threaded_kernel_is_bitwise_one_thread(name, hkv, group, dims, block_lens, n_tail, headroom, threads, seed):
+    """Scores split by KV head and block, softmax by query head, values by channel slice: every output
+    bitwise the one-thread kernel's, for each kernel variant this CPU runs and each ISA path."""
+    from app.model import cpu_kernels
+
+    scheme = TEST_SCHEMES[name]
+    dk, dv = dims
+    if not block_lens and n_tail == 0:
+        n_tail = 1
+    blocks, tail_k, tail_v, q = make_case(scheme, hkv, group, dk, dv, block_lens, n_tail, headroom, seed)
+    table = ba.BlockTable(scheme, hkv, dk, dv)
+    try:
+        table.sync(blocks)
+    except ba.Unsupported:
+        return
+    tails = (tail_k, tail_v) if n_tail else (None, None)
+    before, work, variant = cpu_kernels.threads(), cpu_kernels.set_min_work(0), cpu_kernels.active_variant()
+    try:
+        for variant_name in usable_variants():
+            cpu_kernels.use_variant(variant_name)
+            for isa in isas():
+                cpu_kernels.set_threads(1)
+                want = ba.attend(table, q, *tails, n_tail, dk ** -0.5, isa=isa)
+                cpu_kernels.set_threads(threads)
+                got = ba.attend(table, q, *tails, n_tail, dk ** -0.5, isa=isa)
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (variant_name, isa)
+    finally:
+        cpu_kernels.set_threads(before)
+        cpu_kernels.set_min_work(work)
+        cpu_kernels.use_variant(variant)
+
+
+@needs_c
+def test_the_helper_thread_really_runs_attention_chunks():
+    """A 4K-token cache attended until the helper has run some chunks (bounded), each bitwise one thread."""
+    from app.model import cpu_kernels
+
+    scheme = SCHEMES["q4"]
+    blocks, tail_k, tail_v, q = make_case(scheme, 3, 3, 64, 64, [256] * 16, 40, 0, 11)
+    table = ba.BlockTable(scheme, 3, 64, 64)
+    table.sync(blocks)
+    before = cpu_kernels.threads()
+    try:
+        cpu_kernels.set_threads(1)
+        want = ba.attend(table, q, tail_k, tail_v, 40, 0.125)
+        cpu_kernels.set_threads(2)
+        chunks = cpu_kernels.pool_stats()["helper_chunks"]
+        for _ in range(1000):
+            assert np.array_equal(ba.attend(table, q, tail_k, tail_v, 40, 0.125), want)
+            if cpu_kernels.pool_stats()["helper_chunks"] > chunks:
+                break
+        assert cpu_kernels.pool_stats()["helper_chunks"] > chunks, "the helper thread never ran a chunk"
+    finally:
+        cpu_kernels.set_threads(before)

@@ -210,6 +210,97 @@ def test_kv_decode_is_bitwise(variant, kind, bits, H, T, D, G, t0, threads, seed
     del keep
 
 
+# ---------------------------------------------------------------- threads (app/csrc/threads.c)
+
+
+@pytest.fixture
+def pool():
+    """Set the kernels' thread count and threading threshold for one test (both restored afterwards)."""
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the C kernels are off or not built")
+    before, min_work = cpu_kernels.threads(), cpu_kernels.set_min_work(0)
+
+    def use(threads: int, work: int = 0) -> None:
+        cpu_kernels.set_threads(threads)
+        cpu_kernels.set_min_work(work)
+
+    yield use
+    cpu_kernels.set_threads(before)
+    cpu_kernels.set_min_work(min_work)
+
+
+def gemv_all(variant, bits, w, s, b, x, O, K):
+    """(each row alone, all rows batched) of the quantized gemv."""
+    B = x.shape[0]
+    gemv = variant.q4_gemv if bits == 4 else variant.q8_gemv
+    rows = variant.q4_rows if bits == 4 else variant.q8_rows
+    single, batched = np.empty((B, O), np.float32), np.empty((B, O), np.float32)
+    for r in range(B):
+        gemv(ptr(w), ptr(s), ptr(b), ptr(x[r]), ptr(single[r]), O, K)
+    rows(ptr(w), ptr(s), ptr(b), ptr(x), ptr(batched), O, K, B)
+    return single, batched
+
+
+@SETTINGS
+@given(bits=st.sampled_from([4, 8]), O=st.one_of(st.integers(1, 80), st.integers(81, 3000)), groups=st.integers(1, 24),
+       B=st.integers(1, 8), threads=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_threaded_gemv_is_bitwise_one_thread(variant, pool, bits, O, groups, B, threads, seed):
+    """Output rows split over threads (odd counts, fewer rows than chunks): every row the same bits."""
+    rng = np.random.default_rng(seed)
+    K = 32 * groups
+    _, w, s, b = packed(rng, O, K, bits)
+    x = rng.standard_normal((B, K)).astype(np.float32)
+    pool(1)
+    want = gemv_all(variant, bits, w, s, b, x, O, K)
+    pool(threads)
+    got = gemv_all(variant, bits, w, s, b, x, O, K)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_helper_thread_really_computes_gemv_rows(variant, pool, bits):
+    """Repeated until the helper thread has run some of the rows (bounded), each time bitwise one thread:
+    the threaded path itself is what is checked, not a caller that happened to do everything alone."""
+    rng = np.random.default_rng(bits)
+    O, K = 3072, 576
+    _, w, s, b = packed(rng, O, K, bits)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    pool(1)
+    want = gemv_all(variant, bits, w, s, b, x, O, K)[0]
+    pool(2)
+    before = cpu_kernels.pool_stats()["helper_chunks"]
+    for _ in range(2000):
+        assert np.array_equal(gemv_all(variant, bits, w, s, b, x, O, K)[0], want)
+        if cpu_kernels.pool_stats()["helper_chunks"] > before:
+            break
+    assert cpu_kernels.pool_stats()["helper_chunks"] > before, "the helper thread never ran a chunk"
+
+
+def test_small_jobs_stay_on_the_calling_thread(variant, pool):
+    """Under the threshold nothing is handed to the pool (a hand-off costs more than a tiny gemv)."""
+    rng = np.random.default_rng(0)
+    _, w, s, b = packed(rng, 64, 64, 4)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    pool(2, work=1 << 16)
+    before = cpu_kernels.pool_stats()
+    gemv_all(variant, 4, w, s, b, x, 64, 64)
+    after = cpu_kernels.pool_stats()
+    assert after["shared"] == before["shared"] and after["alone"] == before["alone"]
+
+
+def test_thread_count_comes_from_parley_threads_and_bad_values_are_refused():
+    code = "from app.model import cpu_kernels as c; print(c.threads())"
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                       env={**os.environ, "PARLEY_THREADS": value}, timeout=120)
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the C kernels are off or not built")
+    assert run("3").stdout.strip() == "3" and run("1").stdout.strip() == "1"
+    default = run("").stdout.strip()
+    assert default == str(min(len(os.sched_getaffinity(0)), 2))
+    bad = run("lots")
+    assert bad.returncode != 0 and "PARLEY_THREADS='lots' is not a thread count: use 1 to 16" in bad.stderr
+
+
 # ---------------------------------------------------------------- choosing a variant
 
 

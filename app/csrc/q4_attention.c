@@ -503,7 +503,7 @@ void KFN(kvq_attn_decode)(const float *lut, const float *q, float *out, float *s
     a.total = total;
     a.inv = inv;
     a.S = Hkv == 1 ? scratch : scores_buffer(H * total);
-    int threaded = parley_threads() > 1 && total * H * (Dk + Dv) >= (1L << 16);
+    int threaded = parley_threads() > 1 && total * H * (Dk + Dv) >= parley_min_work();
     if (a.S == NULL) { /* no memory for all heads' scores: one KV head at a time in the caller's scratch */
         for (long kh = 0; kh < Hkv; kh++) {
             long qo = kh * a.G * Dk, oo = kh * a.G * Dv;

@@ -46,11 +46,11 @@ static void q8_rows_chunk(void *arg, long i) {
     QROWS_SWITCH(q8_rows_body, j->B, j->w, j->s, j->b, j->x, j->xs, j->y, j->O, j->K, o0, o1)
 }
 
-/* Rows per chunk: a few chunks per thread (a late or busy helper leaves its share to the caller), none
-   under ~16K weights x rows (the hand-off would cost more than the work); 1 chunk = the caller alone. */
+/* Rows per chunk: a few chunks per thread (a late or busy helper leaves its share to the caller), at
+   least 16 rows; all O (the caller alone) under parley_min_work() weights x rows. */
 static long qrows_step(long O, long K, long B) {
     long threads = parley_threads();
-    if (threads < 2 || O * K * B < (1L << 15) * 4) return O;
+    if (threads < 2 || O * K * B < parley_min_work()) return O;
     long chunks = threads * 4, min_rows = 16;
     long step = (O + chunks - 1) / chunks;
     return step < min_rows ? min_rows : step;

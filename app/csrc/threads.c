@@ -50,13 +50,14 @@ static struct {
     int sleepers;            /* helpers asleep (or about to be) on `generation` */
     int busy;                /* a job is running: a second caller runs its job serially */
     long threads;            /* wanted, caller included */
+    long min_work;           /* smaller jobs (multiply-adds) stay on the caller */
     long started;            /* helpers running */
     long spin_ns;
     long serial_left;        /* jobs to run on the caller alone after a stall (backoff, see below) */
     long backoff;            /* the next stall's serial_left: doubles on each stall, reset by a good job */
     long stats[4];           /* jobs shared, chunks run by helpers, stalls, jobs run alone by backoff */
     pthread_mutex_t start_lock;
-} pool = { .threads = 0, .backoff = BACKOFF_MIN, .start_lock = PTHREAD_MUTEX_INITIALIZER };
+} pool = { .threads = 0, .min_work = 1L << 16, .backoff = BACKOFF_MIN, .start_lock = PTHREAD_MUTEX_INITIALIZER };
 
 static long futex(uint32_t *word, int op, uint32_t value) {
     return syscall(SYS_futex, word, op, value, NULL, NULL, 0);
@@ -137,10 +138,17 @@ long parley_threads(void) {
 }
 
 int parley_set_threads(long n) {
+    if (n == 0) n = default_threads();
     if (n < 1 || n > PARLEY_MAX_THREADS) return -1;
     __atomic_store_n(&pool.threads, n, __ATOMIC_RELEASE);
+    pool.serial_left = 0; /* a fresh start: no backoff left from earlier stalls */
+    pool.backoff = BACKOFF_MIN;
     return 0;
 }
+
+long parley_min_work(void) { return __atomic_load_n(&pool.min_work, __ATOMIC_RELAXED); }
+
+void parley_set_min_work(long work) { __atomic_store_n(&pool.min_work, work < 0 ? 0 : work, __ATOMIC_RELAXED); }
 
 /* Start helpers up to `want - 1` (never stopped: a smaller count just leaves some asleep). */
 static long ensure_helpers(long want) {

@@ -15,8 +15,14 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks);
 /* Threads a job uses (caller included): PARLEY_THREADS, else min(available cores, 2). */
 long parley_threads(void);
 
-/* Set the thread count (1..PARLEY_MAX_THREADS; tests and the app's settings): 0 done, -1 refused. */
+/* Set the thread count (1..PARLEY_MAX_THREADS; 0: back to the default; tests, PARLEY_THREADS checked by the
+   Python loader): 0 done, -1 refused. */
 int parley_set_threads(long n);
+
+/* Jobs of fewer multiply-adds than this stay on the caller (the hand-off would cost more than the work):
+   65536 by default; tests set 0 to thread even the tiny model's kernels. */
+long parley_min_work(void);
+void parley_set_min_work(long work);
 
 /* Counters since load, into out[4]: jobs shared with helpers, chunks the helpers ran, stalls (a helper
    descheduled mid-chunk), jobs run alone while backing off after a stall. */

@@ -11,6 +11,8 @@ The library is only ever loaded from the package folder, and not if it or its fo
 user: nothing is compiled or cached at run time (the old runtime compile wrote to a predictable
 /tmp/parley-kernels-<uid> folder that another local user could plant a library in).
 
+`PARLEY_THREADS=N` sets the threads of the decode kernels (app/csrc/threads.c; default min(cores, 2), 1 = the
+calling thread alone); their results are bitwise the same on any count.
 `PARLEY_KERNELS=avx512|avx2|portable|off` forces a variant (one the CPU cannot run is refused with a
 `KernelChoiceError`); `PARLEY_CPU_KERNELS=0` (older name) means off. Without the library (no C compiler at
 install) `kernels()` is None, callers stay on plain MLX and one warning line says what to install.
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent.parent
 VARIANTS = ("portable", "avx2", "avx512")  # index = the library's variant number
+MAX_THREADS = 16  # PARLEY_MAX_THREADS in app/csrc/threads.h
 CHOICES = (*VARIANTS, "off")
 NOT_BUILT = ("Parley's C kernels are not built (no C compiler when Parley was installed): running on plain MLX, "
              "2-3x slower on the CPU. Install gcc (Debian/Ubuntu: sudo apt-get install gcc libc6-dev) and run "
@@ -72,15 +75,27 @@ def kernels() -> ctypes.CDLL | None:
     global _kernels
     if _kernels is not False:
         return _kernels
-    want = requested()
+    want, threads_wanted = requested(), requested_threads()
     if want == "off" or not sys.platform.startswith("linux"):
         _kernels = None
         return None
     lib = _load()
     if lib is not None:
         _switch(lib, want or _best(lib))  # also undoes an earlier use_variant / PARLEY_KERNELS (tests)
+        lib.parley_set_threads(threads_wanted or 0)  # 0: the default, min(cores, 2) (also undoes set_threads)
     _kernels = lib
     return lib
+
+
+def requested_threads() -> int | None:
+    """The thread count PARLEY_THREADS asks for (1 = the calling thread alone), or None: min(cores, 2)."""
+    raw = os.environ.get("PARLEY_THREADS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREADS:
+        raise KernelChoiceError(f"PARLEY_THREADS={raw!r} is not a thread count: use 1 to {MAX_THREADS} "
+                                "(1 = no helper threads), or unset it to use min(cores, 2).")
+    return int(raw)
 
 
 def reset() -> None:
@@ -145,6 +160,9 @@ def _declare(k: ctypes.CDLL) -> None:
         getattr(k, name).argtypes, getattr(k, name).restype = [I], I
     k.parley_threads.argtypes, k.parley_threads.restype = [], L
     k.parley_set_threads.argtypes, k.parley_set_threads.restype = [L], I
+    k.parley_min_work.argtypes, k.parley_min_work.restype = [], L
+    k.parley_set_min_work.argtypes, k.parley_set_min_work.restype = [L], None
+    k.parley_pool_stats.argtypes, k.parley_pool_stats.restype = [P], None
 
 
 def variants() -> dict[str, dict[str, bool]]:
@@ -185,7 +203,29 @@ def set_threads(n: int) -> None:
     if k is None:
         raise KernelChoiceError("cannot set the kernel threads: the C kernels are off or not built")
     if k.parley_set_threads(n) != 0:
-        raise KernelChoiceError(f"{n} is not a kernel thread count: use 1 to 16 (PARLEY_THREADS)")
+        raise KernelChoiceError(f"{n} is not a kernel thread count: use 1 to {MAX_THREADS} (PARLEY_THREADS)")
+
+
+def set_min_work(work: int) -> int:
+    """Thread jobs of at least `work` multiply-adds (0: all, as tests do on the tiny model); returns the
+    previous threshold."""
+    k = kernels()
+    if k is None:
+        raise KernelChoiceError("cannot set the kernel threads: the C kernels are off or not built")
+    before = int(k.parley_min_work())
+    k.parley_set_min_work(work)
+    return before
+
+
+def pool_stats() -> dict[str, int]:
+    """The thread pool's counters since load (app/csrc/threads.c): jobs shared with the helpers, chunks
+    the helpers ran, stalls (a helper descheduled mid-chunk), jobs run alone while backing off."""
+    k = kernels()
+    if k is None:
+        return {"shared": 0, "helper_chunks": 0, "stalls": 0, "alone": 0}
+    out = (ctypes.c_long * 4)()
+    k.parley_pool_stats(out)
+    return dict(zip(("shared", "helper_chunks", "stalls", "alone"), out))
 
 
 def _best(k: ctypes.CDLL) -> str:
