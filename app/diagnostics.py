@@ -38,12 +38,12 @@ def active_setup() -> dict:
 
 
 def kernel_setup() -> dict:
-    """The C kernels: state ("on", "off", "not built", "refused"), active variant, library, variants."""
+    """The C kernels: state ("on", "off", "not built", "refused"), active variant, threads, library, variants."""
     from app.errors import ParleyError
     from app.model import cpu_kernels
 
     path = cpu_kernels.library_path()
-    facts = {"state": "on", "variant": None, "quantized_decode": False, "requested": None,
+    facts = {"state": "on", "variant": None, "quantized_decode": False, "requested": None, "threads": 1,
              "library": str(path) if path else None, "variants": cpu_kernels.variants(),
              "cpu_features": cpu_kernels.cpu_features()}
     try:
@@ -57,6 +57,7 @@ def kernel_setup() -> dict:
         return facts
     facts["variant"] = cpu_kernels.active_variant()
     facts["quantized_decode"] = bool(lib.q4_fast())
+    facts["threads"] = cpu_kernels.threads()  # the decode kernels' threads (PARLEY_THREADS)
     return facts
 
 
@@ -85,7 +86,8 @@ def report(info: dict) -> str:
     """`parley doctor`'s text: one fact a line."""
     k = info["kernels"]
     if k["state"] == "on":
-        kernels = f"on, {k['variant']} variant" + (" (4-bit decode gemv)" if k["quantized_decode"] else "")
+        kernels = f"on, {k['variant']} variant" + (" (4-bit decode gemv)" if k["quantized_decode"] else "") + \
+            f", {k['threads']} thread{'s' if k['threads'] != 1 else ''} (PARLEY_THREADS)"
     elif k["state"] == "refused":
         kernels = f"refused: {k['reason']}"
     elif k["state"] == "not built":
