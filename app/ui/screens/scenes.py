@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -12,6 +12,8 @@ from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
+from app.ui.catalog_reads import LatestOnly, post_list
+from app.ui.messages import ConversationsListed
 from app.ui.screens.confirm import ConfirmScreen
 
 
@@ -24,6 +26,10 @@ class ScenesScreen(ModalScreen):
         Binding("d,delete", "delete", "Delete"),
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = LatestOnly()  # the list reads asked for (only the newest is shown)
+
     def compose(self) -> ComposeResult:
         with Vertical(id="scenes-box", classes="dialog"):
             yield Label("Scenes", classes="dialog-title")
@@ -35,11 +41,27 @@ class ScenesScreen(ModalScreen):
         self.query_one(OptionList).focus()
 
     def refresh_list(self) -> None:
-        catalog = self.app.catalog
+        """Read the scenes again, on a worker thread (`ConversationsListed` shows them; only the newest read)."""
+        self._read_list(self.lists.ask())
+
+    @property
+    def reads_pending(self) -> bool:
+        return self.lists.pending
+
+    @work(thread=True, exclusive=True, group="scene-list")
+    def _read_list(self, number: int) -> None:
+        post_list(self, None, "scene", number)
+
+    def on_conversations_listed(self, message: ConversationsListed) -> None:
+        if not self.lists.is_newest(message.number):
+            return  # an older read (before a delete) answered late
+        self.lists.done(message.number)
+        if message.problem:
+            self.app.notify(message.problem, severity="error")
         options = self.query_one(OptionList)
         options.clear_options()
-        scenes = catalog.list_conversations(kind="scene")
-        for conv in scenes:
+        for row in message.rows:
+            conv = row.conversation
             text = Text()
             text.append(conv.title or "Scene", style="bold")
             text.append("\n  ")
@@ -48,10 +70,9 @@ class ScenesScreen(ModalScreen):
                 if i:
                     text.append(" · ", style="dim")
                 text.append(persona.name if persona else pid, style=persona.color if persona else "dim")
-            text.append(f" · {catalog.message_count(conv.id)} messages · {conv.updated_at[:16].replace('T', ' ')}",
-                        style="dim")
+            text.append(f" · {row.messages} messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
             options.add_option(Option(text, id=str(conv.id)))
-        if not scenes:
+        if not message.rows:
             options.add_option(Option(Text("No scenes yet: press n to make one.", style="dim"), disabled=True))
         else:
             options.highlighted = 0
@@ -80,7 +101,7 @@ class ScenesScreen(ModalScreen):
                 return
             if screen is not None:
                 await screen.close_scene(conversation_id)
-            self.app.catalog.delete_conversation(conversation_id)
+            self.app.catalog.delete_conversation(conversation_id)  # a write: one quick transaction
             self.app.submit(cmd.Forget(conversation_id))
             self.refresh_list()
             self.app.notify("Scene deleted.", timeout=2)
