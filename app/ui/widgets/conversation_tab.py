@@ -48,6 +48,8 @@ class ConversationTab(TranscriptNavigation, Vertical):
         self._transcript_reads = LatestOnly()
         self._after_reload: list[Callable[[], Awaitable[None] | None]] = []
         self._asked_children: set = set()
+        self.transcript_answers = 0  # answers to transcript reads handled, shown or dropped
+        self.stale_reads = 0  # answers dropped because a newer read or another conversation came first
 
     # layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -97,9 +99,11 @@ class ConversationTab(TranscriptNavigation, Vertical):
 
     async def on_transcript_loaded(self, message: msg.TranscriptLoaded) -> None:
         message.stop()
+        self.transcript_answers += 1
         reads, read = self._transcript_reads, message.read
         if not reads.is_newest(message.number) or read.conversation_id != self.conversation_id:
-            return  # overtaken by a newer read, or the tab shows another conversation now
+            self.stale_reads += 1  # overtaken by a newer read, or the tab shows another conversation now
+            return
         try:
             if read.problem:
                 self.app.notify(read.problem, severity="error", timeout=8)
