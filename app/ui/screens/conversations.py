@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
-from app.ui.catalog_reads import LatestOnly, post_list
-from app.ui.messages import ConversationsListed
 from app.ui.screens.confirm import ConfirmScreen
+from app.ui.screens.listed import ListedDialog
 
 
-class ConversationsScreen(ModalScreen):
+class ConversationsScreen(ListedDialog):
     """Old conversations: enter reopens, d deletes (after a yes), a shows every persona's."""
 
     BINDINGS = [
@@ -30,7 +28,6 @@ class ConversationsScreen(ModalScreen):
         super().__init__()
         self.persona_id = persona_id
         self.show_all = persona_id is None
-        self.lists = LatestOnly()  # the list reads asked for (only the newest is shown)
 
     def compose(self) -> ComposeResult:
         with Vertical(id="conversations-box", classes="dialog"):
@@ -43,29 +40,14 @@ class ConversationsScreen(ModalScreen):
         self.query_one(OptionList).focus()
 
     def refresh_list(self) -> None:
-        """Read the list again, on a worker thread (`ConversationsListed` shows it; only the newest read)."""
+        """Read the list again (on a worker thread: `ListedDialog`)."""
         pid = None if self.show_all else self.persona_id
         who = "all personas" if pid is None else self.app.personas.get(pid).name if pid in self.app.personas else pid
         self.query_one("#conv-title", Label).update(f"Conversations — {who}")
-        self._read_list(pid, self.lists.ask())
+        super().refresh_list(pid)
 
-    @property
-    def reads_pending(self) -> bool:
-        return self.lists.pending
-
-    @work(thread=True, exclusive=True, group="conversation-list")
-    def _read_list(self, persona_id: str | None, number: int) -> None:
-        post_list(self, persona_id, "chat", number)
-
-    def on_conversations_listed(self, message: ConversationsListed) -> None:
-        if not self.lists.is_newest(message.number):
-            return  # an older read (before "a" or a delete) answered late
-        self.lists.done(message.number)
-        if message.problem:
-            self.app.notify(message.problem, severity="error")
-        options = self.query_one(OptionList)
-        options.clear_options()
-        for row in message.rows:
+    def show_rows(self, options: OptionList, rows: list) -> None:
+        for row in rows:
             conv = row.conversation
             persona = self.app.personas.get(conv.persona_id)
             text = Text()
@@ -73,7 +55,7 @@ class ConversationsScreen(ModalScreen):
             text.append(f"\n  {persona.name if persona else conv.persona_id} · {row.messages} "
                         f"messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
             options.add_option(Option(text, id=str(conv.id)))
-        if message.rows:
+        if rows:
             options.highlighted = 0
 
     def action_toggle_all(self) -> None:

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
-from app.ui.catalog_reads import LatestOnly, post_list
-from app.ui.messages import ConversationsListed
 from app.ui.screens.confirm import ConfirmScreen
+from app.ui.screens.listed import ListedDialog
 
 
-class ScenesScreen(ModalScreen):
+class ScenesScreen(ListedDialog):
     """The scenes: enter reopens one, n makes a new one, d deletes (after a yes)."""
 
     BINDINGS = [
@@ -26,9 +24,7 @@ class ScenesScreen(ModalScreen):
         Binding("d,delete", "delete", "Delete"),
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.lists = LatestOnly()  # the list reads asked for (only the newest is shown)
+    LIST_KIND = "scene"
 
     def compose(self) -> ComposeResult:
         with Vertical(id="scenes-box", classes="dialog"):
@@ -40,27 +36,8 @@ class ScenesScreen(ModalScreen):
         self.refresh_list()
         self.query_one(OptionList).focus()
 
-    def refresh_list(self) -> None:
-        """Read the scenes again, on a worker thread (`ConversationsListed` shows them; only the newest read)."""
-        self._read_list(self.lists.ask())
-
-    @property
-    def reads_pending(self) -> bool:
-        return self.lists.pending
-
-    @work(thread=True, exclusive=True, group="scene-list")
-    def _read_list(self, number: int) -> None:
-        post_list(self, None, "scene", number)
-
-    def on_conversations_listed(self, message: ConversationsListed) -> None:
-        if not self.lists.is_newest(message.number):
-            return  # an older read (before a delete) answered late
-        self.lists.done(message.number)
-        if message.problem:
-            self.app.notify(message.problem, severity="error")
-        options = self.query_one(OptionList)
-        options.clear_options()
-        for row in message.rows:
+    def show_rows(self, options: OptionList, rows: list) -> None:
+        for row in rows:
             conv = row.conversation
             text = Text()
             text.append(conv.title or "Scene", style="bold")
@@ -72,7 +49,7 @@ class ScenesScreen(ModalScreen):
                 text.append(persona.name if persona else pid, style=persona.color if persona else "dim")
             text.append(f" · {row.messages} messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
             options.add_option(Option(text, id=str(conv.id)))
-        if not message.rows:
+        if not rows:
             options.add_option(Option(Text("No scenes yet: press n to make one.", style="dim"), disabled=True))
         else:
             options.highlighted = 0
