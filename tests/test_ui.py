@@ -115,14 +115,15 @@ async def test_regenerate_and_browse_alternatives(make_app):
         await pilot.press("up")
         assert app.focused is reply
         await pilot.press("left")
-        await pilot.pause()
+        await wait_for(pilot, lambda: pane.message_views()[-1].message_id == first.message_id and ui_caught_up(app),
+                       what="the first alternative")
         reply = pane.message_views()[-1]
         assert reply.message_id == first.message_id and reply.alternatives == (1, 2)
         assert reply.text == first.text
         assert app.catalog.get_conversation(pane.conversation_id).leaf_id == first.message_id
         await pilot.press("right")
-        await pilot.pause()
-        assert pane.message_views()[-1].message_id == second.message_id
+        await wait_for(pilot, lambda: pane.message_views()[-1].message_id == second.message_id and ui_caught_up(app),
+                       what="the second alternative")
         # copy the selected reply
         assert app.focused is pane.message_views()[-1]
         await pilot.press("c")
@@ -156,7 +157,7 @@ async def test_edit_a_past_message_and_resend(make_app):
         # the old branch is still there: browse back to it
         views[0].focus()
         await pilot.press("left")
-        await pilot.pause()
+        await wait_for(pilot, lambda: len(pane.message_views()) == 4 and ui_caught_up(app), what="the old branch")
         assert [v.text for v in pane.message_views() if v.role == "user"] == ["first question", "second question"]
 
 
@@ -228,27 +229,26 @@ async def test_new_conversation_list_reopen_and_delete(make_app):
         await send(pilot, pane, "the old one")
         old = pane.conversation_id
         await pilot.press("ctrl+n")
-        await pilot.pause()
-        assert pane.conversation_id != old and pane.message_views() == []
+        await wait_for(pilot, lambda: pane.conversation_id != old and ui_caught_up(app), what="the new conversation")
+        assert pane.message_views() == []
         await pilot.press("ctrl+o")
-        await pilot.pause()
-        assert isinstance(app.screen, ConversationsScreen)
+        await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen) and ui_caught_up(app),
+                       what="the conversations list")
         listed = app.screen.query_one("#conversation-list")
         assert listed.option_count == 2
         # the newest is first; go to the old one and reopen it
         await pilot.press("down", "enter")
-        await pilot.pause()
-        assert pane.conversation_id == old
+        await wait_for(pilot, lambda: pane.conversation_id == old and ui_caught_up(app), what="the old conversation")
         assert [v.text for v in pane.message_views()][0] == "the old one"
         await pilot.press("ctrl+o")
-        await pilot.pause()
+        await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen) and ui_caught_up(app),
+                       what="the conversations list")
         await pilot.press("down", "d", "y")
-        await pilot.pause()
-        assert app.screen.query_one("#conversation-list").option_count == 1
+        await wait_for(pilot, lambda: app.screen.query_one("#conversation-list").option_count == 1
+                       and ui_caught_up(app), what="the list without the deleted one")
         assert app.catalog.get_conversation(old) is None
         await pilot.press("escape")
-        await pilot.pause()
-        assert pane.conversation_id != old
+        await wait_for(pilot, lambda: pane.conversation_id != old and ui_caught_up(app), what="another conversation")
 
 
 async def test_persona_editor_creates_and_edits(make_app, personas_dir):
@@ -261,7 +261,8 @@ async def test_persona_editor_creates_and_edits(make_app, personas_dir):
         app.screen.query_one("#ed-system").text = "You cook for the crew."
         app.screen.query_one("#ed-max-tokens").value = "8"
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_for(pilot, lambda: app.chat_screen.active_pane() is not None and ui_caught_up(app),
+                       what="the new persona's tab")
         assert not isinstance(app.screen, PersonaEditorScreen)
         saved = personas_dir / "ship-cook.toml"
         assert saved.exists() and "You cook for the crew." in saved.read_text()

@@ -28,9 +28,11 @@ def events_of(app, kind) -> list:
 
 
 def ui_caught_up(app) -> bool:
-    """The screen has handled every engine event sent so far to the end, and shows the newest cache records."""
+    """The screen has handled every engine event sent so far to the end, and shows the newest catalog reads (cache
+    records, the tabs' transcripts, the list of the dialog on top)."""
     screen = app.chat_screen
-    return screen is not None and screen.events_handled >= app.events_posted and not screen.caches_pending
+    return (screen is not None and screen.events_handled >= app.events_posted and not screen.caches_pending
+            and not screen.reads_pending and not getattr(app.screen, "reads_pending", False))
 
 
 def palette_offers(app, title: str) -> bool:

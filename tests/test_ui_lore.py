@@ -38,8 +38,12 @@ async def test_reply_with_lore_has_a_marker_and_l_shows_the_entries(tiny_model_d
         await wait_for(pilot, lambda: shown, what="the lore notification")
         assert shown[-1] == "Moon: The moon here is red."
         # a transcript opened later shows the same marker, read from the catalog
-        reply = app.catalog.get_message(first.message_id)
-        assert "lore: Moon" in pane._view_for(reply).stats
+        await pane.transcript.remove_children()
+        pane.reload()
+        await wait_for(pilot, lambda: not pane.transcript_pending and len(pane.message_views()) == 4,
+                       what="the transcript read again")
+        first, second = [v for v in pane.message_views() if v.role == "assistant"]
+        assert "lore: Moon" in first.stats and "lore" not in second.stats
 
 
 async def test_notes_can_be_read_and_edited_in_the_app(make_app):

@@ -228,7 +228,8 @@ async def test_an_empty_reply_and_a_reply_stopped_before_its_first_token_say_so(
                                 persona_id="tester", meta={"stats": {"ttft_ms": 5.0, "reused_tokens": 0,
                                                                      "prefilled_tokens": 3, "generated_tokens": 1,
                                                                      "decode_tps": 0.0, "cache": "ram"}})
-        await pane.reload()
+        pane.reload()
+        await wait_for(pilot, lambda: not pane.transcript_pending, what="the transcript read again")
         assert "(empty reply)" in pane.last_reply().query_one(".msg-body").source
         per_word = app.engine.count_tokens("long " * 100) / 100
         relay = app._engine_event

@@ -7,6 +7,7 @@
   ConfirmScreen, ImportCardScreen, ExportCardScreen, NewSceneScreen, ScenesScreen.
 - `widgets/`: one widget per module: PersonaList, RamGauge, ChatPane, SceneTab, MessageView, Transcript, ChatInput.
 - `palette.py`: the command palette provider (every action).
+- `catalog_reads.py`: the catalog reads the UI needs, run on Textual thread workers (never the UI thread).
 - `parley.tcss`: the one stylesheet.
 
 The UI imports only app.engine.commands/events/worker, app.catalog, app.personas, app.paths and

@@ -2,7 +2,7 @@
 
 All model work happens on the engine thread (`app.engine.worker.Engine`); this
 module only sends commands and turns engine events into Textual messages.
-The UI thread reads conversations through its own `Catalog`.
+The app opens its own `Catalog`; the UI reads it only on Textual thread workers (app.ui.catalog_reads).
 """
 
 from __future__ import annotations

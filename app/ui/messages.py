@@ -98,3 +98,43 @@ class DiskCachesRead(Message):
         super().__init__()
         self.rows = rows
         self.number = number  # which read this is (the screen shows only the newest)
+
+
+class TranscriptLoaded(Message):
+    """A tab's transcript, read on a worker thread (app.ui.catalog_reads); the tab applies only its newest read."""
+
+    def __init__(self, read, number: int) -> None:
+        super().__init__()
+        self.read = read  # app.ui.catalog_reads.TranscriptRead
+        self.number = number  # which of the tab's reads this answers
+
+
+class ConversationsListed(Message):
+    """A list of conversations (or scenes) for a dialog, read on a worker thread; only the newest is shown."""
+
+    def __init__(self, rows: list, number: int, problem: str = "") -> None:
+        super().__init__()
+        self.rows = rows  # app.ui.catalog_reads.ListedConversation, newest first
+        self.number = number
+        self.problem = problem  # the read failed: what to tell the user
+
+
+class LatestConversationFound(Message):
+    """The persona's most recent chat, looked up on a worker thread (the screen prefetches its cache)."""
+
+    def __init__(self, persona_id: str, conversation_id: int | None) -> None:
+        super().__init__()
+        self.persona_id = persona_id
+        self.conversation_id = conversation_id
+
+
+
+class AlternativeFound(Message):
+    """The alternative a browse step lands on and the leaf of its branch, read on a worker thread (None: none)."""
+
+    def __init__(self, conversation_id: int, message_id: int, target: int | None, leaf: int | None) -> None:
+        super().__init__()
+        self.conversation_id = conversation_id
+        self.message_id = message_id
+        self.target = target
+        self.leaf = leaf

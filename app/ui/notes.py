@@ -26,16 +26,16 @@ class NotesScreen(ModalScreen):
 
     BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "dismiss(None)", "Close")]
 
-    def __init__(self, conversation_id: int, title: str, speaker: str | None = None) -> None:
+    def __init__(self, conversation_id: int, title: str, speaker: str | None = None, notes: str = "") -> None:
+        """`notes`: as read from the catalog (off the UI thread: `open_notes`)."""
         super().__init__()
         self.conversation_id = conversation_id
         self.title_text = title
         self.speaker = speaker
+        self.notes = notes
 
     def compose(self) -> ComposeResult:
-        from app.catalog.notes import conversation_notes
-
-        notes = conversation_notes(self.app.catalog, self.conversation_id, self.speaker)
+        notes = self.notes
         with Vertical(id="notes-box", classes="dialog"):
             yield Label(f"Notes · {self.title_text}", classes="dialog-title")
             yield Static(EMPTY_HINT if not notes else "What the model keeps of the turns it no longer sees.",
@@ -86,13 +86,26 @@ class SeatScreen(ModalScreen):
         self.dismiss(event.option.id)
 
 
+async def open_notes(node, conversation_id: int, title: str, speaker: str | None = None) -> None:
+    """Read the notes on a worker thread (app.ui.catalog_reads), then open the dialog over them."""
+    from app.catalog.notes import conversation_notes
+    from app.ui.catalog_reads import READ_ERRORS, off_ui_thread
+
+    try:
+        notes = await off_ui_thread(node, conversation_notes, conversation_id, speaker)
+    except READ_ERRORS as exc:
+        node.app.notify(f"The notes could not be read ({exc}); try again.", severity="error")
+        return
+    node.app.push_screen(NotesScreen(conversation_id, title, speaker, notes))
+
+
 def open_scene_notes(app, scene) -> None:
     """The notes dialog for a scene tab: pick the seat, then read or edit that member's notes."""
 
-    def picked(persona_id: str | None) -> None:
+    async def picked(persona_id: str | None) -> None:
         if persona_id:
-            app.push_screen(NotesScreen(scene.conversation_id, f"{scene.scene_title} · {scene.name_of(persona_id)}",
-                                        persona_id))
+            await open_notes(scene, scene.conversation_id, f"{scene.scene_title} · {scene.name_of(persona_id)}",
+                             persona_id)
 
     seats = [(pid, scene.name_of(pid), scene.color_of(pid)) for pid in scene.members]
     app.push_screen(SeatScreen(scene.scene_title, seats), picked)

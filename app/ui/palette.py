@@ -35,6 +35,19 @@ APP_ACTIONS = [
 
 
 class ParleyCommands(Provider):
+    """The palette's entries. The scenes are read once per opening, on a worker thread (`startup`)."""
+
+    scenes: list = []
+
+    async def startup(self) -> None:
+        from app.ui.catalog_reads import READ_ERRORS, list_scenes, off_ui_thread
+
+        if self.app.catalog is not None and self.app.chat_screen is not None:
+            try:
+                self.scenes = await off_ui_thread(self.app, list_scenes)
+            except READ_ERRORS:  # a catalog busy past its timeout: the palette offers everything but the scenes
+                self.scenes = []
+
     def _commands(self):
         app = self.app
         screen = app.chat_screen
@@ -48,7 +61,7 @@ class ParleyCommands(Provider):
             for persona in sorted(app.personas.values(), key=lambda p: p.name.lower()):
                 out.append((f"Chat with {persona.name}", persona.description or persona.id,
                             partial(screen.open_persona, persona.id)))
-            for scene in app.catalog.list_conversations(kind="scene") if app.catalog is not None else []:
+            for scene in self.scenes:
                 names = ", ".join(app.personas[p].name if p in app.personas else p for p in scene.members)
                 out.append((f"Scene: {scene.title or scene.id}", names, partial(screen.open_scene, scene.id)))
             tab = screen.active_scene()

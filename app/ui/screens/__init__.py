@@ -4,6 +4,7 @@
 - `help`: HelpScreen, the keys (generated from the bindings).
 - `persona_editor`, `import_card`, `export_card`: create, edit, import and export personas.
 - `conversations`, `scenes`, `new_scene`: list, reopen and delete conversations and scenes; make a scene.
+- `listed`: ListedDialog, what the two list dialogs share (their list is read on a worker thread).
 - `confirm`: the yes/no question before a delete.
 """
 

@@ -18,6 +18,8 @@ from app.engine import events as ev
 from app.errors import ParleyError
 from app.ui import messages as msg
 from app.ui import tab_state
+from app.ui.catalog_reads import (READ_ERRORS, conversation_of, conversations_by_id, latest_conversation_id,
+                                   message_count, off_ui_thread)
 from app.ui.keys import GoToTabScreen
 from app.ui.screens.export_card import ExportCardScreen
 from app.ui.screens.import_card import ImportCardScreen
@@ -135,8 +137,9 @@ class ChatScreen(Screen):
             return
         self._restoring = True
         try:
+            found = await off_ui_thread(self, conversations_by_id, [r.conversation_id for r in state.tabs])
             for record in state.tabs:
-                conv = self.app.catalog.get_conversation(record.conversation_id)
+                conv = found.get(record.conversation_id)
                 if conv is None:
                     continue
                 if record.kind == "chat" and conv.kind == "chat" and conv.persona_id in self.app.personas:
@@ -231,6 +234,11 @@ class ChatScreen(Screen):
         self._read_disk_caches(self._cache_reads_asked)
 
     @property
+    def reads_pending(self) -> bool:
+        """A catalog read for a tab (its transcript) is under way: a tab may be one read behind the catalog."""
+        return any(view.transcript_pending for view in self.query(ConversationTab))
+
+    @property
     def caches_pending(self) -> bool:
         """A read of the disk records is under way: the cache states shown may be one read behind."""
         return self._cache_reads_shown < self._cache_reads_asked
@@ -268,12 +276,12 @@ class ChatScreen(Screen):
             return None
         catalog = self.app.catalog
         if new:
-            conversation_id = catalog.create_conversation(persona_id)
+            conversation_id = catalog.create_conversation(persona_id)  # a write: one quick transaction
         pane = self.pane_for_persona(persona_id)
         if pane is None:
             if conversation_id is None:
-                latest = catalog.latest_conversation(persona_id)
-                conversation_id = latest.id if latest else catalog.create_conversation(persona_id)
+                latest = await off_ui_thread(self, latest_conversation_id, persona_id)
+                conversation_id = latest if latest is not None else catalog.create_conversation(persona_id)
             pane = ChatPane(persona, conversation_id)
             await self.tabs.add_pane(TabPane(persona.name, pane, id=f"{TAB_PREFIX}{persona_id}"))
         elif conversation_id is not None:
@@ -371,9 +379,20 @@ class ChatScreen(Screen):
         await self.open_persona(message.persona_id)
 
     def on_persona_highlighted(self, message: msg.PersonaHighlighted) -> None:
-        latest = self.app.catalog.latest_conversation(message.persona_id)
-        if latest is not None:
-            self.app.submit(cmd.Prefetch(latest.id))
+        self._find_latest_conversation(message.persona_id)
+
+    @work(thread=True, group="latest-conversation")
+    def _find_latest_conversation(self, persona_id: str) -> None:
+        """On a worker thread: the persona's latest chat, whose cache the engine then reads ahead (a prefetch)."""
+        try:
+            latest = latest_conversation_id(self.app.catalog, persona_id)
+        except READ_ERRORS:  # a prefetch is only a head start: a catalog busy past its timeout skips it
+            return
+        self.post_message(msg.LatestConversationFound(persona_id, latest))
+
+    def on_latest_conversation_found(self, message: msg.LatestConversationFound) -> None:
+        if message.conversation_id is not None:
+            self.app.submit(cmd.Prefetch(message.conversation_id))
 
     def action_filter_personas(self) -> None:
         self.query_one("#sidebar").display = True
@@ -393,10 +412,10 @@ class ChatScreen(Screen):
         if pane is not None and await pane.send(message.text):
             pane.composer.text = ""
 
-    async def on_alternative_requested(self, message: msg.AlternativeRequested) -> None:
+    def on_alternative_requested(self, message: msg.AlternativeRequested) -> None:
         pane = self.active_pane()
         if pane is not None:
-            await pane.browse(message.message_id, message.step)
+            pane.browse(message.message_id, message.step)
 
     def on_edit_requested(self, message: msg.EditRequested) -> None:
         pane = self.active_pane()
@@ -464,7 +483,7 @@ class ChatScreen(Screen):
         if pane is not None and pane.generating:
             self.app.notify("Wait for the reply (or press escape) first.", severity="warning")
             return
-        if pane is not None and not self.app.catalog.message_count(pane.conversation_id):
+        if pane is not None and not await off_ui_thread(self, message_count, pane.conversation_id):
             self.app.notify("This conversation is new already: type a message.", timeout=2)
             self.set_focus(pane.composer)
             return
@@ -478,7 +497,7 @@ class ChatScreen(Screen):
         async def chosen(result) -> None:
             if result is None:
                 return
-            conv = self.app.catalog.get_conversation(result)
+            conv = await off_ui_thread(self, conversation_of, result)
             if conv is not None and conv.persona_id in self.app.personas:
                 await self.open_persona(conv.persona_id, conversation_id=conv.id)
 
@@ -487,14 +506,14 @@ class ChatScreen(Screen):
     async def conversation_deleted(self, conversation_id: int) -> None:
         pane = self.pane_for_conversation(conversation_id)
         if pane is not None:
-            latest = self.app.catalog.latest_conversation(pane.persona.id)
-            target = latest.id if latest else self.app.catalog.create_conversation(pane.persona.id)
+            latest = await off_ui_thread(self, latest_conversation_id, pane.persona.id)
+            target = latest if latest is not None else self.app.catalog.create_conversation(pane.persona.id)
             await pane.switch_conversation(target)
         self.refresh_caches()
 
     # -- scenes ----------------------------------------------------------------------
     async def open_scene(self, conversation_id: int, activate: bool = True) -> SceneTab | None:
-        conv = self.app.catalog.get_conversation(conversation_id)
+        conv = await off_ui_thread(self, conversation_of, conversation_id)
         if conv is None or conv.kind != "scene":
             self.app.notify(f"Scene {conversation_id} does not exist (deleted?).", severity="error")
             return None
@@ -552,8 +571,8 @@ class ChatScreen(Screen):
         pid = self.query_one(PersonaList).highlighted_id
         return self.app.personas.get(pid) if pid else None
 
-    def action_notes(self) -> None:
-        from app.ui.notes import NotesScreen, open_scene_notes
+    async def action_notes(self) -> None:
+        from app.ui.notes import open_notes, open_scene_notes
 
         pane = self.active_pane()
         scene = self.active_scene() if pane is None else None
@@ -563,7 +582,7 @@ class ChatScreen(Screen):
         if pane is None:
             self.app.notify("Open a chat or a scene to see its notes.", severity="warning")
             return
-        self.app.push_screen(NotesScreen(pane.conversation_id, pane.persona.name))
+        await open_notes(self, pane.conversation_id, pane.persona.name)
 
     def action_edit_persona(self) -> None:
         persona = self._current_persona()

@@ -7,15 +7,15 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
 from app.ui.screens.confirm import ConfirmScreen
+from app.ui.screens.listed import ListedDialog
 
 
-class ConversationsScreen(ModalScreen):
+class ConversationsScreen(ListedDialog):
     """Old conversations: enter reopens, d deletes (after a yes), a shows every persona's."""
 
     BINDINGS = [
@@ -40,21 +40,22 @@ class ConversationsScreen(ModalScreen):
         self.query_one(OptionList).focus()
 
     def refresh_list(self) -> None:
-        catalog = self.app.catalog
+        """Read the list again (on a worker thread: `ListedDialog`)."""
         pid = None if self.show_all else self.persona_id
-        convs = [c for c in catalog.list_conversations(persona_id=pid, kind="chat")]
         who = "all personas" if pid is None else self.app.personas.get(pid).name if pid in self.app.personas else pid
         self.query_one("#conv-title", Label).update(f"Conversations — {who}")
-        options = self.query_one(OptionList)
-        options.clear_options()
-        for conv in convs:
+        super().refresh_list(pid)
+
+    def show_rows(self, options: OptionList, rows: list) -> None:
+        for row in rows:
+            conv = row.conversation
             persona = self.app.personas.get(conv.persona_id)
             text = Text()
             text.append(f"{conv.title or 'New conversation'}", style="bold")
-            text.append(f"\n  {persona.name if persona else conv.persona_id} · {catalog.message_count(conv.id)} "
+            text.append(f"\n  {persona.name if persona else conv.persona_id} · {row.messages} "
                         f"messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
             options.add_option(Option(text, id=str(conv.id)))
-        if convs:
+        if rows:
             options.highlighted = 0
 
     def action_toggle_all(self) -> None:
@@ -80,7 +81,7 @@ class ConversationsScreen(ModalScreen):
         async def confirmed(yes: bool | None) -> None:
             if not yes:
                 return
-            self.app.catalog.delete_conversation(conversation_id)
+            self.app.catalog.delete_conversation(conversation_id)  # a write: one quick transaction
             self.app.submit(cmd.Forget(conversation_id))
             self.refresh_list()
             self.app.notify("Conversation deleted.", timeout=2)

@@ -11,7 +11,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, SelectionList, Static
 
 from app.engine.scene import MAX_MEMBERS, MIN_MEMBERS, create_scene
-from app.errors import ParleyError
+from app.ui.catalog_reads import READ_ERRORS, off_ui_thread
 from app.ui.widgets.scene_tab import DEFAULT_COLOR
 
 
@@ -41,23 +41,24 @@ class NewSceneScreen(ModalScreen):
     def on_mount(self) -> None:
         self.query_one("#scene-name", Input).focus()
 
-    def action_create(self) -> None:
+    async def action_create(self) -> None:
+        """Check and create the scene on a worker thread (its name is compared with the scenes in the catalog)."""
         name = self.query_one("#scene-name", Input).value
         members = list(self.query_one("#scene-members", SelectionList).selected)
         try:
-            conversation_id = create_scene(self.app.catalog, name, members, self.app.personas)
-        except ParleyError as exc:
+            conversation_id = await off_ui_thread(self, create_scene, name, members, self.app.personas)
+        except READ_ERRORS as exc:
             self.query_one("#scene-error", Static).update(Text(str(exc), style="bold red"))
             return
         self.dismiss(conversation_id)
 
     @on(Input.Submitted, "#scene-name")
-    def _name_submitted(self) -> None:
-        self.action_create()
+    async def _name_submitted(self) -> None:
+        await self.action_create()
 
     @on(Button.Pressed, "#scene-create")
-    def _create_pressed(self) -> None:
-        self.action_create()
+    async def _create_pressed(self) -> None:
+        await self.action_create()
 
     @on(Button.Pressed, "#scene-cancel")
     def _cancel_pressed(self) -> None:

@@ -7,15 +7,15 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from app.engine import commands as cmd
 from app.ui.screens.confirm import ConfirmScreen
+from app.ui.screens.listed import ListedDialog
 
 
-class ScenesScreen(ModalScreen):
+class ScenesScreen(ListedDialog):
     """The scenes: enter reopens one, n makes a new one, d deletes (after a yes)."""
 
     BINDINGS = [
@@ -23,6 +23,8 @@ class ScenesScreen(ModalScreen):
         Binding("n", "new", "New scene"),
         Binding("d,delete", "delete", "Delete"),
     ]
+
+    LIST_KIND = "scene"
 
     def compose(self) -> ComposeResult:
         with Vertical(id="scenes-box", classes="dialog"):
@@ -34,12 +36,9 @@ class ScenesScreen(ModalScreen):
         self.refresh_list()
         self.query_one(OptionList).focus()
 
-    def refresh_list(self) -> None:
-        catalog = self.app.catalog
-        options = self.query_one(OptionList)
-        options.clear_options()
-        scenes = catalog.list_conversations(kind="scene")
-        for conv in scenes:
+    def show_rows(self, options: OptionList, rows: list) -> None:
+        for row in rows:
+            conv = row.conversation
             text = Text()
             text.append(conv.title or "Scene", style="bold")
             text.append("\n  ")
@@ -48,10 +47,9 @@ class ScenesScreen(ModalScreen):
                 if i:
                     text.append(" · ", style="dim")
                 text.append(persona.name if persona else pid, style=persona.color if persona else "dim")
-            text.append(f" · {catalog.message_count(conv.id)} messages · {conv.updated_at[:16].replace('T', ' ')}",
-                        style="dim")
+            text.append(f" · {row.messages} messages · {conv.updated_at[:16].replace('T', ' ')}", style="dim")
             options.add_option(Option(text, id=str(conv.id)))
-        if not scenes:
+        if not rows:
             options.add_option(Option(Text("No scenes yet: press n to make one.", style="dim"), disabled=True))
         else:
             options.highlighted = 0
@@ -80,7 +78,7 @@ class ScenesScreen(ModalScreen):
                 return
             if screen is not None:
                 await screen.close_scene(conversation_id)
-            self.app.catalog.delete_conversation(conversation_id)
+            self.app.catalog.delete_conversation(conversation_id)  # a write: one quick transaction
             self.app.submit(cmd.Forget(conversation_id))
             self.refresh_list()
             self.app.notify("Scene deleted.", timeout=2)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.widgets import Static, TextArea
 
 from app.catalog.caches import CacheSummary
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.errors import ParleyError
+from app.ui import messages as msg
+from app.ui.catalog_reads import READ_ERRORS, MessageDetails, alternative_position
 from app.ui.widgets.chat_input import ChatInput
 from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.message_view import MessageView
@@ -19,8 +21,8 @@ from app.ui.widgets.text import duration, lore_mark, lore_of, stats_line
 class ChatPane(ConversationTab):
     """One persona's tab: header, transcript, prefill progress, and the message box.
 
-    Reads the transcript from the app's catalog; sends commands through `app.submit`;
-    the screen routes engine events for this pane's conversation to it (`ENGINE_HANDLERS`, at the end).
+    Reads the transcript from the app's catalog on a worker thread (`ConversationTab.reload`); sends
+    commands through `app.submit`; the screen routes engine events for this pane's conversation to it (`ENGINE_HANDLERS`, at the end).
     """
 
     def __init__(self, persona, conversation_id: int, **kwargs) -> None:
@@ -34,11 +36,11 @@ class ChatPane(ConversationTab):
         self.cache_load_ms = 0.0  # how long opening read the cache from disk (cache_source == "disk")
         self.live_cache: CacheSummary | None = None  # this conversation's cache now (from the engine's reports)
         self.last_sent = ""  # given back to the message box when the engine refuses it
+        self.conversation_title: str | None = None  # the conversation's title, as the last transcript read found it
 
     # layout ------------------------------------------------------------------
     def _header(self) -> Text:
-        conv = self.app.catalog.get_conversation(self.conversation_id)
-        title = (conv.title if conv and conv.title else "New conversation")
+        title = self.conversation_title or "New conversation"
         text = Text()
         text.append(self.persona.name, style=f"bold {self.persona.color}")
         text.append(f" — {title}")
@@ -94,54 +96,39 @@ class ChatPane(ConversationTab):
         found = [v for v in self.transcript.query(MessageView) if "streaming" in v.classes]
         return found[0] if found else None
 
-    def _alternatives(self, message) -> tuple[int, int]:
-        alts = self.app.catalog.alternatives(message.id)
-        ids = [m.id for m in alts]
-        return (ids.index(message.id) + 1 if message.id in ids else 1, max(1, len(ids)))
+    def _details_of(self, catalog, message) -> MessageDetails:
+        """On the transcript's worker thread: which alternative the message is, and its turn's lore."""
+        return MessageDetails(alternative_position(catalog, message), lore_of(catalog, message))
 
-    def _view_for(self, message) -> MessageView:
+    def _view_for(self, message, details: MessageDetails) -> MessageView:
         stats = ""
         if message.role == "assistant":
             stats = stats_line(message.meta.get("stats"), bool(message.meta.get("cancelled")))
-        lore = lore_of(self.app.catalog, message)
         return MessageView(message.role, message.content, message.id, speaker=self.persona.name,
-                           color=self.persona.color, stats=stats + lore_mark(lore), alternatives=self._alternatives(message),
-                           lore=lore)
+                           color=self.persona.color, stats=stats + lore_mark(details.lore),
+                           alternatives=details.alternatives, lore=details.lore)
 
-    async def reload(self) -> None:
-        """Bring the transcript in line with the catalog: keep the views that still match, replace the rest."""
+    def _still_shows(self, view: MessageView, message) -> bool:
+        """A chat also replaces a view whose message kept its id but not its text (and reads its alternatives)."""
+        same_text = view.text == message.content and view.role == message.role
+        return same_text and view.message_id in (message.id, None)
+
+    def _took_conversation(self, conversation) -> None:
+        self.conversation_title = conversation.title if conversation is not None else None
+
+    async def _before_reconcile(self) -> None:
         transcript = self.transcript
         if not transcript.query(".greeting"):
             greeting = self._greeting()
             if greeting:
-                await transcript.mount(MessageView("assistant", greeting, speaker=self.persona.name,
-                                                   color=self.persona.color, greeting=True))
-        path = [m for m in self.app.catalog.current_path(self.conversation_id) if m.role in ("user", "assistant")]
-        views = self.message_views()
-        keep = 0
-        for view, message in zip(views, path):
-            same_text = view.text == message.content and view.role == message.role
-            if view.message_id == message.id or (view.message_id is None and same_text):
-                if not same_text:
-                    break
-                view.message_id = message.id
-                if not view.alternatives_known:  # a view of a message the engine just saved
-                    view.set_alternatives(self._alternatives(message))
-                    view.alternatives_known = True
-                keep += 1
-            else:
-                break
-        for view in views[keep:]:
-            await view.remove()
-        new = [self._view_for(m) for m in path[keep:]]
-        if new:
-            live = self.streaming_view()
-            if live is not None:
-                await transcript.mount_all(new, before=live)
-            else:
-                await transcript.mount_all(new)
-        self.refresh_chrome()
-        transcript.keep_up()
+                view = MessageView("assistant", greeting, speaker=self.persona.name, color=self.persona.color,
+                                   greeting=True)
+                first = transcript.children[0] if transcript.children else None
+                await transcript.mount(view, before=first) if first is not None else await transcript.mount(view)
+                self._asked_children.add(view)
+
+    def _live_view(self) -> MessageView | None:
+        return self.streaming_view()
 
     async def refresh_greeting(self) -> None:
         """The persona changed (edited): show its greeting and colours as they are now."""
@@ -246,20 +233,43 @@ class ChatPane(ConversationTab):
         self.refresh_chrome()
         return True
 
-    async def browse(self, message_id: int, step: int) -> None:
+    def browse(self, message_id: int, step: int) -> None:
+        """Show the previous/next alternative of a message: its siblings are read on a worker thread."""
         if self.generating:
             self.app.notify("Wait for the reply before browsing alternatives.", severity="warning")
             return
+        self._find_alternative(self.conversation_id, message_id, step)
+
+    @work(thread=True, exclusive=True, group="browse")
+    def _find_alternative(self, conversation_id: int, message_id: int, step: int) -> None:
+        """On a worker thread: the alternative `step` away and the leaf its branch ends in (reads only)."""
         catalog = self.app.catalog
-        alts = catalog.alternatives(message_id)
-        ids = [m.id for m in alts]
-        if len(ids) < 2 or message_id not in ids:
+        try:
+            ids = [m.id for m in catalog.alternatives(message_id)]
+            target = ids[(ids.index(message_id) + step) % len(ids)] if len(ids) > 1 and message_id in ids else None
+            leaf = catalog.leaf_after(target) if target is not None else None
+        except READ_ERRORS as exc:
+            self.app.call_from_thread(self.app.notify, f"The alternatives could not be read ({exc}).",
+                                      severity="error")
+            return
+        self.post_message(msg.AlternativeFound(conversation_id, message_id, target, leaf))
+
+    def on_alternative_found(self, message: msg.AlternativeFound) -> None:
+        message.stop()
+        if message.conversation_id != self.conversation_id or self.generating:
+            return  # the tab moved on (another conversation, a reply began) while the siblings were read
+        if message.target is None:
             self.app.notify("This message has no alternatives (ctrl+r regenerates a reply).")
             return
-        target = ids[(ids.index(message_id) + step) % len(ids)]
-        catalog.set_leaf(self.conversation_id, catalog.leaf_after(target))
-        await self.reload()
-        view = next((v for v in self.message_views() if v.message_id == target), None)
+        try:
+            self.app.catalog.set_leaf(self.conversation_id, message.leaf)  # a write: one quick statement
+        except ParleyError as exc:  # the message went meanwhile (deleted from another window)
+            self.app.notify(str(exc), severity="warning")
+            return
+        self.reload(then=lambda: self._focus_message_id(message.target))
+
+    def _focus_message_id(self, message_id: int) -> None:
+        view = next((v for v in self.message_views() if v.message_id == message_id), None)
         if view is not None:
             view.focus()
             view.scroll_visible(animate=False)
@@ -279,8 +289,10 @@ class ChatPane(ConversationTab):
         self.conversation_id = conversation_id
         self.cache_source, self.cache_tokens, self.cache_load_ms = "", 0, 0.0
         self.live_cache = None
+        self.conversation_title = None
+        self.forget_transcript()
         await self.transcript.remove_children()
-        await self.reload()
+        self.reload()
         if self.parent is not None and self.app.chat_screen.active_pane() is self:
             self.app.chat_screen.request_open(conversation_id)
 
@@ -290,9 +302,9 @@ class ChatPane(ConversationTab):
         self.cache_load_ms = float(getattr(event, "load_ms", 0.0) or 0.0)
         self.refresh_chrome()
 
-    async def on_engine_saved(self, event: ev.MessageSaved) -> None:
+    def on_engine_saved(self, event: ev.MessageSaved) -> None:
         if event.role == "user":
-            await self.reload()
+            self.reload()
 
     async def on_engine_tokens(self, event: ev.TokensGenerated) -> None:
         self.remove_class("-prefilling")
@@ -307,10 +319,8 @@ class ChatPane(ConversationTab):
         self.remove_class("-prefilling")
         live = self.streaming_view()
         if live is not None:
-            if event.message_id:
-                live.lore = lore_of(self.app.catalog, self.app.catalog.get_message(event.message_id))
-                await live.finish(event.text, event.message_id,
-                                  stats_line(event.stats, event.cancelled) + lore_mark(live.lore))
+            if event.message_id:  # its alternatives and lore mark come with the transcript read below
+                await live.finish(event.text, event.message_id, stats_line(event.stats, event.cancelled))
             elif event.cancelled:  # stopped while reading: the bubble stays, saying so (nothing was saved)
                 live.add_class("stopped-note")
                 await live.finish("", None, "stopped")
@@ -319,8 +329,7 @@ class ChatPane(ConversationTab):
                 await live.remove()
         self.generating = False
         self.last_sent = ""
-        await self.reload()
-        self.title_changed()
+        self.reload()  # also reads the title the first message gave the conversation
         self.transcript.keep_up()
 
     async def on_engine_failed(self, event: ev.EngineFailed) -> None:
@@ -330,20 +339,20 @@ class ChatPane(ConversationTab):
             await live.remove()
         self.generating = False
         self.remove_class("-prefilling")
-        await self.reload()
+        last_sent, self.last_sent = self.last_sent, ""
+        self.reload(then=lambda: self._after_failure(event, last_sent))
+
+    async def _after_failure(self, event: ev.EngineFailed, last_sent: str) -> None:
+        """Once the transcript shows what was saved: an unsaved reply to copy, the unsaved message back in the box."""
         if event.unsaved_reply is not None:  # generated, not stored (full disk): keep it on screen to copy
             view = MessageView("assistant", event.unsaved_reply, speaker=self.persona.name, color=self.persona.color,
                                stats=f"NOT SAVED: {event.message} Press c on this message to copy it.")
             view.add_class("unsaved")
             await self.transcript.mount(view)
             self.transcript.scroll_end(animate=False)
-        if self.last_sent and not self.composer.text and not any(
-                v.message_id is not None and v.text == self.last_sent for v in self.message_views()):
-            self.composer.text = self.last_sent  # nothing was saved: let the user shorten or fix it
-        self.last_sent = ""
-
-    def title_changed(self) -> None:
-        self.refresh_chrome()
+        if last_sent and not self.composer.text and not any(
+                v.message_id is not None and v.text == last_sent for v in self.message_views()):
+            self.composer.text = last_sent  # nothing was saved: let the user shorten or fix it
 
     ENGINE_HANDLERS = {
         ev.ConversationOpened: on_engine_opened,

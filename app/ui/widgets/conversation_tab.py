@@ -3,21 +3,30 @@
 Both tabs are one conversation each: a header line, the transcript, a prefill progress row, (a scene's
 speaker ticks,) the hint line and the message box. The screen hands every engine event of a conversation to
 that conversation's tab (`route`); each tab says which events it handles in `ENGINE_HANDLERS`.
+
+The transcript is read from the catalog on a worker thread (`reload` asks, `TranscriptLoaded` answers) and
+brought in line here, once for both kinds of tab: views that still match are kept, the rest replaced. A tab
+differs only in its hooks (`_still_shows`, `_details_of`, `_view_for`, `_scroll_after_reload`, ...).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
 from app.engine import commands as cmd
 from app.engine import events as ev
+from app.ui import messages as msg
+from app.ui.catalog_reads import LatestOnly, MessageDetails, TranscriptRead, read_transcript
 from app.ui.widgets.chat_input import ChatInput
+from app.ui.widgets.message_view import MessageView
+from app.ui.widgets.text import lore_mark
 from app.ui.widgets.transcript import Transcript, TranscriptNavigation
 
 
@@ -34,6 +43,14 @@ class ConversationTab(TranscriptNavigation, Vertical):
     conversation_id: int
     generating: bool = False
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._transcript_reads = LatestOnly()
+        self._after_reload: list[Callable[[], Awaitable[None] | None]] = []
+        self._asked_children: set = set()
+        self.transcript_answers = 0  # answers to transcript reads handled, shown or dropped
+        self.stale_reads = 0  # answers dropped because a newer read or another conversation came first
+
     # layout ------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static(self._header(), classes="chat-header")
@@ -49,11 +66,122 @@ class ConversationTab(TranscriptNavigation, Vertical):
         """Widgets between the prefill row and the hint (a scene's speaker ticks); none by default."""
         yield from ()
 
-    async def on_mount(self) -> None:
-        await self.reload()
+    def on_mount(self) -> None:
+        self.reload()
 
-    async def reload(self) -> None:
+    # transcript (read on a worker thread, applied here) -------------------------------------
+    @property
+    def transcript_pending(self) -> bool:
+        """A transcript read is under way: what the tab shows may be one read behind the catalog."""
+        return self._transcript_reads.pending
+
+    def reload(self, then: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        """Bring the transcript in line with the catalog. The read runs on a worker thread; `then` runs once the
+        newest read is applied (a read overtaken by a newer one hands its `then` on to it; a switch to another
+        conversation drops them)."""
+        if then is not None:
+            self._after_reload.append(then)
+        number = self._transcript_reads.ask()
+        self._asked_children = set(self.transcript.children)  # what is shown as the read starts
+        shown = {v.message_id: v.text for v in self.message_views() if v.message_id is not None and v.details_known}
+        self._read_transcript(self.conversation_id, shown, number)
+
+    def forget_transcript(self) -> None:
+        """Another conversation takes the tab: reads under way are for the old one and their `then`s go too."""
+        self._transcript_reads.done(self._transcript_reads.ask())
+        self._after_reload.clear()
+
+    @work(thread=True, exclusive=True, group="transcript")
+    def _read_transcript(self, conversation_id: int, shown: dict[int, str], number: int) -> None:
+        """On a worker thread: only reads the catalog (never MLX, never a widget) and posts what it read."""
+        read = read_transcript(self.app.catalog, conversation_id, shown, self._details_of)
+        self.post_message(msg.TranscriptLoaded(read, number))
+
+    async def on_transcript_loaded(self, message: msg.TranscriptLoaded) -> None:
+        message.stop()
+        self.transcript_answers += 1
+        reads, read = self._transcript_reads, message.read
+        if not reads.is_newest(message.number) or read.conversation_id != self.conversation_id:
+            self.stale_reads += 1  # overtaken by a newer read, or the tab shows another conversation now
+            return
+        try:
+            if read.problem:
+                self.app.notify(read.problem, severity="error", timeout=8)
+            else:
+                await self._apply_transcript(read)
+        finally:
+            reads.done(message.number)
+        follow_ups, self._after_reload = self._after_reload, []
+        for follow_up in follow_ups:
+            result = follow_up()
+            if inspect.isawaitable(result):
+                await result
+
+    async def _apply_transcript(self, read: TranscriptRead) -> None:
+        """Keep the views (shown when the read started) that still match, remove the rest, mount the new ones where
+        the read started (before anything mounted since: a reply that began meanwhile stays last)."""
+        self._took_conversation(read.conversation)
+        await self._before_reconcile()
+        transcript = self.transcript
+        asked = self._asked_children
+        views = [v for v in self.message_views() if v in asked]
+        keep = 0
+        for view, message in zip(views, read.messages):
+            if not self._still_shows(view, message):
+                break
+            view.message_id = message.id
+            details = read.details.get(message.id)
+            if details is not None and not view.details_known:  # a view of a message the engine just saved
+                self._add_details(view, details)
+            keep += 1
+        for view in views[keep:]:
+            await view.remove()
+        new = [self._view_for(m, read.details.get(m.id, MessageDetails())) for m in read.messages[keep:]]
+        if new:
+            later = next((c for c in transcript.children if c not in asked), None) or self._live_view()
+            if later is not None and later.parent is transcript:
+                await transcript.mount_all(new, before=later)
+            else:
+                await transcript.mount_all(new)
+        self.refresh_chrome()
+        self._scroll_after_reload()
+
+    # hooks of the reconciliation ----------------------------------------------------------
+    def message_views(self) -> list[MessageView]:
         raise NotImplementedError
+
+    def _details_of(self, catalog, message) -> MessageDetails:
+        """On the worker thread: what the view of `message` shows besides its text."""
+        return MessageDetails()
+
+    def _view_for(self, message, details: MessageDetails) -> MessageView:
+        raise NotImplementedError
+
+    def _still_shows(self, view: MessageView, message) -> bool:
+        """Whether `view` can stay as the view of `message`: it is that message, or an unsaved one with its text."""
+        return view.message_id == message.id or (view.message_id is None and view.text == message.content
+                                                 and view.role == message.role)
+
+    def _add_details(self, view: MessageView, details: MessageDetails) -> None:
+        """A kept view of a message saved since it was drawn: its alternatives and lore mark, as read."""
+        view.set_alternatives(details.alternatives)
+        if details.lore and not view.lore:
+            view.lore = details.lore
+            view.set_stats(view.stats + lore_mark(details.lore))
+        view.details_known = True
+
+    def _took_conversation(self, conversation) -> None:
+        """The conversation's row as read with the transcript (a chat's title)."""
+
+    async def _before_reconcile(self) -> None:
+        """Before the views are compared (a chat's greeting goes first)."""
+
+    def _live_view(self) -> MessageView | None:
+        """The first view still streaming: new messages go before it."""
+        return None
+
+    def _scroll_after_reload(self) -> None:
+        self.transcript.keep_up()
 
     def _header(self) -> Text:
         raise NotImplementedError

@@ -39,7 +39,7 @@ class MessageView(Vertical, can_focus=True):
         self.alternatives = alternatives
         self.greeting = greeting
         self.lore = lore  # lorebook entries that entered with the turn this reply answers (key l shows them)
-        self.alternatives_known = message_id is not None and not streaming
+        self.details_known = message_id is not None and not streaming  # alternatives and lore as read
         self._stream = None
         if greeting:
             self.can_focus = False

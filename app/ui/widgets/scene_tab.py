@@ -19,6 +19,7 @@ from app.catalog.caches import conversation_cache_state
 from app.engine import commands as cmd
 from app.engine import events as ev
 from app.errors import ParleyError
+from app.ui.catalog_reads import MessageDetails
 from app.ui.handles import handle_hint, take_handles
 from app.ui.widgets.conversation_tab import ConversationTab
 from app.ui.widgets.message_view import MessageView
@@ -170,37 +171,22 @@ class SceneTab(ConversationTab):
     def message_views(self) -> list[SceneLine]:
         return [v for v in self.transcript.query(SceneLine) if "streaming" not in v.classes]
 
-    def _view_for(self, message) -> SceneLine:
+    def _details_of(self, catalog, message) -> MessageDetails:
+        """On the transcript's worker thread: the lore that entered this speaker's view with the round."""
+        return MessageDetails(lore=scene_lore_of(catalog, message))
+
+    def _view_for(self, message, details: MessageDetails) -> SceneLine:
         if message.role == "user" or message.persona_id is None:
             return SceneLine("user", message.content, message.id)
         stats = stats_line(message.meta.get("stats"), bool(message.meta.get("cancelled")))
-        lore = scene_lore_of(self.app.catalog, message)
         return SceneLine("assistant", message.content, message.id, persona_id=message.persona_id,
                          speaker=self.name_of(message.persona_id), color=self.color_of(message.persona_id),
-                         stats=stats + lore_mark(lore), lore=lore)
+                         stats=stats + lore_mark(details.lore), lore=details.lore)
 
-    async def reload(self) -> None:
-        """Bring the transcript in line with the catalog: keep the views that still match, replace the rest."""
-        path = [m for m in self.app.catalog.current_path(self.conversation_id) if m.role in ("user", "assistant")]
-        views = self.message_views()
-        keep = 0
-        for view, message in zip(views, path):
-            if view.message_id == message.id or (view.message_id is None and view.text == message.content
-                                                 and view.role == message.role):
-                view.message_id = message.id
-                keep += 1
-            else:
-                break
-        for view in views[keep:]:
-            await view.remove()
-        new = [self._view_for(m) for m in path[keep:]]
-        if new:
-            first_live = next(iter(self.live.values()), None)
-            if first_live is not None and first_live.parent is self.transcript:
-                await self.transcript.mount_all(new, before=first_live)
-            else:
-                await self.transcript.mount_all(new)
-        self.refresh_chrome()
+    def _live_view(self) -> SceneLine | None:
+        return next(iter(self.live.values()), None)
+
+    def _scroll_after_reload(self) -> None:
         self.transcript.scroll_end(animate=False)
 
     async def _start_round(self, text: str, speakers: list[str]) -> None:
@@ -238,7 +224,7 @@ class SceneTab(ConversationTab):
     # engine events (the screen routes this scene's here) ---------------------------------
     async def on_engine_round_started(self, event: ev.SceneRoundStarted) -> None:
         if not self.live:  # a round this tab did not start (another client): show it all the same
-            await self.reload()
+            self.reload()  # what was said before it goes above its bubbles when read
             await self._start_round("", list(event.speakers))
 
     async def on_engine_saved(self, event: ev.MessageSaved) -> None:
@@ -262,10 +248,8 @@ class SceneTab(ConversationTab):
         live = self.live.pop(event.persona_id, None)
         if live is None:
             return
-        if event.message_id:
-            live.lore = scene_lore_of(self.app.catalog, self.app.catalog.get_message(event.message_id))
-            await live.finish(event.text, event.message_id,
-                              stats_line(event.stats, event.cancelled) + lore_mark(live.lore))
+        if event.message_id:  # its lore mark comes with the transcript read at the round's end
+            await live.finish(event.text, event.message_id, stats_line(event.stats, event.cancelled))
         else:
             await live.stop_stream()
             await live.remove()
@@ -279,7 +263,10 @@ class SceneTab(ConversationTab):
         self.generating = False
         self.last_sent = ""
         self.last_round = round_line(len(event.speakers), event.batch_tps, event.cancelled)
-        await self.reload()
+        self.reload(then=self._show_round_line)
+
+    async def _show_round_line(self) -> None:
+        """The round's figures, under its replies once the transcript shows them."""
         await self.transcript.mount(Static(self.last_round, classes="round-stats"))
         self.transcript.scroll_end(animate=False)
 
@@ -290,12 +277,15 @@ class SceneTab(ConversationTab):
         self.live = {}
         self.generating = False
         self.remove_class("-prefilling")
-        await self.reload()
-        saved = any(v.message_id is not None and v.role == "user" and v.text == self.last_said
+        last_sent, last_said, self.last_sent = self.last_sent, self.last_said, ""
+        self.reload(then=lambda: self._give_back_unsaved(last_sent, last_said))
+
+    def _give_back_unsaved(self, last_sent: str, last_said: str) -> None:
+        """Once the transcript shows what was saved: a message that was not goes back into the box."""
+        saved = any(v.message_id is not None and v.role == "user" and v.text == last_said
                     for v in self.message_views()[-1:])
-        if self.last_sent and not self.composer.text and not saved:
-            self.composer.text = self.last_sent  # nothing was saved: let the user fix it and send again
-        self.last_sent = ""
+        if last_sent and not self.composer.text and not saved:
+            self.composer.text = last_sent  # nothing was saved: let the user fix it and send again
 
     def persona_changed(self) -> None:
         """A member was edited: show its name and colour as they are now (new lines; the ticks too)."""
