@@ -50,8 +50,9 @@ are fast. `PARLEY_KERNELS=off` turns the C kernels off, `=avx2` etc. picks a var
 from __future__ import annotations
 
 from app.model.cpu_attention import CpuAttention
-from app.model.cpu_blocks import CpuBlock, CpuEmbedding, CpuLinear, CpuMLP, LeanLinear
+from app.model.cpu_blocks import CpuBlock, CpuMLP, LeanLinear
 from app.model.cpu_kernels import data_pointer, fresh, kernels
+from app.model.cpu_linear import CpuEmbedding, CpuLinear
 from app.model.cpu_rewrite import LEAN_MB_DEFAULT, lean_on_cpu, speed_up_for_cpu
 from app.model.forward import prefill_logits, text_body
 from app.model.host_exec import Q4Weights, attn_decode, attn_decode_host, host_vector, rms_host
