@@ -10,6 +10,8 @@ the persona's preamble cache (what a user's second start finds). Prints the medi
 - model load: `queued_ms` (the message waited that long for the model);
 - launch to main: the interpreter and the imports before `app.cli.main` runs;
 - command done to process gone: the exit (`parley chat` ends with `os._exit`);
+- CPU time: user + system seconds of the whole process (less sensitive than wall times to other work
+  sharing the cores; the turn included);
 
 and records what was active: the child's fp32 weight copies built (`app.model.cpu_linear`), whether Python
 could use its bytecode cache (`PYTHONDONTWRITEBYTECODE` makes every start compile Parley's modules again), the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ ROUNDS = 5
 FIGURES = (("wall_s", "wall"), ("ttft_s", "ttft (the turn's own)"), ("startup_s", "wall - ttft (start-up and exit)"),
            ("load_s", "model load (queued_ms)"), ("to_main_s", "launch to app.cli.main"),
            ("after_done_s", "command done to process gone"),
-           ("fp32_layers", "fp32 weight copies built"))
+           ("cpu_s", "CPU time of the whole process (user + system)"), ("fp32_layers", "fp32 weight copies built"))
 
 
 def run(lm, args) -> dict:
@@ -59,11 +62,14 @@ class TracedHalf(ParleyHalf):
 
     def chat(self, message: str, *options: str):
         os.environ["PARLEY_STARTUP_TRACE"] = str(self.trace)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             self.launched = time.time()
             return super().chat(message, *options)
         finally:
             os.environ.pop("PARLEY_STARTUP_TRACE", None)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            self.cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
     def one_start(self) -> dict:
         self.trace.unlink(missing_ok=True)
@@ -71,6 +77,7 @@ class TracedHalf(ParleyHalf):
         trace = json.loads(self.trace.read_text()) if self.trace.is_file() else {}
         ttft = turn_ttft_s(reply)
         return {"wall_s": round(wall, 4), "ttft_s": round(ttft, 4), "startup_s": round(wall - ttft, 4),
+                "cpu_s": round(self.cpu_s, 4),
                 "load_s": round(reply.get("queued_ms", 0.0) / 1000, 4),
                 "to_main_s": round(trace.get("main_at", self.launched) - self.launched, 4),
                 "after_done_s": round(self.launched + wall - trace.get("done_at", self.launched + wall), 4),

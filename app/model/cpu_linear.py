@@ -24,7 +24,7 @@ import mlx.core as mx
 from app.model.cpu_kernels import kernels
 from app.model.host_exec import Q4Weights, host_vector
 
-SHORT_ROWS = 16  # rows at or below which the 4-bit kernels beat sgemm on the fp32 copy (measured, see README)
+SHORT_ROWS = 32  # rows up to which the 4-bit kernels beat building the fp32 copies and sgemm (measured, see README)
 ROWS_PER_CALL = 8  # the row kernel keeps up to 8 rows' accumulators in registers (app/csrc/quant_rows.h)
 EXPANDED = {"layers": 0}
 
