@@ -32,7 +32,9 @@ SmolLM2-135M, `parley bench --quick`:
   cache contents bitwise those of the per-module path (~42 -> ~54 tokens/s).
   The quantized kernels compute exactly q*scale+bias in fp32, so decode logits
   match MLX's 4-bit reference to ~1e-5; prefill uses the same weights
-  dequantized exactly to fp32 (fp32 scales: no fp16 rounding).
+  dequantized exactly to fp32 (fp32 scales: no fp16 rounding), each layer's copy built on the first
+  prefill longer than `cpu_linear.SHORT_ROWS` tokens; shorter ones use the row-batched 4-bit kernel
+  (`app.model.cpu_linear`), so a start that only resumes a conversation builds no fp32 copy.
 * Modules are not wrapped: their classes get a CPU mixin (`cpu_rewrite`), so
   parameter names and attributes stay those of mlx-lm.
 
