@@ -83,7 +83,8 @@ def long_ids(lm, n):
 def test_loading_builds_no_fp32_copy(tiny_model_dir):
     before = cpu_linear.EXPANDED["layers"]
     lm = load_model(str(tiny_model_dir))
-    quantized = [m for _, m in lm.model.named_modules() if isinstance(m, (cpu_linear.CpuLinear, cpu_linear.CpuEmbedding))]
+    kinds = (cpu_linear.CpuLinear, cpu_linear.CpuEmbedding)
+    quantized = [m for _, m in lm.model.named_modules() if isinstance(m, kinds)]
     assert quantized and all(m.__dict__["_fp32"] is None for m in quantized)
     assert cpu_linear.EXPANDED["layers"] == before
 

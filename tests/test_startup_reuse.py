@@ -19,8 +19,9 @@ def chat(model: Path, home: Path, trace: Path, message: str, *options: str) -> t
     """One `python -m app chat` process: (its JSON reply, its start-up trace)."""
     env = {**os.environ, "PARLEY_HOME": str(home), "PARLEY_STARTUP_TRACE": str(trace)}
     trace.unlink(missing_ok=True)
-    done = subprocess.run([sys.executable, "-m", "app", "--model", str(model), "chat", "assistant", message, "--json",
-                           "--max-tokens", "2", *options], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "app", "--model", str(model), "chat", "assistant", message, "--json",
+               "--max-tokens", "2", *options]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1]), json.loads(trace.read_text())
 

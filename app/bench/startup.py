@@ -49,7 +49,8 @@ def run(lm, args) -> dict:
             common.log(args, f"  startup round {r + 1}/{rounds}: wall {samples[-1]['wall_s']:.2f} s, "
                              f"wall - ttft {samples[-1]['startup_s']:.2f} s")
     medians = {key: round(common.median([s[key] for s in samples]), 3) for key, _ in FIGURES}
-    return {"rounds": rounds, **medians, "samples": samples, "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE"),
+    return {"rounds": rounds, **medians, "samples": samples,
+            "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE"),
             "setup": common.machine()}
 
 
