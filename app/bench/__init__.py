@@ -27,6 +27,7 @@ PARTS: dict[str, str] = {
     "scene": "app.bench.scene:run",
     "memory": "app.bench.memory:run",
     "serve": "app.bench.serve:run",
+    "startup": "app.bench.startup:run",
 }
 
 

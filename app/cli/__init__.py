@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import sys
+import time
 
 from app import fastblas
 
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()
     fastblas.preload()  # before anything imports mlx
     from app.model import light_mlx_lm
 
@@ -67,9 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.exit_code
     except KeyboardInterrupt:
         return 130
+    write_startup_trace(started)
     if argv is None and getattr(args, "exit_promptly", False):
         exit_now(code)
     return code
+
+
+def write_startup_trace(started: float) -> None:
+    """`parley bench startup`'s view inside the process it launched (only when PARLEY_STARTUP_TRACE names a file):
+    when `main` began (epoch seconds), when the command was done, and how many fp32 weight copies were built."""
+    path = os.environ.get("PARLEY_STARTUP_TRACE")
+    if not path:
+        return
+    linear = sys.modules.get("app.model.cpu_linear")
+    trace = {"main_at": started, "done_at": time.time(), "fp32_layers": linear.EXPANDED["layers"] if linear else 0}
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(trace))
+    except OSError as exc:  # the bench says the trace is missing; the command itself succeeded
+        print(f"parley: warning: cannot write the start-up trace {path}: {exc}", file=sys.stderr)
 
 
 def exit_now(code: int) -> None:
@@ -78,8 +98,6 @@ def exit_now(code: int) -> None:
     Only for commands that have saved and closed everything when they return
     (`parley chat`), and only when `main` runs as the process's command line.
     """
-    import os
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -20,7 +20,7 @@ from pathlib import Path
 from app.bench import PARTS, get_part, get_table
 
 QUICK = ["speed"]
-MODEL_FREE = {"peer"}  # parts that load the model in their own processes only
+MODEL_FREE = {"peer", "startup"}  # parts that load the model in their own processes only
 
 
 def register(subparsers) -> None:
@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--clients", type=int, nargs="+", dest="serve_clients", default=None, metavar="K",
                    help="serve: numbers of simulated clients to run (default 1 4 8)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps, median taken (default 64)")
-    p.add_argument("--rounds", type=int, default=None, help="peer: interleaved rounds, medians taken (default 5; 1 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help="peer, startup: rounds, medians taken (default 5; with --quick 1 for peer, 3 for startup)")
     p.add_argument("--peer-python", metavar="PATH", default=None,
                    help="peer: the Python that has llama-cpp-python (default: this one, if it has it)")
     p.set_defaults(handler=run)

@@ -1,8 +1,7 @@
 """The MLP, transformer block and linear layers retyped for MLX's CPU backend (see app.model.cpu_rewrite).
 
 `CpuMLP` runs SiLU*up in C; `CpuBlock` runs a llama block's one-token step on host buffers;
-`CpuLinear`/`CpuEmbedding` use the 4/8-bit gemv for a single row; `LeanLinear` keeps big models' weights
-4-bit in RAM.
+`LeanLinear` keeps big models' weights 4-bit in RAM. `CpuLinear`/`CpuEmbedding` live in app.model.cpu_linear.
 """
 
 from __future__ import annotations
@@ -77,27 +76,6 @@ class CpuBlock:
         n = y.shape[0] // 2
         kernels().silu_mul(y.ctypes.data, y[n:].ctypes.data, n)
         return mx.array((h + down.numpy(y[:n])).reshape(x.shape))
-
-
-class CpuLinear(nn.Linear):
-    """fp32 Linear (BLAS) that, for a single input row, uses the 4-bit weights with `q4_gemv` instead."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        q4 = self.__dict__.get("_q4")
-        if q4 is not None and x.size == q4.K:
-            y = q4(x)
-            return y + self.bias if "bias" in self else y
-        return super().__call__(x)
-
-
-class CpuEmbedding(nn.Embedding):
-    """fp32 Embedding whose tied head (`as_linear`) uses `q4_gemv` for a single row."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        q4 = self.__dict__.get("_q4")
-        if q4 is not None and x.size == q4.K:
-            return q4(x)
-        return super().as_linear(x)
 
 
 class LeanLinear:

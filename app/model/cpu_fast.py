@@ -32,7 +32,9 @@ SmolLM2-135M, `parley bench --quick`:
   cache contents bitwise those of the per-module path (~42 -> ~54 tokens/s).
   The quantized kernels compute exactly q*scale+bias in fp32, so decode logits
   match MLX's 4-bit reference to ~1e-5; prefill uses the same weights
-  dequantized exactly to fp32 (fp32 scales: no fp16 rounding).
+  dequantized exactly to fp32 (fp32 scales: no fp16 rounding), each layer's copy built on the first
+  prefill longer than `cpu_linear.SHORT_ROWS` tokens; shorter ones use the row-batched 4-bit kernel
+  (`app.model.cpu_linear`), so a start that only resumes a conversation builds no fp32 copy.
 * Modules are not wrapped: their classes get a CPU mixin (`cpu_rewrite`), so
   parameter names and attributes stay those of mlx-lm.
 
@@ -50,8 +52,9 @@ are fast. `PARLEY_KERNELS=off` turns the C kernels off, `=avx2` etc. picks a var
 from __future__ import annotations
 
 from app.model.cpu_attention import CpuAttention
-from app.model.cpu_blocks import CpuBlock, CpuEmbedding, CpuLinear, CpuMLP, LeanLinear
+from app.model.cpu_blocks import CpuBlock, CpuMLP, LeanLinear
 from app.model.cpu_kernels import data_pointer, fresh, kernels
+from app.model.cpu_linear import CpuEmbedding, CpuLinear
 from app.model.cpu_rewrite import LEAN_MB_DEFAULT, lean_on_cpu, speed_up_for_cpu
 from app.model.forward import prefill_logits, text_body
 from app.model.host_exec import Q4Weights, attn_decode, attn_decode_host, host_vector, rms_host

@@ -1,4 +1,5 @@
-"""Rewrite a model in place for MLX's CPU backend: fp32 (or lean 4-bit) weights, C-kernel module classes.
+"""Rewrite a model in place for MLX's CPU backend: fp32 copies of weights where BLAS needs them (or lean 4-bit
+weights), C-kernel module classes.
 
 See app.model.cpu_fast for why and what it buys. Modules are not wrapped: their classes get a CPU mixin
 (`retype`), so parameter names and attributes stay those of mlx-lm.
@@ -8,18 +9,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from app.model.cpu_attention import CpuAttention
-from app.model.cpu_blocks import CpuBlock, CpuEmbedding, CpuLinear, CpuMLP, LeanLinear
+from app.model.cpu_blocks import CpuBlock, CpuMLP, LeanLinear
 from app.model.cpu_kernels import kernels
-from app.model.host_exec import Q4Weights
-
-
-def _dequantized(m) -> mx.array:
-    # fp32 scales/biases: dequantizing in fp16 would round every weight to fp16 (~0.2% off in the logits).
-    f32 = lambda a: a.astype(mx.float32)  # noqa: E731
-    return mx.dequantize(m.weight, f32(m.scales), f32(m.biases), m.group_size, m.bits).astype(mx.float32)
+from app.model.cpu_linear import CpuEmbedding, CpuLinear
 
 
 def _is_llama_attention(m) -> bool:
@@ -51,7 +45,8 @@ def _is_swiglu_mlp(m) -> bool:
 def speed_up_for_cpu(model: nn.Module) -> None:
     """Rewrite `model` in place for MLX's CPU backend.
 
-    Quantized layers become fp32 ones (all weights fp32); on llama-family models whose
+    Quantized layers get `cpu_linear`'s classes (4-bit kernels for short inputs, an fp32 copy for BLAS built on
+    the first call that needs it; other weights fp32); on llama-family models whose
     attention/MLP match mlx-lm's llama modules, attention and MLP get the
     C-kernel versions above when the kernels compile. Outputs stay equal to the original
     within fp32 rounding (tests/test_cpu_fast.py).
@@ -59,28 +54,13 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     if lean_on_cpu(model):
         _keep_quantized(model)
         return
-    replacements = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            w = _dequantized(module)
-            linear = CpuLinear(w.shape[1], w.shape[0], bias="bias" in module)
-            linear.weight = w
-            if Q4Weights.usable(module):
-                object.__setattr__(linear, "_q4", Q4Weights.of(module))
-            if "bias" in module:
-                linear.bias = module.bias.astype(mx.float32)
-            replacements.append((name, linear))
-        elif isinstance(module, nn.QuantizedEmbedding):
-            w = _dequantized(module)
-            embedding = CpuEmbedding(w.shape[0], w.shape[1])
-            embedding.weight = w
-            if Q4Weights.usable(module):
-                object.__setattr__(embedding, "_q4", Q4Weights.of(module))
-            replacements.append((name, embedding))
-    if replacements:
-        model.update_modules(tree_unflatten(replacements))
     model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
     mx.eval(model.parameters())
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear) and not isinstance(module, (CpuLinear, LeanLinear)):
+            _retype(module, CpuLinear)
+        elif isinstance(module, nn.QuantizedEmbedding) and not isinstance(module, CpuEmbedding):
+            _retype(module, CpuEmbedding)
     _use_kernels(model, blocks=True)
 
 
