@@ -1,7 +1,9 @@
 """llama-style attention retyped for MLX's CPU backend (see app.model.cpu_rewrite).
 
-Prefill: BLAS matmuls for QK^T and PV, softmax in C. Decode (one token): q/k/v through one 4-bit gemv, the
-attention over the cache buffers in C, o_proj straight from the host buffer.
+Prefill: BLAS matmuls for QK^T and PV, softmax in C; over a compact cache the keys and values are views of
+one scratch buffer shared by every layer (app.kvstore.prefill_scratch), so the output is evaluated here.
+Decode (one token): q/k/v through one 4-bit gemv, the attention over the cache buffers in C, o_proj straight
+from the host buffer.
 """
 
 from __future__ import annotations
@@ -43,10 +45,16 @@ class CpuAttention:
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
         out = attend_compact(cache, q, k, v, a.scale) if B * L == 1 else None
-        if cache is not None and out is None:
+        shared = out is None and B * L > 1 and hasattr(cache, "update_and_fetch_shared")
+        if shared:  # k/v may be views of a scratch the next layer overwrites: `out` is evaluated below
+            k, v = cache.update_and_fetch_shared(k, v)
+        elif cache is not None and out is None:
             k, v = cache.update_and_fetch(k, v)
         if out is None and k.dtype != mx.float32:
-            return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+            tail = super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+            if shared:
+                mx.eval(tail)
+            return tail
         D = q.shape[-1]
         if B * L == 1:
             out = attn_decode_host(q, k, v, a.scale) if out is None else out
@@ -60,6 +68,8 @@ class CpuAttention:
         scores = fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
         kernels().causal_softmax(data_pointer(scores), B * Hkv * G * L, L, T, T - L, int(mask is not None and L > 1))
         out = (scores @ v).reshape(B, H, L, D)
+        if shared:
+            mx.eval(out)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _qk_heads(self, q, k, B: int, L: int):
