@@ -122,3 +122,20 @@ def test_the_scratch_is_freed_when_the_prefill_ends(lm):
     for _ in steps:
         pass
     assert prefill_scratch.held_bytes() == 0
+
+
+def test_a_windowed_layer_keeps_its_own_update(lm):
+    """Sliding-window layers (never compact) slide their working copy in their own `update_and_fetch`: the
+    shared-scratch entry point must go through it, not around it."""
+    from app.kvstore.window import WindowedKVCache
+
+    pool = make_pool(lm)
+    ids = tokens(600)
+    a, b = (WindowedKVCache.adopt(fill(lm, pool, ids).layers[0], 300) for _ in range(2))
+    rng = np.random.default_rng(0)
+    for n in (250, 40):  # the second update slides the window past another block
+        k = mx.array(rng.standard_normal((1, a.keys.shape[1], n, a.keys.shape[3])).astype(np.float32))
+        got, want = a.update_and_fetch_shared(k, k), b.update_and_fetch(k, k)
+    assert a.base == b.base == 512
+    for x, y in zip(got, want):
+        assert np.array_equal(np.array(x), np.array(y))

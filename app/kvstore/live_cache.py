@@ -71,11 +71,12 @@ class SealingKVCache(KVCache):
         """`update_and_fetch` for a prefill chunk whose caller evaluates what reads the result before the next
         layer runs (`CpuAttention`): a compact cache hands back views of the thread's shared prefill scratch
         (app.kvstore.prefill_scratch), its blocks decoded there in one C call, no fresh arrays."""
-        if self.compact and (keys.shape[2] == 1 or keys.dtype != mx.float32):
+        if not self.compact:  # the full form (also every subclass's own update, e.g. windowed layers)
+            return self.update_and_fetch(keys, values)
+        if keys.shape[2] == 1 or keys.dtype != mx.float32:
             self.materialize()
+            return self.update_and_fetch(keys, values)
         self._append(keys, values)
-        if not self.compact:
-            return self.keys_and_values()
         shared = self._scratch_keys_and_values(keys.shape[1], keys.shape[3], values.shape[3])
         return shared if shared is not None else self._full_keys_and_values()
 
