@@ -19,10 +19,11 @@ blocks are kept ONLY encoded; the working copy holds just the tail (from `base`
 in C (`attend_one`, called by `app.model.cpu_fast`'s attention), a prefill chunk
 gets the blocks decoded for that call (`update_and_fetch_shared`: into one
 scratch buffer shared by every layer, app.kvstore.prefill_scratch; other
-callers: fresh arrays freed after the call), and a restore has nothing to decode. Whatever asks for the full keys of a one-token step some
-other way (another architecture's attention, the batched engine, a windowed
-layer, fp16 caches on Metal) turns the cache back into the full working copy
-once (`materialize`), with the very values sealing used to write back.
+callers: fresh arrays freed after the call), and a restore has nothing to
+decode. Whatever asks for the full keys of a one-token step some other way
+(another architecture's attention, the batched engine, a windowed layer, fp16
+caches on Metal) turns the cache back into the full working copy once
+(`materialize`), with the very values sealing used to write back.
 `PARLEY_KV_COMPACT=0` keeps every cache in the full form.
 """
 

@@ -29,17 +29,22 @@ import mlx.core as mx
 import numpy as np
 
 from app.kvstore import fast_decode
+from app.model import cpu_kernels
 
 GROW_TOKENS = 1024  # the scratch grows in steps of this many positions
 
 
 class _Scratch:
-    """(1, H, cap, D) fp32 keys and values (evaluated MLX arrays) and their addresses."""
+    """Flat fp32 buffers (evaluated MLX arrays) for keys and values, and their addresses.
+
+    A call lays its (1, H, n, D) arrays out contiguously at the start (heads n * D floats apart), so
+    what it hands back is shaped exactly like the concatenation it replaces (no strided batch that a
+    matmul would copy first)."""
 
     def __init__(self, heads: int, dk: int, dv: int, cap: int):
         self.shape, self.cap = (heads, dk, dv), cap
-        self.keys = mx.zeros((1, heads, cap, dk), mx.float32)
-        self.values = mx.zeros((1, heads, cap, dv), mx.float32)
+        self.keys = mx.zeros((heads * cap * dk,), mx.float32)
+        self.values = mx.zeros((heads * cap * dv,), mx.float32)
         mx.eval(self.keys, self.values)
         self.kp = np.asarray(memoryview(self.keys)).ctypes.data
         self.vp = np.asarray(memoryview(self.values)).ctypes.data
@@ -47,6 +52,11 @@ class _Scratch:
     @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
+
+    def views(self, n: int) -> tuple[mx.array, mx.array]:
+        """The first (1, H, n, D) keys and values (contiguous)."""
+        h, dk, dv = self.shape
+        return self.keys[:h * n * dk].reshape(1, h, n, dk), self.values[:h * n * dv].reshape(1, h, n, dv)
 
 
 _local = threading.local()
@@ -73,7 +83,8 @@ def held_bytes() -> int:
 
 
 def block_jobs(table, kp: int, vp: int, cap: int) -> np.ndarray:
-    """`kv_decode_jobs` rows (12 longs) decoding every block of `table` into (H, cap, D) buffers at kp/vp."""
+    """`kv_decode_jobs` rows (12 longs) decoding every block of `table` into (H, cap, D) buffers at kp/vp
+    (heads `cap` positions apart)."""
     rows = table.rows
     n = rows.shape[0]
     t = rows[:, 6]
@@ -109,7 +120,7 @@ def tail_jobs(keys: mx.array, values: mx.array, n_tail: int, start: int, kp: int
 
 def keys_and_values(table, keys: mx.array | None, values: mx.array | None, n_tail: int
                     ) -> tuple[mx.array, mx.array] | None:
-    """Every position's keys and values, (1, H, blocks + n_tail, D) views of this thread's scratch: `table`'s
+    """Every position's keys and values, contiguous (1, H, blocks + n_tail, D) views of this thread's scratch: `table`'s
     blocks decoded, then the first `n_tail` rows of the working copies `keys`/`values` (evaluated fp32).
     None when the C decoder is not there or the input is not for it (the caller decodes the old way)."""
     lib = fast_decode.kernels()
@@ -121,11 +132,11 @@ def keys_and_values(table, keys: mx.array | None, values: mx.array | None, n_tai
         return None
     try:
         s = _scratch(table.h, table.dk, table.dv, total)
-        parts = [block_jobs(table, s.kp, s.vp, s.cap)] if n_sealed else []
+        parts = [block_jobs(table, s.kp, s.vp, total)] if n_sealed else []
         if n_tail:
-            parts.append(tail_jobs(keys, values, n_tail, n_sealed, s.kp, s.vp, s.cap))
+            parts.append(tail_jobs(keys, values, n_tail, n_sealed, s.kp, s.vp, total))
     except fast_decode.Unsupported:
         return None
     jobs = np.ascontiguousarray(np.concatenate(parts))
-    lib.kv_decode_jobs(fast_decode._lut.ctypes.data, jobs.shape[0], jobs.ctypes.data, 1)
-    return s.keys[..., :total, :], s.values[..., :total, :]
+    lib.kv_decode_jobs(cpu_kernels.float16_table().ctypes.data, jobs.shape[0], jobs.ctypes.data, 1)
+    return s.views(total)
