@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from app.engine.commands import Sampling
+from app.kvstore import prefill_scratch
 from app.kvstore.window import apply_windows
 from app.model.arch import sliding_windows
 from app.model.cpu_fast import prefill_logits, text_body
@@ -33,13 +34,16 @@ def prefill(model, cache, ids: list[int], chunk: int = PREFILL_CHUNK) -> Iterato
     apply_windows(cache, sliding_windows(model))
     total = len(ids)
     done = 0
-    while done < total:
-        piece = ids[done : done + chunk]
-        hidden_logits = _forward(model, piece, cache, last_only=done + len(piece) == total)
-        mx.eval(hidden_logits, [layer.keys for layer in cache.layers])
-        cache.appended(piece)
-        done += len(piece)
-        yield Prefilled(done, total, hidden_logits if done == total else None)
+    try:
+        while done < total:
+            piece = ids[done : done + chunk]
+            hidden_logits = _forward(model, piece, cache, last_only=done + len(piece) == total)
+            mx.eval(hidden_logits, [layer.keys for layer in cache.layers])
+            cache.appended(piece)
+            done += len(piece)
+            yield Prefilled(done, total, hidden_logits if done == total else None)
+    finally:
+        prefill_scratch.release()  # the chunks' shared decoding buffer: an idle conversation holds its blocks only
 
 
 def _forward(model, piece: list[int], cache, last_only: bool) -> mx.array:

@@ -17,11 +17,13 @@ Compact mode (the default on the CPU path, where the C kernel of
 blocks are kept ONLY encoded; the working copy holds just the tail (from `base`
 = the sealed tokens on). The one-token step attends over the encoded blocks
 in C (`attend_one`, called by `app.model.cpu_fast`'s attention), a prefill chunk
-gets the blocks decoded for that call (freed after it), and a restore has
-nothing to decode. Whatever asks for the full keys of a one-token step some
-other way (another architecture's attention, the batched engine, a windowed
-layer, fp16 caches on Metal) turns the cache back into the full working copy
-once (`materialize`), with the very values sealing used to write back.
+gets the blocks decoded for that call (`update_and_fetch_shared`: into one
+scratch buffer shared by every layer, app.kvstore.prefill_scratch; other
+callers: fresh arrays freed after the call), and a restore has nothing to
+decode. Whatever asks for the full keys of a one-token step some other way
+(another architecture's attention, the batched engine, a windowed layer, fp16
+caches on Metal) turns the cache back into the full working copy once
+(`materialize`), with the very values sealing used to write back.
 `PARLEY_KV_COMPACT=0` keeps every cache in the full form.
 """
 
@@ -33,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
-from app.kvstore import block_attention
+from app.kvstore import block_attention, prefill_scratch
 from app.kvstore.blockfile import HostTensor
 from app.kvstore.fast_decode import decode_layers, layer_shape
 from app.kvstore.host_block import LayerBlock, block_nbytes
@@ -65,6 +67,30 @@ class SealingKVCache(KVCache):
         if self.compact:
             return self._full_keys_and_values()
         return self.keys_and_values()
+
+    def update_and_fetch_shared(self, keys, values):
+        """`update_and_fetch` for a prefill chunk whose caller evaluates what reads the result before the next
+        layer runs (`CpuAttention`): a compact cache hands back views of the thread's shared prefill scratch
+        (app.kvstore.prefill_scratch), its blocks decoded there in one C call, no fresh arrays."""
+        if not self.compact:  # the full form (also every subclass's own update, e.g. windowed layers)
+            return self.update_and_fetch(keys, values)
+        if keys.shape[2] == 1 or keys.dtype != mx.float32:
+            self.materialize()
+            return self.update_and_fetch(keys, values)
+        self._append(keys, values)
+        shared = self._scratch_keys_and_values(keys.shape[1], keys.shape[3], values.shape[3])
+        return shared if shared is not None else self._full_keys_and_values()
+
+    def _scratch_keys_and_values(self, heads: int, dk: int, dv: int) -> tuple[mx.array, mx.array] | None:
+        table = self._block_table(heads, dk, dv) if self.sealed else None
+        if self.sealed and (table is None or table.tokens != self.base):
+            return None
+        n_tail = self.offset - self.base
+        if n_tail:
+            mx.eval(self.keys, self.values)
+        if table is None:
+            return self.keys_and_values()
+        return prefill_scratch.keys_and_values(table, self.keys, self.values, n_tail)
 
     def _append(self, keys, values) -> None:
         """KVCache's growth and insert, on working-copy positions (from `base`), then seal full blocks."""

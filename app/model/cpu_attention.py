@@ -1,7 +1,9 @@
 """llama-style attention retyped for MLX's CPU backend (see app.model.cpu_rewrite).
 
-Prefill: BLAS matmuls for QK^T and PV, softmax in C. Decode (one token): q/k/v through one 4-bit gemv, the
-attention over the cache buffers in C, o_proj straight from the host buffer.
+Prefill: BLAS matmuls for QK^T and PV, softmax in C; over a compact cache the keys and values are views of
+one scratch buffer shared by every layer (app.kvstore.prefill_scratch), so the output is evaluated here.
+Decode (one token): q/k/v through one 4-bit gemv, the attention over the cache buffers in C, o_proj straight
+from the host buffer.
 """
 
 from __future__ import annotations
@@ -10,6 +12,38 @@ import mlx.core as mx
 
 from app.model.cpu_kernels import data_pointer, fresh, kernels
 from app.model.host_exec import Q4Weights, attend_compact, attn_decode_host, host_vector, stack_q4
+
+
+TILE_ROWS = 256  # query rows per tile of a long prefill chunk's attention
+
+
+def tiled_attention(qs: mx.array, k: mx.array, v: mx.array, causal: int) -> mx.array:
+    """softmax(qs K^T) V for one sequence ([1, H, L, D] scaled queries over [1, Hkv, T, D] keys/values, the
+    last L positions being the queries'), a tile of at most `TILE_ROWS` query rows of one head at a time.
+
+    The whole chunk at once (a 512-token chunk over 4K positions: 9 x 512 x 4096 scores, 75 MB) wrote the
+    scores to memory, read them back for the softmax, then again for PV; a tile's scores (4 MB) stay in the
+    CPU caches between the three steps: ~30% less time for a long chunk's attention; and a causal tile skips
+the keys after its last query (masked for all its rows: ~11% of a 4K prompt's scores). Each tile is evaluated
+    before the next (its scores freed), so the result holds no reference to `k`/`v` (a shared scratch is
+    free for the next layer). Same products as the whole-chunk path, summed per row the same way, up to
+    BLAS's blocking (fp32 rounding)."""
+    _, H, L, D = qs.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = H // Hkv
+    mx.eval(qs)
+    tiles = []
+    for h in range(H):
+        for l0 in range(0, L, TILE_ROWS):
+            n = min(TILE_ROWS, L - l0)
+            seen = T - L + l0 + n if causal else T  # keys after the tile's last query are masked for all its rows
+            kh, vh = k[:, h // G, :seen], v[:, h // G, :seen]
+            scores = fresh(qs[:, h, l0:l0 + n] @ kh.swapaxes(-1, -2))  # [1, n, seen]
+            kernels().causal_softmax(data_pointer(scores), n, n, seen, T - L + l0, causal)
+            tile = scores @ vh
+            mx.eval(tile)
+            tiles.append(tile)
+    return mx.concatenate(tiles, axis=1).reshape(1, H, L, D)
 
 
 class CpuAttention:
@@ -43,10 +77,16 @@ class CpuAttention:
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
         out = attend_compact(cache, q, k, v, a.scale) if B * L == 1 else None
-        if cache is not None and out is None:
+        shared = out is None and B * L > 1 and hasattr(cache, "update_and_fetch_shared")
+        if shared:  # k/v may be views of a scratch the next layer overwrites: `out` is evaluated below
+            k, v = cache.update_and_fetch_shared(k, v)
+        elif cache is not None and out is None:
             k, v = cache.update_and_fetch(k, v)
         if out is None and k.dtype != mx.float32:
-            return super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+            tail = super().__call__(x, mask, cache) if cache is None else self._mlx_tail(q, k, v, mask, B, L)
+            if shared:
+                mx.eval(tail)
+            return tail
         D = q.shape[-1]
         if B * L == 1:
             out = attn_decode_host(q, k, v, a.scale) if out is None else out
@@ -54,12 +94,18 @@ class CpuAttention:
             if o is not None:  # o_proj straight from the host buffer: an MLX array built from numpy needs no eval
                 return mx.array(o.numpy(out).reshape(1, 1, o.O))
             return a.o_proj(mx.array(out).reshape(1, 1, H * D))
-        T = k.shape[2]
-        # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
-        qg = (q * a.scale).reshape(B, Hkv, G * L, D)
-        scores = fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
-        kernels().causal_softmax(data_pointer(scores), B * Hkv * G * L, L, T, T - L, int(mask is not None and L > 1))
-        out = (scores @ v).reshape(B, H, L, D)
+        causal = int(mask is not None and L > 1)
+        if B == 1 and L >= TILE_ROWS // 2:
+            out = tiled_attention(q * a.scale, k, v, causal)
+        else:
+            T = k.shape[2]
+            # GQA without repeating K/V: the G query heads of a KV head become G*L rows.
+            qg = (q * a.scale).reshape(B, Hkv, G * L, D)
+            scores = fresh(qg @ k.swapaxes(-1, -2))  # [B, Hkv, G*L, T]
+            kernels().causal_softmax(data_pointer(scores), B * Hkv * G * L, L, T, T - L, causal)
+            out = (scores @ v).reshape(B, H, L, D)
+            if shared:
+                mx.eval(out)
         return a.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _qk_heads(self, q, k, B: int, L: int):
