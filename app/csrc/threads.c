@@ -2,7 +2,7 @@
    chunks (the 4/8-bit gemv's output rows, the block attention's heads and channel slices).
 
    Decode calls the gemv ~120 times a token, 20-500 us each, so a hand-off must cost ~1 us: a helper
-   spins (pause) for PARLEY_THREAD_SPIN_US (default 200 us) after its last chunk, then sleeps on a futex,
+   spins (pause) for PARLEY_THREAD_SPIN_US (default 200 us) after its last chunk, then sleeps (a futex on Linux),
    so an idle app burns no CPU and a spinning helper does not fight OpenBLAS's prefill threads for long.
    Chunks are claimed one at a time from a shared counter (generation in the high 32 bits, next chunk in
    the low), so a helper that is asleep, late or descheduled (a busy machine) only means the caller
@@ -12,14 +12,16 @@
 #include "threads.h"
 
 #include <errno.h>
-#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__linux__) && !defined(PARLEY_COND_WAIT)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define CPU_RELAX() _mm_pause()
@@ -59,9 +61,33 @@ static struct {
     pthread_mutex_t start_lock;
 } pool = { .threads = 0, .min_work = 1L << 16, .backoff = BACKOFF_MIN, .start_lock = PTHREAD_MUTEX_INITIALIZER };
 
-static long futex(uint32_t *word, int op, uint32_t value) {
-    return syscall(SYS_futex, word, op, value, NULL, NULL, 0);
+/* Sleep while *word == seen, and wake every sleeper: a futex on Linux; elsewhere (macOS builds the
+   kernels too) a mutex and condition variable. Both may return early; callers re-check the word. */
+#if defined(__linux__) && !defined(PARLEY_COND_WAIT)
+static void wait_while(uint32_t *word, uint32_t seen) {
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
 }
+
+static void wake_all(uint32_t *word) {
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+#else
+static pthread_mutex_t wait_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wait_cond = PTHREAD_COND_INITIALIZER;
+
+static void wait_while(uint32_t *word, uint32_t seen) {
+    pthread_mutex_lock(&wait_lock);
+    while (__atomic_load_n(word, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&wait_cond, &wait_lock);
+    pthread_mutex_unlock(&wait_lock);
+}
+
+static void wake_all(uint32_t *word) {
+    (void)word;  /* the new value is stored before this lock is taken: a waiter either saw it or is waiting */
+    pthread_mutex_lock(&wait_lock);
+    pthread_cond_broadcast(&wait_cond);
+    pthread_mutex_unlock(&wait_lock);
+}
+#endif
 
 static long now_ns(void) {
     struct timespec ts;
@@ -98,7 +124,7 @@ static void *helper_main(void *arg) {
             if ((k & 63) == 63 && now_ns() > until) {
                 __atomic_fetch_add(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
                 if (__atomic_load_n(&pool.generation, __ATOMIC_SEQ_CST) == seen)
-                    futex(&pool.generation, FUTEX_WAIT_PRIVATE, seen);
+                    wait_while(&pool.generation, seen);
                 __atomic_fetch_sub(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
                 until = now_ns() + pool.spin_ns;
             }
@@ -118,8 +144,12 @@ static long env_long(const char *name, long fallback, long lo, long hi) {
 }
 
 static long default_threads(void) {
+#if defined(__linux__)
     cpu_set_t set;
     long cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : sysconf(_SC_NPROCESSORS_ONLN);
+#else
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
     if (cores < 1) cores = 1;
     return env_long("PARLEY_THREADS", cores < 2 ? cores : 2, 1, PARLEY_MAX_THREADS);
 }
@@ -203,7 +233,7 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
     __atomic_store_n(&pool.done, 0, __ATOMIC_RELAXED);
     STORE(&pool.ticket, (uint64_t)gen << 32);
     __atomic_store_n(&pool.generation, gen, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) futex(&pool.generation, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) wake_all(&pool.generation);
     run_chunks(gen, 0);
     /* the chunks the helpers claimed: short, unless a helper was descheduled (then give it the core) */
     long t0 = 0, stalled = 0;
