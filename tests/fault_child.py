@@ -200,7 +200,7 @@ async def _app_full_during_reply(r: Runner) -> None:
         pane.composer.text = "and now?"
         await pilot.press("enter")
         await wait_for(pilot, lambda: any(isinstance(e, ev.ReplyFinished) for e in app.events_seen[-20:])
-                       and not pane.generating, timeout=60, what="the next reply")
+                       and not pane.generating and ui_caught_up(app), timeout=60, what="the next reply")
         r.results["app"]["after"] = [{"role": v.role, "text": v.text, "saved": v.message_id is not None}
                                      for v in pane.message_views()]
 

@@ -393,7 +393,7 @@ async def test_progress_bars_for_model_preparation_and_long_prefills(make_app):
         pane.composer.text = too_long
         await pilot.press("enter")
         await wait_for(pilot, lambda: events_of(app, ev.EngineFailed), what="the refusal")
-        await wait_for(pilot, lambda: not pane.generating, what="the pane to settle")
+        await wait_for(pilot, lambda: not pane.generating and ui_caught_up(app), what="the pane to settle")
         assert pane.composer.text == too_long
         assert any("context window" in n.message for n in app._notifications)
         assert [v.role for v in pane.message_views()] == ["user", "assistant"]

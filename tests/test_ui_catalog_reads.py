@@ -156,3 +156,40 @@ async def test_a_transcript_read_for_a_conversation_left_is_not_shown(make_app, 
         assert [v.text for v in pane.message_views()] == ["in the second conversation"]
         assert pane.stale_reads == dropped + 1
         assert not pane.has_class("-first-applied")
+
+
+async def test_a_reply_begun_while_the_transcript_was_read_stays_last(make_app, monkeypatch):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        pane = await open_persona(pilot, "Tester")
+        said = await send(pilot, pane, "one")
+        shown = [v.text for v in pane.message_views()]
+        held, release, done = hold_first_read(monkeypatch)
+        app.catalog.add_message(pane.conversation_id, "user", "two", parent_id=said.message_id)  # another window
+        answered = pane.transcript_answers
+        pane.reload()  # reads "two", then is held
+        await wait_for(pilot, lambda: held, what="the read")
+        await pane._start_reply("three")  # the user sends meanwhile: a new question and its streaming bubble
+        release.set()
+        await wait_for(pilot, lambda: done.is_set() and pane.transcript_answers > answered, what="the read's answer")
+        assert [v.text for v in pane.message_views()] == shown + ["two", "three"]
+        assert pane.transcript.children[-1] is pane.streaming_view()
+
+
+async def test_a_read_asked_for_while_another_is_applied_finishes_the_work_alone(make_app):
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        pane = await open_persona(pilot, "Tester")
+        await send(pilot, pane, "one")
+        app.catalog.add_message(pane.conversation_id, "user", "another start", parent_id=None)  # another window
+        first = pane.message_views()[0]
+        remove = first.remove
+
+        def engine_event_between_two_awaits():  # as a reply's end would: a newer read while this one is applied
+            pane.reload()
+            return remove()
+
+        first.remove = engine_event_between_two_awaits
+        pane.reload()
+        await wait_for(pilot, lambda: ui_caught_up(app) and pane.transcript_answers >= 2, what="both reads")
+        assert [v.text for v in pane.message_views()] == ["another start"]

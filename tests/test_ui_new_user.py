@@ -243,8 +243,8 @@ async def test_an_empty_reply_and_a_reply_stopped_before_its_first_token_say_so(
         before = len(replies(app, pane.conversation_id))
         pane.composer.text = "long " * int(1500 / per_word)  # three prefill chunks
         await pilot.press("enter")
-        await wait_for(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating,
-                       what="the stop")
+        await wait_for(pilot, lambda: len(replies(app, pane.conversation_id)) > before and not pane.generating
+                       and ui_caught_up(app), what="the stop")
         app.engine._on_event = relay
         stopped = replies(app, pane.conversation_id)[-1]
         assert stopped.cancelled and stopped.message_id == 0

@@ -348,7 +348,7 @@ class ChatPane(ConversationTab):
             view = MessageView("assistant", event.unsaved_reply, speaker=self.persona.name, color=self.persona.color,
                                stats=f"NOT SAVED: {event.message} Press c on this message to copy it.")
             view.add_class("unsaved")
-            await self.transcript.mount(view)
+            await self.mount_after_read(view)
             self.transcript.scroll_end(animate=False)
         if last_sent and not self.composer.text and not any(
                 v.message_id is not None and v.text == last_sent for v in self.message_views()):

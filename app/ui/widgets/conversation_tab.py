@@ -108,23 +108,30 @@ class ConversationTab(TranscriptNavigation, Vertical):
             if read.problem:
                 self.app.notify(read.problem, severity="error", timeout=8)
             else:
-                await self._apply_transcript(read)
+                await self._apply_transcript(read, message.number)
         finally:
             reads.done(message.number)
+        if not reads.is_newest(message.number):
+            return  # a newer read was asked for while this one was applied: it finishes the work, follow-ups too
         follow_ups, self._after_reload = self._after_reload, []
         for follow_up in follow_ups:
             result = follow_up()
             if inspect.isawaitable(result):
                 await result
 
-    async def _apply_transcript(self, read: TranscriptRead) -> None:
+    async def _apply_transcript(self, read: TranscriptRead, number: int) -> None:
         """Keep the views (shown when the read started) that still match, remove the rest, mount the new ones where
-        the read started (before anything mounted since: a reply that began meanwhile stays last)."""
+        the read started (before anything mounted since: a reply that began meanwhile stays last). Stops at once when
+        a newer read is asked for meanwhile (an engine event between two awaits): that read started from what this
+        one had done so far and does the rest."""
+        def overtaken() -> bool:
+            return not self._transcript_reads.is_newest(number)
+
         self._took_conversation(read.conversation)
         await self._before_reconcile()
-        transcript = self.transcript
-        asked = self._asked_children
-        views = [v for v in self.message_views() if v in asked]
+        if overtaken():
+            return
+        views = [v for v in self.message_views() if v in self._asked_children]
         keep = 0
         for view, message in zip(views, read.messages):
             if not self._still_shows(view, message):
@@ -136,15 +143,23 @@ class ConversationTab(TranscriptNavigation, Vertical):
             keep += 1
         for view in views[keep:]:
             await view.remove()
+            if overtaken():
+                return
         new = [self._view_for(m, read.details.get(m.id, MessageDetails())) for m in read.messages[keep:]]
         if new:
-            later = next((c for c in transcript.children if c not in asked), None) or self._live_view()
-            if later is not None and later.parent is transcript:
-                await transcript.mount_all(new, before=later)
-            else:
-                await transcript.mount_all(new)
+            await self.mount_after_read(*new)
         self.refresh_chrome()
         self._scroll_after_reload()
+
+    async def mount_after_read(self, *widgets) -> None:
+        """Mount at the end of what the newest read shows: before anything mounted while it was being read (the
+        bubbles of a reply or round that began meanwhile stay last), else before a streaming view, else last."""
+        transcript = self.transcript
+        later = next((c for c in transcript.children if c not in self._asked_children), None) or self._live_view()
+        if later is not None and later.parent is transcript:
+            await transcript.mount_all(widgets, before=later)
+        else:
+            await transcript.mount_all(widgets)
 
     # hooks of the reconciliation ----------------------------------------------------------
     def message_views(self) -> list[MessageView]:

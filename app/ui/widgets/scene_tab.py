@@ -267,7 +267,7 @@ class SceneTab(ConversationTab):
 
     async def _show_round_line(self) -> None:
         """The round's figures, under its replies once the transcript shows them."""
-        await self.transcript.mount(Static(self.last_round, classes="round-stats"))
+        await self.mount_after_read(Static(self.last_round, classes="round-stats"))
         self.transcript.scroll_end(animate=False)
 
     async def on_engine_failed(self, event: ev.EngineFailed) -> None:
