@@ -132,6 +132,10 @@ class SealingKVCache(KVCache):
         tv = np.ascontiguousarray(np.asarray(memoryview(self.values))[0]) if n_tail else None
         return block_attention.attend(table, qa, tk, tv, n_tail, scale)
 
+    def block_table(self, heads: int, dk: int, dv: int) -> block_attention.BlockTable | None:
+        """The sealed blocks as the attention kernel reads them (also app.model.decode_step's fused step)."""
+        return self._block_table(heads, dk, dv)
+
     def _block_table(self, heads: int, dk: int, dv: int) -> block_attention.BlockTable | None:
         """The kernel's view of the sealed blocks, kept in step with `sealed`; None if it cannot read them."""
         try:

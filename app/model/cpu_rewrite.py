@@ -13,6 +13,7 @@ from mlx.utils import tree_unflatten
 from app.model.cpu_attention import CpuAttention
 from app.model.cpu_blocks import CpuBlock, CpuEmbedding, CpuLinear, CpuMLP, LeanLinear
 from app.model.cpu_kernels import kernels
+from app.model.decode_step import FusedStepModel
 from app.model.host_exec import Q4Weights
 
 
@@ -39,6 +40,12 @@ def _is_llama_block(m) -> bool:
     from mlx_lm.models import llama
 
     return type(m) is llama.TransformerBlock
+
+
+def _is_llama_model(m) -> bool:
+    from mlx_lm.models import llama
+
+    return type(m) is llama.Model
 
 
 def _is_swiglu_mlp(m) -> bool:
@@ -123,6 +130,8 @@ def _use_kernels(model: nn.Module, blocks: bool) -> None:
             _retype(mlp, CpuMLP)
         if blocks and _is_llama_block(layer) and not isinstance(layer, CpuBlock):
             _retype(layer, CpuBlock)
+    if blocks and _is_llama_model(model):  # after the blocks: the plan reads their prepared weights
+        _retype(model, FusedStepModel)
 
 
 _retyped: dict = {}
