@@ -203,3 +203,30 @@ def test_embedded_model_fused_equals_per_module(embedded_model_dir, monkeypatch)
     assert got_tokens == want_tokens
     assert_same(got, want)
     assert a.n_sealed == 1
+
+
+def test_bench_speed_decodes_over_the_apps_cache_with_the_fused_step(lm, monkeypatch):
+    """`parley bench speed` times decode over the engine's own cache and says whether the fused step ran."""
+    from argparse import Namespace
+
+    from app.bench import get_part
+
+    args = Namespace(quick=True, context=300, chunk=128, repeats=1, decode_tokens=4, kv_scheme="q4")
+    result = get_part("speed")(lm, args)
+    assert result["decode_cache"] == "q4 sealing cache, compact" and result["fused_decode_step"] is True
+    assert result["decode_tokens_per_s"] > 0
+    monkeypatch.setenv("PARLEY_FUSED_STEP", "0")
+    assert get_part("speed")(lm, args)["fused_decode_step"] is False
+
+
+def test_rope_table_rows_equal_the_rope_of_one_position(lm):
+    """The fused step's cos/sin table (one rope call per 256 positions) holds, position by position, what the
+    model's rope gives for that position alone."""
+    plan = plan_of(lm)
+    for offset in (0, 1, 255, 256, 300, 4095, 70000):
+        plan._rope_table = (None, 0)
+        table_row = plan._rope_cs(offset)
+        for later in (offset, offset + 17, offset + 255):
+            assert np.array_equal(plan._rope_cs(later), plan._rope_at(later)), (offset, later)
+        assert np.array_equal(table_row, plan._rope_at(offset))
+    assert plan._rope_rows == 256  # the table's self-check passed

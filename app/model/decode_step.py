@@ -43,6 +43,7 @@ DSM_EMBED, DSM_NORM, DSM_HEAD, DSM_LUT, DSM_LONGS = 8, 9, 10, 14, 15
 DSL_NORM1, DSL_NORM2, DSL_QKV, DSL_O, DSL_GATE_UP, DSL_DOWN = 0, 1, 2, 6, 10, 14
 DSL_KSPEC, DSL_VSPEC, DSL_N_BLOCKS, DSL_BLOCKS, DSL_TAIL_K, DSL_TAIL_V, DSL_TAIL_K_HS, DSL_TAIL_V_HS = range(18, 26)
 DSL_LONGS = 26
+ROPE_ROWS = 256  # positions of rope cos/sin computed at once
 
 
 def enabled() -> bool:
@@ -102,6 +103,8 @@ class FusedPlan:
         self.vocab = head_q4.O
         self.scale = float(attn0.scale)
         self.rope, self.probe = rope, mx.array(probe)
+        self._rope_table: tuple[np.ndarray | None, int] = (None, 0)
+        self._rope_rows = ROPE_ROWS
         self._embed = np.asarray(memoryview(body.embed_tokens.weight))  # fp32, evaluated by the rewrite
         norm = body.norm
         self._final_norm = np.ascontiguousarray(np.asarray(norm.weight.astype(mx.float32)))
@@ -172,7 +175,7 @@ class FusedPlan:
                 return None
         if offset + 1 - binding.base >= caches[0].block_tokens:
             return None  # this token fills the block: the cache seals it before attending (the model's path)
-        token = int(inputs.reshape(-1).item())
+        token = int(inputs.item())
         if not 0 <= token < self._embed.shape[0]:
             return None
         cs = self._rope_cs(offset)
@@ -185,10 +188,31 @@ class FusedPlan:
         return mx.array(self.logits).reshape(1, 1, self.vocab)
 
     def _rope_cs(self, offset: int) -> np.ndarray:
-        """cos/sin at position `offset` as the model's rope computes them (see `_rope_probe`)."""
+        """cos/sin at position `offset` as the model's rope computes them (see `_rope_probe`).
+
+        From a table of the next ROPE_ROWS positions, made by one call of the rope module over that many
+        probe rows (one MLX eval per ROPE_ROWS tokens instead of one a token). A table is used only if its
+        first and last rows equal the rope of a single probe at those positions (MLX computes the same
+        elementwise ops either way); otherwise every position is computed on its own from then on."""
+        table, start = self._rope_table
+        if table is not None and start <= offset < start + table.shape[0]:
+            return table[offset - start]
+        if self._rope_rows == 1:
+            return self._rope_at(offset)
+        out = self.rope(mx.broadcast_to(self.probe, (1, 1, self._rope_rows, self.head_dim)), offset=offset)
+        mx.eval(out)
+        table = np.array(memoryview(out), np.float32).reshape(self._rope_rows, self.head_dim)
+        last = offset + self._rope_rows - 1
+        if not (np.array_equal(table[0], self._rope_at(offset)) and np.array_equal(table[-1], self._rope_at(last))):
+            self._rope_rows = 1
+            return self._rope_at(offset)
+        self._rope_table = (table, offset)
+        return table[0]
+
+    def _rope_at(self, offset: int) -> np.ndarray:
         out = self.rope(self.probe, offset=offset)
         mx.eval(out)
-        return np.ascontiguousarray(np.asarray(memoryview(out)), np.float32).reshape(-1)
+        return np.array(memoryview(out), np.float32).reshape(-1)
 
     def _bind(self, caches) -> "_Binding | None":
         binding = _Binding.of(self, caches)
@@ -341,3 +365,9 @@ class FusedStepModel:
 def fused_step_active(model) -> bool:
     """Does `model` have the fused step (and is it on)? For bench reports and doctor."""
     return enabled() and model.__dict__.get("_fused_plan") is not None
+
+
+def fused_step_bound(model, caches) -> bool:
+    """Has the fused step run over this cache set (is it bound to it)? For `parley bench speed`'s report."""
+    plan = model.__dict__.get("_fused_plan")
+    return plan is not None and bool(caches) and plan._bindings.get(caches[0]) is not None
