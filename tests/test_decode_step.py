@@ -123,6 +123,26 @@ def test_prefill_trim_and_save_between_steps_rebind(lm, monkeypatch):
     assert_same_cache(a, b)
 
 
+def test_a_tail_written_elsewhere_between_steps_is_bound_again(lm, monkeypatch):
+    """A save's fp16 rounding writes the tails in place at the same offset; with another array sharing a
+    tail's data MLX writes a copy, so the kernel must not keep writing where the tail used to be."""
+    from app.kvstore.live_cache import SealingKVCache
+
+    pool = make_pool(lm)
+    ids = tokens(300)
+    a, b = fill(lm, pool, ids), fill(lm, pool, ids)
+    decode(lm, a, 5, 3, monkeypatch, fused=True)
+    decode(lm, b, 5, 3, monkeypatch, fused=False)
+    held = [(c.keys[..., :1, :], c.values[..., :1, :]) for c in a.layers + b.layers]
+    mx.eval(held)  # views of the tails' data: the rounding below cannot write in place
+    SealingKVCache.round_tails_to_fp16(a.layers)
+    SealingKVCache.round_tails_to_fp16(b.layers)
+    got, _ = decode(lm, a, 9, 10, monkeypatch, fused=True)
+    want, _ = decode(lm, b, 9, 10, monkeypatch, fused=False)
+    assert_same(got, want)
+    assert_same_cache(a, b)
+
+
 def test_caches_that_are_not_compact_take_the_model_path(lm, monkeypatch):
     monkeypatch.setenv("PARLEY_KV_COMPACT", "0")
     pool = make_pool(lm)

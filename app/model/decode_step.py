@@ -146,7 +146,10 @@ class FusedPlan:
         blocks = list(getattr(body, "layers", []))
         if not blocks or not all(_block_applies(b) for b in blocks):
             return None
-        if type(body.norm) is not nn.RMSNorm or body.embed_tokens.weight.dtype != mx.float32:
+        embed = body.embed_tokens.weight
+        if (type(body.norm) is not nn.RMSNorm or embed.dtype != mx.float32 or embed.ndim != 2
+                or embed.shape[1] != blocks[0].__dict__["_host_norms"][0][0].size
+                or not np.asarray(memoryview(embed)).flags.c_contiguous):
             return None
         head_q4 = _head_q4(model)
         if head_q4 is None or head_q4.K != blocks[0].__dict__["_host_norms"][0][0].size:
@@ -224,21 +227,24 @@ class FusedPlan:
 class _Binding:
     """A cache set as the kernel sees it: the layer descriptors with each layer's tail buffer and block table.
 
-    Valid while every layer's cache still holds the tail arrays made here, at the offset the last step left
-    (anything else touching the caches, a prefill, a trim, a save's rounding, sealing, replaces or moves
-    them, and the next step binds again).
+    Valid while every layer's cache still holds the tail arrays made here, unwritten by anyone else
+    (`tail_writes`: MLX may move an array's data when it is written in place, e.g. a save's fp16 rounding),
+    at the offset the last step left; anything else (a prefill, a trim, sealing) and the next step binds
+    again.
     """
 
-    def __init__(self, plan: FusedPlan, desc: np.ndarray, tails: list, keep: list, offset: int, base: int):
-        self.plan, self.desc, self.tails, self.keep = plan, desc, tails, keep
+    def __init__(self, plan: FusedPlan, desc: np.ndarray, tails: list, keep: list, offset: int, base: int,
+                 writes: list[int]):
+        self.writes = writes  # each cache's tail_writes when bound: any later write may have moved its data
+        # the tails weakly: a binding left stale (the caches moved on, no step since) holds no memory of theirs
+        self.tails = [(weakref.ref(k), weakref.ref(v)) for k, v in tails]
+        self.plan, self.desc, self.keep = plan, desc, keep
         self.offset, self.base = offset, base
 
     @classmethod
     def of(cls, plan: FusedPlan, caches) -> "_Binding | None":
-        from app.kvstore.live_cache import SealingKVCache
-
         first = caches[0]
-        if not all(type(c) is SealingKVCache and c.compact for c in caches):
+        if not all(_is_sealing_cache(c) and c.compact for c in caches):
             return None
         offset, base, block = first.offset, first.base, first.block_tokens
         if not all(c.offset == offset and c.base == base and c.block_tokens == block and c.sealed_tokens == base
@@ -265,14 +271,16 @@ class _Binding:
                 view = np.asarray(memoryview(a))
                 desc[i, col], desc[i, col + 2] = view.ctypes.data, view.strides[1] // 4
             c.keys, c.values = k, v
-        return cls(plan, desc, tails, keep, offset, base)
+        return cls(plan, desc, tails, keep, offset, base, [c.tail_writes for c in caches])
 
     def describes(self, caches, offset) -> bool:
         """Do these caches still hold this binding's tails at the offset it expects?"""
         if offset != self.offset:
             return False
-        for c, (k, v) in zip(caches, self.tails):
-            if c.keys is not k or c.values is not v or c.offset != offset or not c.compact:
+        for c, (k, v), writes in zip(caches, self.tails, self.writes):
+            keys = c.keys
+            if (keys is None or keys is not k() or c.values is not v() or c.offset != offset or not c.compact
+                    or c.tail_writes != writes):
                 return False
         return True
 
@@ -301,6 +309,13 @@ def _own_tail(cache, heads: int, dim: int, n_tail: int, rows: int):
     mk, mv = mx.array(k), mx.array(v)
     mx.eval(mk, mv)
     return mk, mv
+
+
+def _is_sealing_cache(cache) -> bool:
+    """Exactly app.kvstore.live_cache.SealingKVCache (not a subclass with other update rules), named rather than
+    imported: app.kvstore builds on app.model, not the other way round."""
+    cls = type(cache)
+    return cls.__name__ == "SealingKVCache" and cls.__module__ == "app.kvstore.live_cache"
 
 
 def _weakrefable(x) -> bool:
