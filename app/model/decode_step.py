@@ -2,7 +2,7 @@
 
 The per-module path (`CpuBlock`, `CpuAttention`, the cache's `attend_one`) already runs every product in C,
 but crosses between Python, MLX and C about ten times a layer (an MLX eval for rope, the cache's slice
-update and copies, numpy norms): on a 135M model that glue cost as much as the math. Here every layer,
+writes and copies, numpy norms): on a 135M model that glue cost as much as the math. Here every layer,
 the final norm and the vocabulary head run in one kernel call over pointers gathered once:
 
 * `FusedPlan.of(model)` decides ONCE per model whether the step applies (llama blocks the CPU rewrite
