@@ -83,3 +83,7 @@ void kvq_attn_decode(const float *lut, const float *q, float *out, float *scratc
     active->kvq_attn_decode(lut, q, out, scratch, H, Hkv, Dk, Dv, scale, kspec, vspec, n_blocks, blocks,
                             tk, tv, n_tail, tk_hs, tv_hs, isa);
 }
+int decode_step(const long *model, const long *layers, const float *eps, float scale, long token,
+                const float *cs, long n_tail, float *logits) {
+    return active->decode_step(model, layers, eps, scale, token, cs, n_tail, logits);
+}

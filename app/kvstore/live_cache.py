@@ -55,6 +55,9 @@ class SealingKVCache(KVCache):
         self._table: block_attention.BlockTable | None = None
 
     base = 0  # absolute position of the working copy's first row (compact caches, sliding-window layers)
+    # In-place writes into the working copy so far: MLX may move an array's data when it is written, so the
+    # fused decode step (app.model.decode_step), which writes rows into it from C, checks this count.
+    tail_writes = 0
 
     @property
     def sealed_tokens(self) -> int:
@@ -95,6 +98,7 @@ class SealingKVCache(KVCache):
     def _append(self, keys, values) -> None:
         """KVCache's growth and insert, on working-copy positions (from `base`), then seal full blocks."""
         base = self.base
+        self.tail_writes += 1
         self.offset -= base
         try:
             KVCache.update_and_fetch(self, keys, values)
@@ -120,6 +124,7 @@ class SealingKVCache(KVCache):
             self.base += end
             return
         dk, dv = self.scheme.decode(encoded, self.keys.dtype)
+        self.tail_writes += 1
         self.keys[0, :, start:end, :] = dk
         self.values[0, :, start:end, :] = dv
 
@@ -157,6 +162,10 @@ class SealingKVCache(KVCache):
         tk = np.ascontiguousarray(np.asarray(memoryview(self.keys))[0]) if n_tail else None
         tv = np.ascontiguousarray(np.asarray(memoryview(self.values))[0]) if n_tail else None
         return block_attention.attend(table, qa, tk, tv, n_tail, scale)
+
+    def block_table(self, heads: int, dk: int, dv: int) -> block_attention.BlockTable | None:
+        """The sealed blocks as the attention kernel reads them (also app.model.decode_step's fused step)."""
+        return self._block_table(heads, dk, dv)
 
     def _block_table(self, heads: int, dk: int, dv: int) -> block_attention.BlockTable | None:
         """The kernel's view of the sealed blocks, kept in step with `sealed`; None if it cannot read them."""
@@ -231,6 +240,7 @@ class SealingKVCache(KVCache):
         mx.eval(rounded)
         for c, (k, v) in zip(todo, rounded):
             start, end = c.sealed_tokens - c.base, c.offset - c.base
+            c.tail_writes += 1
             c.keys[..., start:end, :] = k
             c.values[..., start:end, :] = v
 

@@ -40,7 +40,8 @@ SmolLM2-135M, `parley bench --quick`:
 
 Where things are: the C sources in app/csrc; `cpu_kernels` loads them; `host_exec` runs them on host
 buffers (4/8-bit gemv, decode attention, RMSNorm); `cpu_attention` and `cpu_blocks` are the module
-classes; `cpu_rewrite` rewrites a model (`speed_up_for_cpu`); `forward` has `prefill_logits`. This
+classes; `cpu_rewrite` rewrites a model (`speed_up_for_cpu`); `forward` has `prefill_logits`; `decode_step` runs a
+llama model's whole one-token step over a compact cache in one C call (app/csrc/decode_step.c). This
 module is the facade the rest of the app imports.
 
 Without the C kernels everything stays pure MLX (fp32 weights); with only

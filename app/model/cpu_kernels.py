@@ -3,7 +3,8 @@
 MLX's CPU backend computes exp/sigmoid one value at a time and has no fast low-bit matmul; a few kernels
 in C fill those gaps on Linux: softmax and decode attention (app/csrc/attention.c), SiLU*up
 (activations.c), the 4/8-bit gemv and its row-batched twin (qgemv.c), the KV block decoder (kv_decode.c),
-the decode attention over encoded KV blocks (q4_attention.c).
+the decode attention over encoded KV blocks (q4_attention.c), the whole one-token step of a llama model
+(decode_step.c).
 setup.py compiles them into `app/_kernels*.so` three times over (AVX-512, AVX2+FMA, portable) behind a
 dispatcher (dispatch.c) that picks the best variant this CPU runs when the library loads.
 
@@ -154,6 +155,7 @@ def _declare(k: ctypes.CDLL) -> None:
     for name, args in signatures.items():
         fn = getattr(k, name)
         fn.argtypes, fn.restype = args, None
+    k.decode_step.argtypes, k.decode_step.restype = [P, P, P, ctypes.c_float, L, P, L, P], I
     for name in ("q4_fast", "q4_rows_fast", "kvq_has_avx2", "parley_variant_count", "parley_active_variant"):
         getattr(k, name).restype = I
     for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):

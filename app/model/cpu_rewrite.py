@@ -14,6 +14,7 @@ from app.model.cpu_attention import CpuAttention
 from app.model.cpu_blocks import CpuBlock, CpuMLP, LeanLinear
 from app.model.cpu_kernels import kernels
 from app.model.cpu_linear import CpuEmbedding, CpuLinear
+from app.model.decode_step import FusedStepModel
 
 
 def _is_llama_attention(m) -> bool:
@@ -33,6 +34,12 @@ def _is_llama_block(m) -> bool:
     from mlx_lm.models import llama
 
     return type(m) is llama.TransformerBlock
+
+
+def _is_llama_model(m) -> bool:
+    from mlx_lm.models import llama
+
+    return type(m) is llama.Model
 
 
 def _is_swiglu_mlp(m) -> bool:
@@ -103,6 +110,8 @@ def _use_kernels(model: nn.Module, blocks: bool) -> None:
             _retype(mlp, CpuMLP)
         if blocks and _is_llama_block(layer) and not isinstance(layer, CpuBlock):
             _retype(layer, CpuBlock)
+    if blocks and _is_llama_model(model):  # after the blocks: the plan reads their prepared weights
+        _retype(model, FusedStepModel)
 
 
 _retyped: dict = {}

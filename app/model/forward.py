@@ -22,6 +22,14 @@ def _plain_head_models() -> tuple:
     return llama.Model, qwen2.Model, qwen3.Model, gemma3_text.Model
 
 
+def _mlx_lm_class(model: nn.Module) -> type:
+    """The model's mlx-lm class, also after the CPU rewrite put a mixin in front of it (cpu_rewrite._retype)."""
+    from app.model.decode_step import FusedStepModel
+
+    cls = type(model)
+    return cls.__bases__[-1] if isinstance(model, FusedStepModel) else cls
+
+
 def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
     """Run `tokens` (shape [B, L]) through the model, filling `cache`; return logits for the LAST position only.
 
@@ -39,7 +47,7 @@ def prefill_logits(model: nn.Module, tokens: mx.array, cache=None) -> mx.array:
     inner = getattr(model, "model", None)
     if inner is None:
         return model(tokens, cache=cache)[:, -1:]
-    if type(model) not in _plain_head_models():
+    if _mlx_lm_class(model) not in _plain_head_models():
         if tokens.shape[1] > 1:
             inner(tokens[:, :-1], cache=cache)
         return model(tokens[:, -1:], cache=cache)
