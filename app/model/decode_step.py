@@ -56,6 +56,18 @@ def _gemv(q4) -> list[int]:
     return [w, s, b, q4.bits]
 
 
+def _embedding_width(embedding) -> int | None:
+    """Row width of the token embedding the step reads: an fp32 table, or a quantized one looked up row by row
+    through the module (the CPU path keeps quantized embeddings 4-bit: app.model.cpu_linear); None otherwise."""
+    w = getattr(embedding, "weight", None)
+    if w is None or w.ndim != 2:
+        return None
+    if w.dtype == mx.float32:
+        return int(w.shape[1]) if np.asarray(memoryview(w)).flags.c_contiguous else None
+    bits = getattr(embedding, "bits", None)
+    return int(w.shape[1]) * 32 // bits if bits in (4, 8) and "scales" in embedding else None
+
+
 def _rope_probe(rope, head_dim: int) -> np.ndarray | None:
     """The probe vector for this rope module ([1, 1, 1, D]), or None if the kernel cannot apply it (partial
     rotary dims, an unknown rope class)."""
@@ -105,7 +117,14 @@ class FusedPlan:
         self.rope, self.probe = rope, mx.array(probe)
         self._rope_table: tuple[np.ndarray | None, int] = (None, 0)
         self._rope_rows = ROPE_ROWS
-        self._embed = np.asarray(memoryview(body.embed_tokens.weight))  # fp32, evaluated by the rewrite
+        self._embedding = body.embed_tokens
+        self.vocab_rows = int(body.embed_tokens.weight.shape[0])
+        if body.embed_tokens.weight.dtype == mx.float32:  # the table itself (evaluated by the rewrite)
+            self._embed = np.asarray(memoryview(body.embed_tokens.weight))
+            self._row = None
+        else:  # 4-bit table (kept so at start-up): each token's row is looked up by the module into this buffer
+            self._row = np.empty((1, self.dim), np.float32)
+            self._embed = self._row
         norm = body.norm
         self._final_norm = np.ascontiguousarray(np.asarray(norm.weight.astype(mx.float32)))
         self._lut = float16_table()
@@ -146,10 +165,7 @@ class FusedPlan:
         blocks = list(getattr(body, "layers", []))
         if not blocks or not all(_block_applies(b) for b in blocks):
             return None
-        embed = body.embed_tokens.weight
-        if (type(body.norm) is not nn.RMSNorm or embed.dtype != mx.float32 or embed.ndim != 2
-                or embed.shape[1] != blocks[0].__dict__["_host_norms"][0][0].size
-                or not np.asarray(memoryview(embed)).flags.c_contiguous):
+        if type(body.norm) is not nn.RMSNorm or _embedding_width(body.embed_tokens) != blocks[0].__dict__["_host_norms"][0][0].size:
             return None
         head_q4 = _head_q4(model)
         if head_q4 is None or head_q4.K != blocks[0].__dict__["_host_norms"][0][0].size:
@@ -179,8 +195,13 @@ class FusedPlan:
         if offset + 1 - binding.base >= caches[0].block_tokens:
             return None  # this token fills the block: the cache seals it before attending (the model's path)
         token = int(inputs.item())
-        if not 0 <= token < self._embed.shape[0]:
+        if not 0 <= token < self.vocab_rows:
             return None
+        if self._row is not None:  # the embedding module's own row (what the per-module path adds up)
+            row = self._embedding(mx.array([token]))
+            mx.eval(row)
+            self._row[0] = np.asarray(memoryview(row)).reshape(-1)
+            token = 0
         cs = self._rope_cs(offset)
         n_tail = offset - binding.base
         rc = kernels().decode_step(self.model_desc.ctypes.data, binding.desc.ctypes.data, self.eps.ctypes.data,
