@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from app import paths
 from app.catalog import Catalog
@@ -37,3 +38,20 @@ def tokens(n: int, seed: int = 0, vocab: int = 300) -> list[int]:
 
     rng = random.Random(seed)
     return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def greedy_steps(lm, cache: ConversationCache, first: int, steps: int, check=None) -> tuple[list[np.ndarray], list[int]]:
+    """`steps` one-token greedy steps from `first`: the logits of each step and the tokens chosen.
+    `check`, if given, sees each step's raw model output ([1, 1, vocab]) first."""
+    out, chosen, t = [], [], first
+    for _ in range(steps):
+        logits = lm.model(mx.array([[t]]), cache=cache.layers)
+        if check is not None:
+            check(logits)
+        logits = logits[0, -1]
+        mx.eval(logits)
+        cache.appended([t])
+        out.append(np.array(logits))
+        t = int(np.argmax(out[-1]))
+        chosen.append(t)
+    return out, chosen

@@ -51,6 +51,21 @@ def reference(scheme, blocks, tail_k, tail_v, q, scale) -> np.ndarray:
     return np.concatenate(out)
 
 
+def synced_case(scheme, hkv, group, dims, block_lens, n_tail, headroom, seed):
+    """A random case (at least one token) and the kernel's table over its blocks, None where the table refuses
+    them: (blocks, table, tail_k, tail_v, q, n_tail)."""
+    dk, dv = dims
+    if not block_lens and n_tail == 0:
+        n_tail = 1
+    blocks, tail_k, tail_v, q = make_case(scheme, hkv, group, dk, dv, block_lens, n_tail, headroom, seed)
+    table = ba.BlockTable(scheme, hkv, dk, dv)
+    try:
+        table.sync(blocks)
+    except ba.Unsupported:
+        table = None
+    return blocks, table, tail_k, tail_v, q, n_tail
+
+
 def make_case(scheme, hkv, group, dk, dv, block_lens, n_tail, headroom, seed):
     rng = np.random.default_rng(seed)
     blocks = []
@@ -75,13 +90,8 @@ def make_case(scheme, hkv, group, dk, dv, block_lens, n_tail, headroom, seed):
 def test_kernel_matches_dequantize_then_attend(name, hkv, group, dims, block_lens, n_tail, headroom, seed):
     scheme = TEST_SCHEMES[name]
     dk, dv = dims
-    if not block_lens and n_tail == 0:
-        n_tail = 1
-    blocks, tail_k, tail_v, q = make_case(scheme, hkv, group, dk, dv, block_lens, n_tail, headroom, seed)
-    table = ba.BlockTable(scheme, hkv, dk, dv)
-    try:
-        table.sync(blocks)
-    except ba.Unsupported:
+    blocks, table, tail_k, tail_v, q, n_tail = synced_case(scheme, hkv, group, dims, block_lens, n_tail, headroom, seed)
+    if table is None:
         # blocks of different lengths with a channel-axis scheme have different groups: refused, never wrong
         assert len(set(block_lens)) > 1
         return
@@ -146,15 +156,10 @@ def test_threaded_kernel_is_bitwise_one_thread(name, hkv, group, dims, block_len
     bitwise the one-thread kernel's, for each kernel variant this CPU runs and each ISA path."""
     from app.model import cpu_kernels
 
-    scheme = TEST_SCHEMES[name]
-    dk, dv = dims
-    if not block_lens and n_tail == 0:
-        n_tail = 1
-    blocks, tail_k, tail_v, q = make_case(scheme, hkv, group, dk, dv, block_lens, n_tail, headroom, seed)
-    table = ba.BlockTable(scheme, hkv, dk, dv)
-    try:
-        table.sync(blocks)
-    except ba.Unsupported:
+    dk, _ = dims
+    _, table, tail_k, tail_v, q, n_tail = synced_case(TEST_SCHEMES[name], hkv, group, dims, block_lens, n_tail,
+                                                     headroom, seed)
+    if table is None:
         return
     tails = (tail_k, tail_v) if n_tail else (None, None)
     before, work, variant = cpu_kernels.threads(), cpu_kernels.set_min_work(0), cpu_kernels.active_variant()

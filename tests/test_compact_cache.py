@@ -16,7 +16,7 @@ import pytest
 from app.kvstore import block_attention
 from app.kvstore.live_cache import BLOCK_TOKENS
 from app.model.loader import load_model
-from tests.kv_helpers import fill, make_pool, tokens
+from tests.kv_helpers import fill, greedy_steps, make_pool, tokens
 
 pytestmark = pytest.mark.skipif(block_attention.kernels() is None, reason="no C compiler / PARLEY_CPU_KERNELS=0")
 
@@ -39,15 +39,7 @@ def full_twin(lm, pool, ids, monkeypatch):
 
 def decode(lm, cache, first: int, steps: int) -> tuple[list[np.ndarray], list[int]]:
     """`steps` one-token greedy steps from `first`: logits of each and the tokens chosen."""
-    out, chosen, t = [], [], first
-    for _ in range(steps):
-        logits = lm.model(mx.array([[t]]), cache=cache.layers)[0, -1]
-        mx.eval(logits)
-        cache.appended([t])
-        out.append(np.array(logits))
-        t = int(np.argmax(out[-1]))
-        chosen.append(t)
-    return out, chosen
+    return greedy_steps(lm, cache, first, steps)
 
 
 def assert_same_values(a, b, exact: bool = True):

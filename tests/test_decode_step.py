@@ -19,7 +19,7 @@ from app.kvstore.live_cache import BLOCK_TOKENS
 from app.model import cpu_kernels
 from app.model.decode_step import FusedPlan, FusedStepModel, fused_step_active
 from app.model.loader import load_model
-from tests.kv_helpers import fill, make_pool, tokens
+from tests.kv_helpers import fill, greedy_steps, make_pool, tokens
 
 pytestmark = pytest.mark.skipif(block_attention.kernels() is None or not cpu_kernels.kernels().q4_fast(),
                                 reason="no C compiler / PARLEY_CPU_KERNELS=0 / no vector gemv")
@@ -33,17 +33,11 @@ def lm(tiny_model_dir):
 def decode(lm, cache, first: int, steps: int, monkeypatch, fused: bool) -> tuple[list[np.ndarray], list[int]]:
     """`steps` greedy one-token steps from `first` through the fused step or the per-module path."""
     monkeypatch.setenv("PARLEY_FUSED_STEP", "1" if fused else "0")
-    out, chosen, t = [], [], first
-    for _ in range(steps):
-        logits = lm.model(mx.array([[t]]), cache=cache.layers)
+
+    def check(logits):
         assert logits.shape == (1, 1, lm.model.__dict__["_fused_plan"].vocab) and logits.dtype == mx.float32
-        logits = logits[0, -1]
-        mx.eval(logits)
-        cache.appended([t])
-        out.append(np.array(logits))
-        t = int(np.argmax(out[-1]))
-        chosen.append(t)
-    return out, chosen
+
+    return greedy_steps(lm, cache, first, steps, check)
 
 
 def plan_of(lm) -> FusedPlan:

@@ -7,14 +7,13 @@ logits and greedy tokens are bitwise the same, and the pool really shared the jo
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from app.kvstore import block_attention
 from app.model import cpu_kernels
 from app.model.loader import load_model
-from tests.kv_helpers import fill, make_pool, tokens
+from tests.kv_helpers import fill, greedy_steps, make_pool, tokens
 
 pytestmark = pytest.mark.skipif(block_attention.kernels() is None, reason="no C compiler / PARLEY_CPU_KERNELS=0")
 
@@ -23,14 +22,7 @@ def decode_logits(lm, pool, ids: list[int], steps: int) -> list[np.ndarray]:
     """Prefill `ids` into a compact cache, then `steps` greedy one-token steps: each step's logits."""
     cache = fill(lm, pool, ids)
     assert all(layer.compact and layer.sealed_tokens for layer in cache.layers)
-    out, t = [], 7
-    for _ in range(steps):
-        logits = lm.model(mx.array([[t]]), cache=cache.layers)[0, -1]
-        mx.eval(logits)
-        cache.appended([t])
-        out.append(np.array(logits))
-        t = int(np.argmax(out[-1]))
-    return out
+    return greedy_steps(lm, cache, 7, steps)[0]
 
 
 def test_one_and_two_threads_give_identical_decode_logits(tiny_model_dir):
