@@ -140,7 +140,10 @@ async def test_tabs_their_order_the_active_one_and_scroll_come_back(make_app):
 # -- 3/4. figures ------------------------------------------------------------------------------
 
 
-async def test_a_queued_message_says_whom_it_waits_for_and_its_ttft_includes_the_wait(make_app):
+async def test_a_queued_message_says_whom_it_waits_for_and_its_ttft_includes_the_wait(make_app, monkeypatch):
+    # The long reply must outlast the keys below on a loaded machine: the fused C step decodes the tiny model's
+    # 1,500 tokens in about a second, so this test keeps the per-module path (several times slower).
+    monkeypatch.setenv("PARLEY_FUSED_STEP", "0")
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         waiting = await open_persona(pilot, "Tester")
