@@ -23,6 +23,12 @@ starts, the model load excluded; llama.cpp's likewise after `Llama(...)`):
 - state on disk: Parley's block and tail files of that conversation; llama.cpp's state files;
 - start-up: `parley chat assistant hi` wall time minus its ttft; llama.cpp: the
   same for a process that loads the model and answers "hi" with one token.
+
+`--only GROUP` (repeatable: `startup`, `prefill` (prefill and decode), `resume`)
+measures only those rows. `--only resume` alone prefills the largest context
+once on each side, untimed, keeps a copy of Parley's home, and puts that copy
+back before every round's resume: each round resumes the same 4K conversation
+in a new process, as a full round does, in seconds instead of a minute.
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ STEP_TIMEOUT_S = 600
 PEER_SCRIPT = Path(__file__).with_name("peer_llama.py")
 
 
+GROUPS = ("startup", "prefill", "resume")  # what `--only` chooses from
+
+
 @dataclasses.dataclass(frozen=True)
 class Figure:
     """One row of the table: a key into the per-round samples of each side."""
@@ -57,6 +66,13 @@ class Figure:
     label: str
     parley: str
     peer: str | None  # None: no llama.cpp counterpart
+
+    @property
+    def group(self) -> str:
+        """The `--only` group whose measurement gives this row."""
+        if self.key.startswith(("prefill", "decode")):
+            return "prefill"
+        return "startup" if self.key.startswith("startup") else "resume"
 
 
 def figures(contexts=CONTEXTS) -> list[Figure]:
@@ -90,6 +106,7 @@ def run(lm, args) -> dict:
     """The part's entry point (`lm` is not used: every measurement loads the model in its own process)."""
     rounds = max(1, int(getattr(args, "rounds", None) or (1 if common.quick(args) else ROUNDS)))
     contexts = tuple(getattr(args, "peer_contexts", None) or CONTEXTS)
+    groups = chosen_groups(getattr(args, "only", None))
     decode = int(getattr(args, "peer_decode_tokens", None) or DECODE_TOKENS)
     say = lambda m: common.log(args, m)  # noqa: E731
     started = time.perf_counter()
@@ -107,42 +124,67 @@ def run(lm, args) -> dict:
         if os.environ.get("PYTHONDONTWRITEBYTECODE"):
             say("peer: note: PYTHONDONTWRITEBYTECODE is set, so Parley's modules are compiled again at every start "
                 "(a user's install keeps .pyc files): unset it for the start-up a user sees")
+        if "resume" in groups and "prefill" not in groups:
+            prepare_resume(parley, peer, contexts[-1])
+            say(f"peer: the {contexts[-1]}-token conversation to resume is stored ({time.perf_counter() - started:.0f} s)")
         samples = {"parley": {}, "peer": {}}
         for r in range(rounds):
-            one_round(parley, peer, contexts, samples)
+            one_round(parley, peer, contexts, samples, groups)
             say(f"  peer round {r + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
     return summarise(samples, contexts, rounds, why, peer_setup=peer.setup if peer else None,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, groups=groups)
 
 
-def one_round(parley: "ParleyHalf", peer: "LlamaHalf | None", contexts, samples: dict) -> None:
+def chosen_groups(only) -> tuple[str, ...]:
+    """The groups `--only` names (every group without it), in the table's order."""
+    if not only:
+        return GROUPS
+    unknown = sorted(set(only) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"--only {unknown[0]!r}: choose from {', '.join(GROUPS)}")
+    return tuple(g for g in GROUPS if g in only)
+
+
+def prepare_resume(parley: "ParleyHalf", peer: "LlamaHalf | None", n: int) -> None:
+    """Without the prefill rounds: store the conversation (and llama.cpp's states) to resume once, untimed."""
+    got = parley.prefill(n)
+    parley.keep_home()
+    if peer:
+        peer.prefill(n, got["prompt_tokens"], got["generated_tokens"], save=True)
+
+
+def one_round(parley: "ParleyHalf", peer: "LlamaHalf | None", contexts, samples: dict, groups=GROUPS) -> None:
     """One of each measurement, Parley's then llama.cpp's, interleaved; samples appended per key."""
     def add(side: str, values: dict) -> None:
         for key, value in values.items():
             samples[side].setdefault(key, []).append(value)
 
-    add("parley", parley.startup())
-    if peer:
-        add("peer", peer.startup())
-    for n in contexts:
-        got = parley.prefill(n)
-        add("parley", got["figures"])
+    if "startup" in groups:
+        add("parley", parley.startup())
         if peer:
-            add("peer", peer.prefill(n, got["prompt_tokens"], got["generated_tokens"], save=n == contexts[-1]))
-    add("parley", parley.resume())
-    if peer:
-        add("peer", peer.resume())
+            add("peer", peer.startup())
+    if "prefill" in groups:
+        for n in contexts:
+            got = parley.prefill(n)
+            add("parley", got["figures"])
+            if peer:
+                add("peer", peer.prefill(n, got["prompt_tokens"], got["generated_tokens"], save=n == contexts[-1]))
+    if "resume" in groups:
+        add("parley", parley.resume())
+        if peer:
+            add("peer", peer.resume())
 
 
-def summarise(samples: dict, contexts, rounds: int, skipped: str | None, peer_setup=None, seconds=0.0) -> dict:
+def summarise(samples: dict, contexts, rounds: int, skipped: str | None, peer_setup=None, seconds=0.0,
+              groups=GROUPS) -> dict:
     """Medians per figure and the ratio Parley / llama.cpp (None where a side has no value)."""
     rows = []
-    for f in figures(contexts):
+    for f in (f for f in figures(contexts) if f.group in groups):
         p = _median(samples["parley"].get(f.parley))
         q = _median(samples["peer"].get(f.peer)) if f.peer else None
         rows.append({"figure": f.key, "label": f.label, "parley": p, "llama_cpp": q,
                      "ratio": round(p / q, 2) if p is not None and q else None})
-    return {"rounds": rounds, "contexts": list(contexts), "rows": rows, "samples": samples,
+    return {"rounds": rounds, "contexts": list(contexts), "groups": list(groups), "rows": rows, "samples": samples,
             "peer_skipped": skipped, "peer_setup": peer_setup, "setup": active_setup(), "seconds": round(seconds, 1),
             "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE")}
 
@@ -181,6 +223,7 @@ class ParleyHalf:
         self.home, self.model, self.decode = home, model, decode
         self.overhead = 0  # prompt tokens around the user's message (system prompt, template)
         self.tokenizer = None
+        self.kept: Path | None = None  # a copy of the home to resume from (`keep_home`)
 
     def chat(self, message: str, *options: str) -> tuple[dict, float]:
         """One `parley chat --json` process: (its JSON, its wall time in seconds)."""
@@ -224,8 +267,21 @@ class ParleyHalf:
                    f"decode_tps_{n}": reply["decode_tps"], f"prompt_tokens_{n}": prompt}
         return {"figures": figures, "prompt_tokens": prompt, "generated_tokens": reply["generated_tokens"]}
 
+    def keep_home(self) -> None:
+        """Copy the home as the last prefill left it: every `resume` then continues that same conversation."""
+        self.kept = self.home.with_name(self.home.name + "-kept")
+        shutil.rmtree(self.kept, ignore_errors=True)
+        shutil.copytree(self.home, self.kept)
+
+    def put_back_home(self) -> None:
+        """The kept home back in place (files rewritten, so in the page cache, as a prefill leaves them)."""
+        shutil.rmtree(self.home)
+        shutil.copytree(self.kept, self.home)
+
     def resume(self) -> dict:
         """Continue the last (largest) conversation in a new process; its state bytes measured first."""
+        if self.kept is not None:
+            self.put_back_home()
         files = conversation_files(self.home, self.conversation)
         state, floor_s = common.raw_read(files)  # the restore's own prefetching read: the floor of a resume
         reply, _ = self.chat(QUESTION, "--max-tokens", "1")

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--rounds", type=int, default=None, help="peer, startup: rounds, medians taken (default 5; with --quick 1 for peer, 3 for startup)")
     p.add_argument("--peer-python", metavar="PATH", default=None,
                    help="peer: the Python that has llama-cpp-python (default: this one, if it has it)")
+    p.add_argument("--only", action="append", choices=["startup", "prefill", "resume"], default=None,
+                   help="peer: measure only this group of rows (repeatable; prefill includes decode); "
+                        "`--only resume` prefills the conversation once and resumes it every round")
     p.set_defaults(handler=run)
 
 

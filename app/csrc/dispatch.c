@@ -87,3 +87,11 @@ int decode_step(const long *model, const long *layers, const float *eps, float s
                 const float *cs, long n_tail, float *logits) {
     return active->decode_step(model, layers, eps, scale, token, cs, n_tail, logits);
 }
+int crc32_fast(void) { return active->crc32_fast(); }
+unsigned crc32_update(unsigned crc, const unsigned char *buf, long len) { return active->crc32_update(crc, buf, len); }
+int kvq_attn_rows(const float *lut, const float *q, float *out, long H, long Hkv, long L, long Dk, long Dv,
+                  float scale, const long *kspec, const long *vspec, long n_blocks, const long *blocks,
+                  const float *tk, const float *tv, long n_tail, long tk_hs, long tv_hs, long isa) {
+    return active->kvq_attn_rows(lut, q, out, H, Hkv, L, Dk, Dv, scale, kspec, vspec, n_blocks, blocks, tk, tv, n_tail,
+                                 tk_hs, tv_hs, isa);
+}

@@ -34,12 +34,17 @@ struct parley_kernels {
                             const float *tk, const float *tv, long n_tail, long tk_hs, long tv_hs, long isa);
     int (*decode_step)(const long *model, const long *layers, const float *eps, float scale, long token,
                        const float *cs, long n_tail, float *logits);
+    int (*kvq_attn_rows)(const float *lut, const float *q, float *out, long H, long Hkv, long L, long Dk, long Dv,
+                         float scale, const long *kspec, const long *vspec, long n_blocks, const long *blocks,
+                         const float *tk, const float *tv, long n_tail, long tk_hs, long tv_hs, long isa);
+    int (*crc32_fast)(void);
+    unsigned (*crc32_update)(unsigned crc, const unsigned char *buf, long len);
 };
 
 /* The table of the variant being compiled (in a variant_*.c, after kernels.inc). */
 #define PARLEY_TABLE(label) { label, 1, KFN(causal_softmax), KFN(attn_decode), KFN(silu_mul), KFN(q4_fast), \
     KFN(q4_gemv), KFN(q8_gemv), KFN(q4_rows), KFN(q8_rows), KFN(kv_decode_jobs), \
-    KFN(kvq_has_avx2), KFN(kvq_attn_decode), KFN(decode_step) }
+    KFN(kvq_has_avx2), KFN(kvq_attn_decode), KFN(decode_step), KFN(kvq_attn_rows), KFN(crc32_fast), KFN(crc32_update) }
 
 extern const struct parley_kernels parley_variant_avx512, parley_variant_avx2, parley_variant_portable;
 

@@ -214,6 +214,37 @@ def attend(table: BlockTable, q: np.ndarray, tail_k: np.ndarray | None, tail_v: 
     return out
 
 
+def attend_rows(table: BlockTable, q: np.ndarray, tail_k: np.ndarray | None, tail_v: np.ndarray | None, n_tail: int,
+                scale: float, isa: int | None = None) -> np.ndarray:
+    """Causal softmax(scale q K^T) V for a short chunk: the L query rows of `q` (H, L, dk) fp32 are the last L
+    positions of `table`'s blocks then `n_tail` tail rows (tail_k/tail_v as for `attend`; None when n_tail is
+    0). Returns (L, H * dv) fp32: the rows o_proj takes. Row l sees positions up to its own.
+    The kernel (app/csrc/q4_attention_rows.c) agrees with attention over the decoded blocks within fp32
+    rounding, bitwise the same on any thread count."""
+    lib = kernels()
+    if lib is None:
+        raise Unsupported("no kernel")
+    if q.ndim != 3 or q.shape[2] != table.dk or q.shape[0] % table.h:
+        raise Unsupported("query shape")
+    H, L = q.shape[0], q.shape[1]
+    if L < 1 or table.tokens + n_tail < L:
+        raise Unsupported("fewer positions than query rows")
+    q = np.ascontiguousarray(q, np.float32)
+    out = np.empty((L, H * table.dv), np.float32)
+    kspec, vspec = table._specs
+    tk_ptr = tv_ptr = tk_hs = tv_hs = 0
+    if n_tail:
+        tk_hs, tv_hs = _head_stride(tail_k, table.dk, n_tail), _head_stride(tail_v, table.dv, n_tail)
+        tk_ptr, tv_ptr = tail_k.ctypes.data, tail_v.ctypes.data
+    failed = lib.kvq_attn_rows(_lut_ptr, q.ctypes.data, out.ctypes.data, H, table.h, L, table.dk, table.dv,
+                               float(scale), kspec.ctypes.data, vspec.ctypes.data, *table._rows_arg,
+                               tk_ptr, tv_ptr, n_tail, tk_hs, tv_hs,
+                               ISA_AVX2 if isa is None else isa)
+    if failed:
+        raise Unsupported("no memory for the scores")
+    return out
+
+
 def _head_stride(x: np.ndarray, d: int, n: int) -> int:
     if x.dtype != np.float32 or x.ndim != 3 or x.shape[2] != d or x.shape[1] < n or x.strides[2] != 4 \
             or x.strides[1] != 4 * d or x.strides[0] % 4:

@@ -156,7 +156,10 @@ def _declare(k: ctypes.CDLL) -> None:
         fn = getattr(k, name)
         fn.argtypes, fn.restype = args, None
     k.decode_step.argtypes, k.decode_step.restype = [P, P, P, ctypes.c_float, L, P, L, P], I
-    for name in ("q4_fast", "q4_rows_fast", "kvq_has_avx2", "parley_variant_count", "parley_active_variant"):
+    k.kvq_attn_rows.argtypes = [P, P, P, L, L, L, L, L, ctypes.c_float, P, P, L, P, P, P, L, L, L, L]
+    k.kvq_attn_rows.restype = I
+    k.crc32_update.argtypes, k.crc32_update.restype = [ctypes.c_uint, P, L], ctypes.c_uint
+    for name in ("q4_fast", "q4_rows_fast", "kvq_has_avx2", "crc32_fast", "parley_variant_count", "parley_active_variant"):
         getattr(k, name).restype = I
     for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):
         getattr(k, name).argtypes, getattr(k, name).restype = [I], I
