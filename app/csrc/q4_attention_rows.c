@@ -8,8 +8,11 @@
    and dotted with all G * L query rows that share its KV head, and each value slice is dequantized once
    a block into an L1 buffer and accumulated into register tiles of output rows.
 
-   Uses q4_attention.c's pieces (same translation unit): with `G` set to G * L, phase_scores computes every
-   row's scores unchanged (the rows of KV head kh are contiguous in q's (H, L, Dk) layout). Then:
+   Uses q4_attention.c's pieces (same translation unit), with `G` set to G * L (the rows of KV head kh are
+   contiguous in q's (H, L, Dk) layout):
+   1. scores, one chunk per (KV head, block or tail): the portable path is phase_scores unchanged; the AVX2
+      one dequantizes 8 key rows, transposes them and scores 8 query rows at a time against them (one
+      vector of 8 scores a row: no horizontal sums);
    2. softmax, one chunk per row (h, l): row l sees positions [0, total - L + l]; its weights are
       normalized in place (e * (1 / sum), the decode kernel's arithmetic) and the masked ones set to 0;
    3. values, one chunk per (KV head, channel slice): out[l][h][c] = sum over positions in order of
@@ -71,6 +74,104 @@ static void values_rows_plain(const rows_attn_t *ra, long kh) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* Scores of NR query rows (qr: Dk floats apart) against 8 keys held transposed in kt (Dk x 8): one vector of 8
+   scores a row, 8 independent accumulators (no horizontal sums). */
+ATTN_INLINE void scores_kt(const float *kt, const float *qr, long Dk, float scale, float *S, long total, long pos,
+                           long n, const long NR) {
+    __m256 acc[8];
+    for (long i = 0; i < NR; i++) acc[i] = _mm256_setzero_ps();
+    for (long j = 0; j < Dk; j++) {
+        __m256 x = _mm256_loadu_ps(kt + 8 * j);
+        for (long i = 0; i < NR; i++) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(qr[i * Dk + j]), x, acc[i]);
+    }
+    __m256 vs = _mm256_set1_ps(scale);
+    for (long i = 0; i < NR; i++) {
+        float *s = S + i * total + pos;
+        if (n == 8) {
+            _mm256_storeu_ps(s, _mm256_mul_ps(acc[i], vs));
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, _mm256_mul_ps(acc[i], vs));
+            for (long u = 0; u < n; u++) s[u] = tmp[u];
+        }
+    }
+}
+
+/* kt[8 j + u] = kb[u Dk + j] for channels [j0, j0 + 8) of 8 key rows (an 8 x 8 transpose in registers). */
+static inline void transpose8(const float *kb, long Dk, long j0, float *kt) {
+    __m256 r[8], t[8], s[8];
+    for (int u = 0; u < 8; u++) r[u] = _mm256_loadu_ps(kb + u * Dk + j0);
+    for (int u = 0; u < 8; u += 2) {
+        t[u] = _mm256_unpacklo_ps(r[u], r[u + 1]);
+        t[u + 1] = _mm256_unpackhi_ps(r[u], r[u + 1]);
+    }
+    for (int u = 0; u < 8; u += 4) {
+        s[u] = _mm256_shuffle_ps(t[u], t[u + 2], 0x44);
+        s[u + 1] = _mm256_shuffle_ps(t[u], t[u + 2], 0xEE);
+        s[u + 2] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0x44);
+        s[u + 3] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm256_storeu_ps(kt + 8 * (j0 + j), _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+        _mm256_storeu_ps(kt + 8 * (j0 + j + 4), _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+    }
+}
+
+/* n (<= 8) key rows kb (Dk floats apart, room for 8) transposed into kt, then every row's scores, 8 rows at a
+   time. Rows n..7 are zero-filled (their lanes are computed and never stored). */
+static void scores_rows8(const float *kb, long n, const float *qh, long R, long Dk, float scale, float *S, long total,
+                         long pos) {
+    float kt[8 * Dk], pad[8 * Dk];
+    if (n < 8) {
+        memset(pad, 0, sizeof(float) * 8 * Dk);
+        memcpy(pad, kb, sizeof(float) * n * Dk);
+        kb = pad;
+    }
+    for (long j0 = 0; j0 < Dk; j0 += 8) transpose8(kb, Dk, j0, kt);
+    long i0 = 0;
+    for (; i0 + 8 <= R; i0 += 8) scores_kt(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 8);
+    for (; i0 + 4 <= R; i0 += 4) scores_kt(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 4);
+    for (; i0 < R; i0++) scores_kt(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 1);
+}
+
+/* Phase 1, AVX2: one block's keys, 8 rows dequantized then scored against every row. */
+ATTN_INLINE void scores_rows_block(const attn_t *a, const rows_t *r, const float *qh, float *S, long pos, const int mode) {
+    long Dk = a->Dk;
+    float kb[8 * Dk];
+    lay_t l;
+    lay_init(&l, r, mode);
+    for (long t0 = 0; t0 < r->T; t0 += 8) {
+        long n = r->T - t0 < 8 ? r->T - t0 : 8;
+        for (long u = 0; u < n; u++) lay_row(a->lut, &l, t0 + u, Dk, kb + u * Dk, mode);
+        scores_rows8(kb, n, qh, a->G, Dk, a->scale, S, a->total, pos + t0);
+    }
+}
+
+/* Phase 1 chunk, AVX2 (keys the fast paths read): (KV head, block), the tail being block n_blocks. */
+static void scores_rows_fast(const attn_t *a, long i) {
+    long nb1 = a->n_blocks + (a->n_tail > 0), kh = i / nb1, b = i % nb1, Dk = a->Dk;
+    const float *qh = a->q + kh * a->G * Dk;
+    float *S = a->S + kh * a->G * a->total;
+    long pos = a->start[b];
+    if (b == a->n_blocks) {
+        const float *kr = a->tk + kh * a->tk_hs;
+        for (long t0 = 0; t0 < a->n_tail; t0 += 8) {
+            long n = a->n_tail - t0 < 8 ? a->n_tail - t0 : 8;
+            scores_rows8(kr + t0 * Dk, n, qh, a->G, Dk, a->scale, S, a->total, pos + t0);
+        }
+        return;
+    }
+    float sfk[Dk], bfk[Dk];
+    rows_t r;
+    rows_init(&r, &a->ks, a->blocks + 8 * b, 0, kh, Dk, sfk, bfk);
+    switch (a->kmode) {
+    case 0: scores_rows_block(a, &r, qh, S, pos, 0); break;
+    case 1: scores_rows_block(a, &r, qh, S, pos, 1); break;
+    case 2: scores_rows_block(a, &r, qh, S, pos, 2); break;
+    default: scores_rows_block(a, &r, qh, S, pos, 3); break;
+    }
+}
+
 /* n rows x NV vectors of output accumulated over T positions of buf (T rows, `stride` floats apart):
    acc (in memory between calls: one load and store per block) += p[pos] * buf[t]. */
 ATTN_INLINE void rows_tile(float *const *outs, const float *const *ps, long pos, const float *buf, long stride,
@@ -189,7 +290,16 @@ static void phase_values_rows(void *arg, long i) {
     values_rows_plain(ra, i);
 }
 
-static void phase_scores_rows(void *arg, long i) { phase_scores(&((rows_attn_t *)arg)->a, i); }
+static void phase_scores_rows(void *arg, long i) {
+    const attn_t *a = &((rows_attn_t *)arg)->a;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (a->kfast) {
+        scores_rows_fast(a, i);
+        return;
+    }
+#endif
+    phase_scores((void *)a, i);
+}
 
 /* out (L, H, Dv) = causal softmax(scale q K^T) V for the last L positions over the sealed blocks then the
    tail. Returns 0, or -1 (see above). */

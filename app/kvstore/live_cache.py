@@ -163,6 +163,43 @@ class SealingKVCache(KVCache):
         tv = np.ascontiguousarray(np.asarray(memoryview(self.values))[0]) if n_tail else None
         return block_attention.attend(table, qa, tk, tv, n_tail, scale)
 
+    def attend_rows(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> np.ndarray | None:
+        """A short prefill chunk over this compact cache: append `k`/`v` ([1, Hkv, L, D]), then causal
+        softmax(scale q K^T) V of the L rows of `q` ([1, H, L, D], the last L positions) over the encoded
+        blocks and the tail, in C (block_attention.attend_rows), no decoded copy of the blocks. Returns
+        (L, H * Dv) fp32 (host memory), or None with nothing appended when it does not apply (the caller
+        then updates and attends as usual)."""
+        if (not self.compact or q.dtype != mx.float32 or k.dtype != mx.float32 or v.dtype != mx.float32
+                or q.shape[0] != 1 or k.shape[0] != 1 or q.shape[1] % k.shape[1] or q.shape[3] != k.shape[3]
+                or q.shape[2] != k.shape[2]):
+            return None
+        heads, dk, dv = k.shape[1], k.shape[3], v.shape[3]
+        table = self._block_table(heads, dk, dv)
+        if table is None or table.tokens != self.base:
+            return None
+        self._append(k, v)
+        table = self._block_table(heads, dk, dv)
+        q = mx.contiguous(q)
+        mx.eval(q, self.keys, self.values)
+        n_tail = self.offset - self.base
+        qa = np.asarray(memoryview(q))[0]
+        tk = np.asarray(memoryview(self.keys))[0] if n_tail else None
+        tv = np.asarray(memoryview(self.values))[0] if n_tail else None
+        if table is not None and table.tokens == self.base:
+            try:
+                return block_attention.attend_rows(table, qa, tk, tv, n_tail, scale)
+            except block_attention.Unsupported:
+                pass
+        return self._attend_rows_decoded(q, scale)  # appended already: attend the plain way over every position
+
+    def _attend_rows_decoded(self, q: mx.array, scale: float) -> np.ndarray:
+        """`attend_rows`' fallback once the chunk is appended: MLX's attention over every position decoded."""
+        k, v = self._full_keys_and_values()
+        L, total = q.shape[2], k.shape[2]
+        seen = mx.arange(total)[None] <= (total - L + mx.arange(L))[:, None]  # row l: positions up to its own
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=seen)
+        return np.array(out[0].transpose(1, 0, 2).reshape(q.shape[2], -1))
+
     def block_table(self, heads: int, dk: int, dv: int) -> block_attention.BlockTable | None:
         """The sealed blocks as the attention kernel reads them (also app.model.decode_step's fused step)."""
         return self._block_table(heads, dk, dv)

@@ -11,10 +11,15 @@ from __future__ import annotations
 import mlx.core as mx
 
 from app.model.cpu_kernels import data_pointer, fresh, kernels
-from app.model.host_exec import Q4Weights, attend_compact, attn_decode_host, host_vector, stack_q4
+from app.model.host_exec import Q4Weights, attend_compact, attend_rows_compact, attn_decode_host, host_vector, stack_q4
 
 
 TILE_ROWS = 256  # query rows per tile of a long prefill chunk's attention
+# Causal chunks of up to this many rows over a compact cache attend in C straight over its encoded blocks
+# (app/csrc/q4_attention_rows.c): a resumed conversation's new message. Their thin BLAS products over the
+# blocks decoded into a scratch cost more in thread hand-offs than in math on the 2-core machines (under
+# load, 10-500 ms a layer instead of ~2); longer chunks keep the BLAS path, whose matmuls are wide enough.
+SHORT_CHUNK_ROWS = 32
 
 
 def tiled_attention(qs: mx.array, k: mx.array, v: mx.array, causal: int) -> mx.array:
@@ -77,6 +82,10 @@ class CpuAttention:
         q = a.rope(q, offset=offset)
         k = a.rope(k, offset=offset)
         out = attend_compact(cache, q, k, v, a.scale) if B * L == 1 else None
+        if B == 1 and 1 < L <= SHORT_CHUNK_ROWS and isinstance(mask, str) and cache is not None:
+            rows = attend_rows_compact(cache, q, k, v, a.scale)
+            if rows is not None:
+                return a.o_proj(mx.array(rows).reshape(1, L, -1))
         shared = out is None and B * L > 1 and hasattr(cache, "update_and_fetch_shared")
         if shared:  # k/v may be views of a scratch the next layer overwrites: `out` is evaluated below
             k, v = cache.update_and_fetch_shared(k, v)

@@ -103,6 +103,14 @@ def attend_compact(cache, q: mx.array, k: mx.array, v: mx.array, scale: float):
     return attend_one(q, k, v, scale) if attend_one is not None else None
 
 
+def attend_rows_compact(cache, q: mx.array, k: mx.array, v: mx.array, scale: float):
+    """A short causal prefill chunk over a compact cache: append k/v and attend in C over the encoded blocks plus
+    the tail; host (numpy, (L, H * D)) output. None when the cache is not compact (or the kernel cannot read it):
+    nothing was appended, the caller updates and attends as usual."""
+    attend_rows = getattr(cache, "attend_rows", None) if getattr(cache, "compact", False) else None
+    return attend_rows(q, k, v, scale) if attend_rows is not None else None
+
+
 def attn_decode_host(q: mx.array, k: mx.array, v: mx.array, scale: float):
     """`attn_decode` into a host (numpy, H * D floats) buffer."""
     import numpy as np
