@@ -34,6 +34,28 @@ def test_parley_half_runs_in_fresh_processes_and_the_missing_peer_is_skipped(tin
     assert "llama.cpp half skipped" in text and "prefill tok/s at 256" in text
 
 
+def test_only_resume_resumes_the_same_conversation_every_round(tiny_model_dir, parley_home, tmp_path):
+    """`--only resume`: the conversation is stored once, untimed; each round resumes that same conversation (its
+    home put back), so every round reuses the same tokens; only the resume rows are in the table."""
+    args = Namespace(model=str(tiny_model_dir), rounds=2, peer_contexts=(256, 384), peer_decode_tokens=4,
+                     peer_python=str(tmp_path / "no-such-python"), json=None, only=["resume"])
+    result = peer.run(None, args)
+    assert result["groups"] == ["resume"]
+    assert {r["figure"] for r in result["rows"]} == {"resume_q4_0", "resume_f16", "resume_floor", "state_q4_0", "state_f16"}
+    samples = result["samples"]["parley"]
+    assert len(samples["resume_ms"]) == 2 and all(ms > 0 for ms in samples["resume_ms"])
+    reused = samples["resume_reused_tokens"]
+    assert reused[0] == reused[1] >= 384 - 8  # the same stored conversation both times, not one grown by a turn
+    assert "prefill_tps_384" not in samples and "startup_s" not in samples
+
+
+def test_only_names_a_known_group():
+    assert peer.chosen_groups(None) == peer.GROUPS
+    assert peer.chosen_groups(["resume", "startup"]) == ("startup", "resume")
+    with pytest.raises(ValueError, match="choose from"):
+        peer.chosen_groups(["decode"])
+
+
 def test_no_llama_cpp_here_means_a_clear_reason():
     python, why = peer.peer_interpreter(None)
     if importlib.util.find_spec("llama_cpp") is not None:
