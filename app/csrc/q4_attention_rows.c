@@ -11,8 +11,8 @@
    Uses q4_attention.c's pieces (same translation unit), with `G` set to G * L (the rows of KV head kh are
    contiguous in q's (H, L, Dk) layout):
    1. scores, one chunk per (KV head, block or tail): the portable path is phase_scores unchanged; the AVX2
-      one dequantizes 8 key rows, transposes them and scores 8 query rows at a time against them (one
-      vector of 8 scores a row: no horizontal sums);
+      one dequantizes 8 key rows (16 in the AVX-512 variant), transposes them and scores 8 query rows at a
+      time against them (one vector of 8 or 16 scores a row: no horizontal sums);
    2. softmax, one chunk per row (h, l): row l sees positions [0, total - L + l]; its weights are
       normalized in place (e * (1 / sum), the decode kernel's arithmetic) and the masked ones set to 0;
    3. values, one chunk per (KV head, channel slice): out[l][h][c] = sum over positions in order of
@@ -97,8 +97,8 @@ ATTN_INLINE void scores_kt(const float *kt, const float *qr, long Dk, float scal
     }
 }
 
-/* kt[8 j + u] = kb[u Dk + j] for channels [j0, j0 + 8) of 8 key rows (an 8 x 8 transpose in registers). */
-static inline void transpose8(const float *kb, long Dk, long j0, float *kt) {
+/* kt[ks j + u] = kb[u Dk + j] for channels [j0, j0 + 8) of 8 key rows (an 8 x 8 transpose in registers). */
+static inline void transpose8(const float *kb, long Dk, long j0, float *kt, long ks) {
     __m256 r[8], t[8], s[8];
     for (int u = 0; u < 8; u++) r[u] = _mm256_loadu_ps(kb + u * Dk + j0);
     for (int u = 0; u < 8; u += 2) {
@@ -112,14 +112,14 @@ static inline void transpose8(const float *kb, long Dk, long j0, float *kt) {
         s[u + 3] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0xEE);
     }
     for (int j = 0; j < 4; j++) {
-        _mm256_storeu_ps(kt + 8 * (j0 + j), _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
-        _mm256_storeu_ps(kt + 8 * (j0 + j + 4), _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+        _mm256_storeu_ps(kt + ks * (j0 + j), _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+        _mm256_storeu_ps(kt + ks * (j0 + j + 4), _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
     }
 }
 
 /* n (<= 8) key rows kb (Dk floats apart, room for 8) transposed into kt, then every row's scores, 8 rows at a
    time. Rows n..7 are zero-filled (their lanes are computed and never stored). */
-static void scores_rows8(const float *kb, long n, const float *qh, long R, long Dk, float scale, float *S, long total,
+__attribute__((unused)) static void scores_rows8(const float *kb, long n, const float *qh, long R, long Dk, float scale, float *S, long total,
                          long pos) {
     float kt[8 * Dk], pad[8 * Dk];
     if (n < 8) {
@@ -127,23 +127,63 @@ static void scores_rows8(const float *kb, long n, const float *qh, long R, long 
         memcpy(pad, kb, sizeof(float) * n * Dk);
         kb = pad;
     }
-    for (long j0 = 0; j0 < Dk; j0 += 8) transpose8(kb, Dk, j0, kt);
+    for (long j0 = 0; j0 < Dk; j0 += 8) transpose8(kb, Dk, j0, kt, 8);
     long i0 = 0;
     for (; i0 + 8 <= R; i0 += 8) scores_kt(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 8);
     for (; i0 + 4 <= R; i0 += 4) scores_kt(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 4);
     for (; i0 < R; i0++) scores_kt(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 1);
 }
 
-/* Phase 1, AVX2: one block's keys, 8 rows dequantized then scored against every row. */
+#ifdef __AVX512F__
+/* scores_kt with 16 keys a vector (AVX-512): the same products and sums per score, twice the keys an FMA. */
+ATTN_INLINE void scores_kt16(const float *kt, const float *qr, long Dk, float scale, float *S, long total, long pos,
+                             long n, const long NR) {
+    __m512 acc[8];
+    for (long i = 0; i < NR; i++) acc[i] = _mm512_setzero_ps();
+    for (long j = 0; j < Dk; j++) {
+        __m512 x = _mm512_loadu_ps(kt + 16 * j);
+        for (long i = 0; i < NR; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(qr[i * Dk + j]), x, acc[i]);
+    }
+    __m512 vs = _mm512_set1_ps(scale);
+    __mmask16 keep = (__mmask16)(n >= 16 ? 0xFFFF : (1u << n) - 1);
+    for (long i = 0; i < NR; i++) _mm512_mask_storeu_ps(S + i * total + pos, keep, _mm512_mul_ps(acc[i], vs));
+}
+
+/* scores_rows8 for up to 16 key rows. */
+static void scores_rows16(const float *kb, long n, const float *qh, long R, long Dk, float scale, float *S, long total,
+                          long pos) {
+    float kt[16 * Dk], pad[16 * Dk];
+    if (n < 16) {
+        memset(pad, 0, sizeof(float) * 16 * Dk);
+        memcpy(pad, kb, sizeof(float) * n * Dk);
+        kb = pad;
+    }
+    for (long j0 = 0; j0 < Dk; j0 += 8) {
+        transpose8(kb, Dk, j0, kt, 16);
+        transpose8(kb + 8 * Dk, Dk, j0, kt + 8, 16);
+    }
+    long i0 = 0;
+    for (; i0 + 8 <= R; i0 += 8) scores_kt16(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 8);
+    for (; i0 + 4 <= R; i0 += 4) scores_kt16(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 4);
+    for (; i0 < R; i0++) scores_kt16(kt, qh + i0 * Dk, Dk, scale, S + i0 * total, total, pos, n, 1);
+}
+#define ROWS_KEYS 16
+#define SCORES_ROWS scores_rows16
+#else
+#define ROWS_KEYS 8
+#define SCORES_ROWS scores_rows8
+#endif
+
+/* Phase 1, AVX2: one block's keys, ROWS_KEYS rows dequantized then scored against every row. */
 ATTN_INLINE void scores_rows_block(const attn_t *a, const rows_t *r, const float *qh, float *S, long pos, const int mode) {
     long Dk = a->Dk;
-    float kb[8 * Dk];
+    float kb[ROWS_KEYS * Dk];
     lay_t l;
     lay_init(&l, r, mode);
-    for (long t0 = 0; t0 < r->T; t0 += 8) {
-        long n = r->T - t0 < 8 ? r->T - t0 : 8;
+    for (long t0 = 0; t0 < r->T; t0 += ROWS_KEYS) {
+        long n = r->T - t0 < ROWS_KEYS ? r->T - t0 : ROWS_KEYS;
         for (long u = 0; u < n; u++) lay_row(a->lut, &l, t0 + u, Dk, kb + u * Dk, mode);
-        scores_rows8(kb, n, qh, a->G, Dk, a->scale, S, a->total, pos + t0);
+        SCORES_ROWS(kb, n, qh, a->G, Dk, a->scale, S, a->total, pos + t0);
     }
 }
 
@@ -155,9 +195,9 @@ static void scores_rows_fast(const attn_t *a, long i) {
     long pos = a->start[b];
     if (b == a->n_blocks) {
         const float *kr = a->tk + kh * a->tk_hs;
-        for (long t0 = 0; t0 < a->n_tail; t0 += 8) {
-            long n = a->n_tail - t0 < 8 ? a->n_tail - t0 : 8;
-            scores_rows8(kr + t0 * Dk, n, qh, a->G, Dk, a->scale, S, a->total, pos + t0);
+        for (long t0 = 0; t0 < a->n_tail; t0 += ROWS_KEYS) {
+            long n = a->n_tail - t0 < ROWS_KEYS ? a->n_tail - t0 : ROWS_KEYS;
+            SCORES_ROWS(kr + t0 * Dk, n, qh, a->G, Dk, a->scale, S, a->total, pos + t0);
         }
         return;
     }
@@ -191,12 +231,45 @@ ATTN_INLINE void rows_tile(float *const *outs, const float *const *ps, long pos,
         for (long v = 0; v < NV; v++) _mm256_storeu_ps(outs[i] + 8 * v, acc[i][v]);
 }
 
-/* Every chunk row's slice [c0, c0 + vw) over T positions of buf, in tiles of up to 4 rows. */
+#ifdef __AVX512F__
+/* rows_tile for a 16-channel slice in one AVX-512 vector a row, up to 8 rows: the same fmadd per channel, in
+   the same order (bitwise rows_tile's results). */
+ATTN_INLINE void rows_tile16(float *const *outs, const float *const *ps, long pos, const float *buf, long stride,
+                             long T, const long n) {
+    __m512 acc[8];
+    for (long i = 0; i < n; i++) acc[i] = _mm512_loadu_ps(outs[i]);
+    for (long t = 0; t < T; t++) {
+        __m512 x = _mm512_loadu_ps(buf + t * stride);
+        for (long i = 0; i < n; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(ps[i][pos + t]), x, acc[i]);
+    }
+    for (long i = 0; i < n; i++) _mm512_storeu_ps(outs[i], acc[i]);
+}
+#endif
+
+/* Every chunk row's slice [c0, c0 + vw) over T positions of buf, in tiles of up to 4 rows (8 in AVX-512). */
 static void rows_span(const rows_attn_t *ra, long kh, long c0, long vw, long pos, const float *buf, long stride,
                       long T) {
     const attn_t *a = &ra->a;
     long R = a->G;
     const float *S = a->S + kh * R * a->total;
+#ifdef __AVX512F__
+    if (vw == 16) {
+        for (long i0 = 0; i0 < R; i0 += 8) {
+            long n = R - i0 < 8 ? R - i0 : 8;
+            float *outs[8] = {0};
+            const float *ps[8] = {0};
+            for (long i = 0; i < n; i++) { outs[i] = rows_out(ra, kh, i0 + i) + c0; ps[i] = S + (i0 + i) * a->total; }
+            if (n == 8) rows_tile16(outs, ps, pos, buf, stride, T, 8);
+            else if (n >= 4) {
+                rows_tile16(outs, ps, pos, buf, stride, T, 4);
+                for (long i = 4; i < n; i++) rows_tile16(outs + i, ps + i, pos, buf, stride, T, 1);
+            } else {
+                for (long i = 0; i < n; i++) rows_tile16(outs + i, ps + i, pos, buf, stride, T, 1);
+            }
+        }
+        return;
+    }
+#endif
     for (long i0 = 0; i0 < R; i0 += 4) {
         long n = R - i0 < 4 ? R - i0 : 4;
         float *outs[4];
