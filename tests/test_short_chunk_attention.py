@@ -209,3 +209,21 @@ def test_the_fallback_after_appending_attends_every_position(lm):
     want = layer.attend_rows(q, k, k, 0.25)
     assert layer.offset == twin.offset == 300 + len(more)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@needs_c
+@pytest.mark.parametrize("rows", [2, 9, SHORT_CHUNK_ROWS])
+def test_a_short_chunks_qkv_in_one_call_is_bitwise_three(lm, rows):
+    """A short chunk's q, k and v come from one row call over the stacked 4-bit weights: each output the same sums as
+    its own layer's call."""
+    from app.model.cpu_linear import rows_q4
+
+    attn = lm.model.model.layers[0].self_attn
+    qkv = attn.__dict__.get("_qkv")
+    if qkv is None:
+        pytest.skip("no stacked 4-bit q/k/v here")
+    x = mx.array(np.random.default_rng(rows).standard_normal((1, rows, qkv.K)).astype(np.float32))
+    y = np.array(rows_q4(qkv, x))
+    nq, nk = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+    for part, layer in zip((y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        assert np.array_equal(part, np.array(layer(x)))

@@ -16,7 +16,8 @@ Compact mode (the default on the CPU path, where the C kernel of
 `app.kvstore.block_attention` builds and the scheme is one it reads): sealed
 blocks are kept ONLY encoded; the working copy holds just the tail (from `base`
 = the sealed tokens on). The one-token step attends over the encoded blocks
-in C (`attend_one`, called by `app.model.cpu_fast`'s attention), a prefill chunk
+in C (`attend_one`, called by `app.model.cpu_fast`'s attention), so does a causal chunk of a few dozen
+rows (`attend_rows`: a resumed conversation's new message), a longer prefill chunk
 gets the blocks decoded for that call (`update_and_fetch_shared`: into one
 scratch buffer shared by every layer, app.kvstore.prefill_scratch; other
 callers: fresh arrays freed after the call), and a restore has nothing to

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from app.model.cpu_kernels import data_pointer, fresh, kernels
+from app.model.cpu_linear import rows_q4
 from app.model.host_exec import Q4Weights, attend_compact, attend_rows_compact, attn_decode_host, host_vector, stack_q4
 
 
@@ -72,6 +73,10 @@ class CpuAttention:
         qkv = self.__dict__.get("_qkv")
         if qkv is not None and B * L == 1:  # decode step: one 4-bit gemv for q, k and v
             y = qkv(x)
+            nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+            q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
+        elif qkv is not None and B == 1 and L <= SHORT_CHUNK_ROWS:  # a short chunk: one 4-bit row call for all three
+            y = rows_q4(qkv, x)  # each output row the same sums as its own layer's call: bitwise the same
             nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
             q, k, v = y[..., :nq], y[..., nq:nq + nk], y[..., nq + nk:]
         else:
