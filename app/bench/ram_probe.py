@@ -9,6 +9,9 @@ their difference is what that conversation added. Each angle sees something the 
   mmapped blocks): MLX's buffers, numpy's arrays and the block files' bytes, not freed-but-kept pages;
 * `mlx_active` / `mlx_cache`: MLX's own counters, bytes in live arrays and freed buffers MLX keeps for reuse
   (up to `mx.set_cache_limit`, which `Session.open` raises to the cache budget: `app.kvstore.memory`).
+
+`Session.open` also has glibc keep freed memory mapped (`app.kvstore.memory`), so without letting it go first
+(`release_freed`) an RSS delta may count pages freed long before or miss pages the turn reused.
 """
 
 from __future__ import annotations
@@ -55,11 +58,29 @@ def malloc_in_use() -> int:
     return int(info.uordblks + info.hblkhd)
 
 
-def snapshot() -> dict[str, int]:
-    """Every angle now (after a garbage collection, so dropped Python objects are gone)."""
+def release_freed() -> bool:
+    """Let go of every freed buffer the allocators keep for reuse: MLX's cache (`mx.clear_cache`) and glibc's
+    freed heap pages (`malloc_trim(0)`), so RSS counts only memory in use. False where there is no glibc."""
     import mlx.core as mx
 
     gc.collect()
+    mx.clear_cache()
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0)) or True
+    except (OSError, AttributeError):
+        return False
+
+
+def snapshot(release: bool = True) -> dict[str, int]:
+    """Every angle now, after a garbage collection (dropped Python objects gone) and, with `release`, with the
+    allocators' freed buffers let go (`release_freed`); without, as the process keeps them."""
+    import mlx.core as mx
+
+    gc.collect()
+    if release:
+        release_freed()
     return {"rss": rss(), "malloc": malloc_in_use(), "mlx_active": mx.get_active_memory(),
             "mlx_cache": mx.get_cache_memory()}
 
