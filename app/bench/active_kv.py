@@ -1,6 +1,6 @@
 """RAM of an active conversation against the issue's bound (1.3 x its 4-bit bytes + one block of fp32), and its resume.
 
-`python -m app.bench.active_kv [--contexts 4096 8192] [--repeats 3] [--modes compact full] [--model SPEC]`
+`python -m app.bench.active_kv [--contexts 4096 8192] [--repeats 3] [--modes compact full] [--home DIR]`
 
 Setup (this process): one conversation per context, prefilled with the engine's `prefill` (the shipped text,
 chunks of 512, as a turn prefills) and saved with the block pool. The longest one is measured here too, live:
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=16, help="tokens decoded in the turn (default 16)")
     parser.add_argument("--budget-mb", type=float, default=512.0, help="the app's cache budget (MLX cache limit)")
     parser.add_argument("--prefill-more", type=int, default=0, help="new tokens prefilled after the figures (0: none)")
+    parser.add_argument("--home", help="keep the stored conversations here and reuse them on the next run")
     parser.add_argument("--child", nargs=3, metavar=("HOME", "KEY", "WARM_KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -175,18 +176,32 @@ def main(argv: list[str] | None = None) -> int:
                                args.prefill_more, args.budget_mb)))
         return 0
     with tempfile.TemporaryDirectory(prefix="parley-active-kv-") as tmp:
-        home = Path(tmp) / "home"
-        t0 = time.perf_counter()
-        keys, warm_key, live = store(args.model, home, args.contexts, args.new_tokens, args.decode, args.budget_mb)
-        print(f"setup: {max(args.contexts)}-token prefill at {live['prefill_tps']:.0f} tok/s, all saved in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        home = Path(args.home) if args.home else Path(tmp) / "home"
+        keys, warm_key, live = set_up(args, home)
         runs: dict[tuple, list[dict]] = {}
         for _ in range(args.repeats):
             for n in args.contexts:
                 for mode in args.modes:
-                    runs.setdefault((n, mode), []).append(run_child(args, home, keys[n], warm_key, mode))
+                    runs.setdefault((n, mode), []).append(run_child(args, home, keys[str(n)], warm_key, mode))
     print(report(runs, live))
     return 0
+
+
+def set_up(args, home: Path) -> tuple[dict[str, str], str, dict]:
+    """`store`, or what an earlier run with the same `--home` stored (its live figures included)."""
+    saved = home / "active_kv.json"
+    if saved.exists():
+        keys, warm_key, live = json.loads(saved.read_text())
+        if all(str(n) in keys for n in args.contexts):
+            print(f"setup: reusing the conversations stored in {home}", flush=True)
+            return keys, warm_key, live
+    t0 = time.perf_counter()
+    keys, warm_key, live = store(args.model, home, args.contexts, args.new_tokens, args.decode, args.budget_mb)
+    keys = {str(n): k for n, k in keys.items()}
+    saved.write_text(json.dumps([keys, warm_key, live]))
+    print(f"setup: {max(args.contexts)}-token prefill at {live['prefill_tps']:.0f} tok/s, all saved in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return keys, warm_key, live
 
 
 def run_child(args, home: Path, key: str, warm_key: str, mode: str) -> dict:
@@ -210,7 +225,8 @@ def _median(xs: list[float]) -> float:
 def row(label: str, rs: list[dict]) -> list[str]:
     """One table row: the cache's accounting (same every run), medians of the measured growths."""
     r = rs[0]
-    med = {k: _median([x[k] for x in rs]) for k in ("grew_rss", "grew_malloc", "grew_mlx_active", "grew_rss_kept")}
+    med = {k: _median([x[k] for x in rs]) for k in ("grew_rss", "grew_malloc", "grew_mlx_active", "grew_rss_kept",
+                                                   "mlx_cache_kept")}
     enc, blk = r["encoded"], r["fp32_block"]
     limit = bound(enc, blk)
     acct = r["encoded"] + r["working"] + r["scratch"]
@@ -220,17 +236,18 @@ def row(label: str, rs: list[dict]) -> list[str]:
              if "ttft_ms" in r else f"{'-':>8}  {'-':>6}")
     return [f"{label:<16} {r['tokens']:>6} {enc / MB:7.1f} {blk / MB:6.2f} {limit / MB:7.1f} {acct / MB:7.1f}"
             f" {r['working'] / MB:6.1f} {r['scratch'] / MB:5.1f} {med['grew_rss'] / MB:7.1f} {med['grew_malloc'] / MB:7.1f}"
-            f" {med['grew_mlx_active'] / MB:7.1f} {med['grew_rss_kept'] / MB:7.1f} {(measured - blk) / enc:6.2f}"
+            f" {med['grew_mlx_active'] / MB:7.1f} {med['grew_rss_kept'] / MB:7.1f} {med['mlx_cache_kept'] / MB:6.1f}"
+            f" {(measured - blk) / enc:6.2f}"
             f" {worst / limit:6.2f}  {'yes' if worst <= limit else 'NO':<3} {times}  {len(rs)}"]
 
 
 def report(runs: dict[tuple, list[dict]], live: dict | None = None) -> str:
     lines = ["RAM attributed to the active conversation, MB (MiB); growth = after - before the turn, MLX cache cleared",
              "(own: encoded + fp32 working copies + prefill scratch; rss_kept: RSS growth with freed buffers kept as the app "
-             "keeps them; x4bit = (max(rss, malloc) - fp32 block) / 4-bit, target <= 1.3; vs_bnd = max(rss, malloc, "
+             "keeps them, mlxc: MLX's share of those; x4bit = (max(rss, malloc) - fp32 block) / 4-bit, target <= 1.3; vs_bnd = max(rss, malloc, "
              "own) / (1.3 x 4-bit + block), target <= 1)",
              f"{'run':<16} {'tokens':>6} {'4bit':>7} {'block':>6} {'bound':>7} {'own':>7} {'work':>6} {'scr':>5}"
-             f" {'rss':>7} {'malloc':>7} {'mlx':>7} {'rss_kept':>7} {'x4bit':>6} {'vs_bnd':>6}  ok  {'ttft_ms':>8}"
+             f" {'rss':>7} {'malloc':>7} {'mlx':>7} {'rss_kept':>7} {'mlxc':>6} {'x4bit':>6} {'vs_bnd':>6}  ok  {'ttft_ms':>8}"
              f"  {'tok/s':>6}  runs"]
     if live is not None:
         lines += row(f"live {live['context']} prefill", [live])
