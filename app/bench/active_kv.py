@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=16, help="tokens decoded in the turn (default 16)")
     parser.add_argument("--budget-mb", type=float, default=512.0, help="the app's cache budget (MLX cache limit)")
     parser.add_argument("--prefill-more", type=int, default=0, help="new tokens prefilled after the figures (0: none)")
+    parser.add_argument("--json", help="also write every run's figures here")
     parser.add_argument("--home", help="keep the stored conversations here and reuse them on the next run")
     parser.add_argument("--child", nargs=3, metavar=("HOME", "KEY", "WARM_KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in args.modes:
                     runs.setdefault((n, mode), []).append(run_child(args, home, keys[str(n)], warm_key, mode))
     print(report(runs, live))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"live": live, "runs": [
+            {"context": n, "mode": mode, "runs": rs} for (n, mode), rs in sorted(runs.items())]}, indent=1))
     return 0
 
 
@@ -222,43 +226,48 @@ def _median(xs: list[float]) -> float:
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
 
-def row(label: str, rs: list[dict]) -> list[str]:
-    """One table row: the cache's accounting (same every run), medians of the measured growths."""
+HEADERS = ["run", "tokens", "4bit", "block", "bound", "own", "tail", "scratch", "rss", "malloc", "mlx", "x4bit",
+           "vs_bound", "ok", "rss_kept", "mlx_kept", "x4bit_kept", "ttft_ms", "tok/s", "runs"]
+LEGEND = """\
+RAM attributed to the active conversation (MiB): the process's growth over the turn, freed buffers let go
+  4bit: its encoded blocks; block: one block of fp32 (all layers); bound: 1.3 x 4bit + block (issue 14)
+  own: the cache's accounting (4bit + tail: fp32 working copies + prefill scratch still held)
+  rss / malloc / mlx: growth of RSS, glibc malloc in use, MLX active memory (restored blocks are host bytes, not MLX)
+  x4bit = (max(rss, malloc) - block) / 4bit, target <= 1.3; vs_bound = max(rss, malloc, own) / bound, target <= 1
+  *_kept: RSS growth / MLX cache with the freed buffers the app's settings keep for reuse (--budget-mb)"""
+
+
+def row(label: str, rs: list[dict]) -> list:
+    """One table row: the cache's accounting (the same every run), medians of the measured growths."""
     r = rs[0]
     med = {k: _median([x[k] for x in rs]) for k in ("grew_rss", "grew_malloc", "grew_mlx_active", "grew_rss_kept",
                                                    "mlx_cache_kept")}
     enc, blk = r["encoded"], r["fp32_block"]
     limit = bound(enc, blk)
-    acct = r["encoded"] + r["working"] + r["scratch"]
+    own = r["encoded"] + r["working"] + r["scratch"]
     measured = max(med["grew_rss"], med["grew_malloc"])
-    worst = max(measured, acct)
-    times = (f"{_median([x['ttft_ms'] for x in rs]):8.0f}  {_median([x['decode_tps'] for x in rs]):6.1f}"
-             if "ttft_ms" in r else f"{'-':>8}  {'-':>6}")
-    return [f"{label:<16} {r['tokens']:>6} {enc / MB:7.1f} {blk / MB:6.2f} {limit / MB:7.1f} {acct / MB:7.1f}"
-            f" {r['working'] / MB:6.1f} {r['scratch'] / MB:5.1f} {med['grew_rss'] / MB:7.1f} {med['grew_malloc'] / MB:7.1f}"
-            f" {med['grew_mlx_active'] / MB:7.1f} {med['grew_rss_kept'] / MB:7.1f} {med['mlx_cache_kept'] / MB:6.1f}"
-            f" {(measured - blk) / enc:6.2f}"
-            f" {worst / limit:6.2f}  {'yes' if worst <= limit else 'NO':<3} {times}  {len(rs)}"]
+    worst = max(measured, own)
+    timed = "ttft_ms" in r
+    return [label, r["tokens"], enc / MB, blk / MB, limit / MB, own / MB, r["working"] / MB, r["scratch"] / MB,
+            med["grew_rss"] / MB, med["grew_malloc"] / MB, med["grew_mlx_active"] / MB,
+            round((measured - blk) / enc, 2),
+            round(worst / limit, 2), "yes" if worst <= limit else "NO", med["grew_rss_kept"] / MB,
+            med["mlx_cache_kept"] / MB, round((med["grew_rss_kept"] - blk) / enc, 2),
+            _median([x["ttft_ms"] for x in rs]) if timed else "-",
+            _median([x["decode_tps"] for x in rs]) if timed else "-",
+            len(rs)]
 
 
 def report(runs: dict[tuple, list[dict]], live: dict | None = None) -> str:
-    lines = ["RAM attributed to the active conversation, MB (MiB); growth = after - before the turn, MLX cache cleared",
-             "(own: encoded + fp32 working copies + prefill scratch; rss_kept: RSS growth with freed buffers kept as the app "
-             "keeps them, mlxc: MLX's share of those; x4bit = (max(rss, malloc) - fp32 block) / 4-bit, target <= 1.3; vs_bnd = max(rss, malloc, "
-             "own) / (1.3 x 4-bit + block), target <= 1)",
-             f"{'run':<16} {'tokens':>6} {'4bit':>7} {'block':>6} {'bound':>7} {'own':>7} {'work':>6} {'scr':>5}"
-             f" {'rss':>7} {'malloc':>7} {'mlx':>7} {'rss_kept':>7} {'mlxc':>6} {'x4bit':>6} {'vs_bnd':>6}  ok  {'ttft_ms':>8}"
-             f"  {'tok/s':>6}  runs"]
-    if live is not None:
-        lines += row(f"live {live['context']} prefill", [live])
-    for (n, mode), rs in sorted(runs.items()):
-        lines += row(f"restore {n} {mode}", rs)
-    any_run = next(iter(runs.values()), [live] if live else [])
-    if any_run:
-        weights = max(r.get("fp32_weights", 0) for r in ([live] if live else []) + any_run)
-        lines.append(f"(model's fp32 weight copies after a long prefill: {weights / MB:.0f} MB, not counted above; "
-                     "medians of fresh processes; the machine is shared, times are noisy)")
-    return "\n".join(lines)
+    from app.bench.common import table
+
+    rows = [row(f"live {live['context']} prefill", [live])] if live is not None else []
+    rows += [row(f"restore {n} {mode}", rs) for (n, mode), rs in sorted(runs.items())]
+    all_runs = ([live] if live else []) + [r for rs in runs.values() for r in rs]
+    weights = max((r.get("fp32_weights", 0) for r in all_runs), default=0)
+    return "\n".join([LEGEND, table(HEADERS, rows),
+                      f"(the model's fp32 weight copies after a long prefill: {weights / MB:.0f} MiB, not counted; "
+                      "medians of fresh processes; the machine is shared, times are noisy)"])
 
 
 if __name__ == "__main__":
