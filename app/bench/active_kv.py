@@ -58,14 +58,10 @@ def cache_accounting(cache) -> dict:
 
 
 def fp32_weight_bytes(model) -> int:
-    """Bytes of the fp32 weight copies the CPU path built for prefill (`cpu_linear.fp32_weight`), model-wide."""
-    total, seen = 0, set()
-    for _, m in model.named_modules():
-        w = m.__dict__.get("_fp32")
-        if w is not None and id(w) not in seen:
-            seen.add(id(w))
-            total += w.nbytes
-    return total
+    """Bytes of the fp32 weight copies the CPU path built for prefill (`cpu_linear`), model-wide."""
+    from app.model.cpu_linear import fp32_copies_nbytes
+
+    return fp32_copies_nbytes(model)
 
 
 def a_turn(lm, cache, new_ids: list[int], decode_steps: int) -> tuple[float, float]:
