@@ -116,6 +116,9 @@ def test_prefix_copy_of_a_compact_cache(lm, monkeypatch):
     compact, full = fill(lm, pool, ids), full_twin(lm, pool, ids, monkeypatch)
     assert_same_values(compact.copy_prefix(300), full.copy_prefix(300))
     assert_same_values(compact.copy_prefix(100), full.copy_prefix(100))
+    for copy in (compact.copy_prefix(256), full.copy_prefix(256)):  # whole blocks, fewer than sealed: no tail
+        assert copy.n_tokens == 256 and copy.n_sealed == 1
+    assert_same_values(compact.copy_prefix(256), full.copy_prefix(256))
 
 
 def test_a_one_token_update_elsewhere_turns_the_cache_full_with_the_same_values(lm, monkeypatch):

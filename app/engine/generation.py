@@ -34,6 +34,8 @@ def prefill(model, cache, ids: list[int], chunk: int = PREFILL_CHUNK) -> Iterato
     apply_windows(cache, sliding_windows(model))
     total = len(ids)
     done = 0
+    held = getattr(cache.layers[0], "offset", 0) if cache.layers else 0
+    prefill_scratch.reserve(held + total)  # one shared decoding buffer for the whole prefill
     try:
         while done < total:
             piece = ids[done : done + chunk]

@@ -101,6 +101,30 @@ class ConversationCache:
     def encoded_nbytes(self) -> int:
         return sum(layer.encoded_nbytes for layer in self.layers)
 
+    @property
+    def working_nbytes(self) -> int:
+        """Bytes of the full-precision working copies: compact caches hold only the unsealed tail there (with
+        its room to grow, at most one block), the full form every position."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def fp32_block_nbytes(self) -> int:
+        """One block of keys and values in fp32 over every layer: what an unsealed tail holds at most.
+        The issue's RAM bound for an active conversation is 1.3 x `encoded_nbytes` + this."""
+        total = 0
+        for layer in self.layers:
+            if layer.keys is not None:
+                heads, dk, dv = layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]
+                total += 4 * layer.block_tokens * heads * (dk + dv)
+        return total
+
+    @property
+    def sealed_rows_in_working_copy(self) -> int:
+        """Positions of sealed blocks that the working copies also hold in full precision, summed over layers:
+        0 for compact caches (their sealed blocks live only encoded), the sealed tokens per layer otherwise."""
+        return sum(max(0, min(layer.sealed_tokens, layer.offset) - layer.base)
+                   for layer in self.layers if layer.keys is not None)
+
     def copy_prefix(self, n: int) -> "ConversationCache":
         """A new cache holding the first `n` tokens (used to snapshot a persona's preamble); empty when a
         sliding-window layer no longer holds the blocks those n tokens need (see `trim_to`)."""
@@ -114,7 +138,7 @@ class ConversationCache:
                 layers.append(copy)
                 continue
             start = sealed_blocks * BLOCK_TOKENS
-            tail_k, tail_v = layer.span(start, n) if layer.keys is not None else (None, None)
+            tail_k, tail_v = layer.span(start, n) if layer.keys is not None and n > start else (None, None)
             dtype = layer.keys.dtype if layer.keys is not None else mx.float32
             layers.append(SealingKVCache.restore(layer.scheme, layer.sealed[:sealed_blocks], tail_k, tail_v, dtype))
         return ConversationCache(layers, self.fingerprint, self.scheme_id, self.tokens[:n], self._hashes[:sealed_blocks])

@@ -19,6 +19,13 @@ Contract: the arrays returned are views of the scratch, which the next call
 overwrites; the caller evaluates everything that reads them before it returns
 (`CpuAttention` evaluates its output). `release()` frees the scratch after a
 prefill burst, so an active conversation holds its encoded bytes plus the tail.
+
+The scratch is an fp32 copy of a layer's sealed blocks: freed, it goes back to
+the allocator, not into MLX's cache of freed buffers (which `Session.open` lets
+grow to the cache budget, and which reuses a buffer only for a request of about
+its size, so an old scratch would sit there as a dead fp32 copy of the context).
+`reserve(tokens)` sizes the next scratch for a whole prefill at once, so a long
+prefill makes one scratch instead of one per `GROW_TOKENS` it grows by.
 """
 
 from __future__ import annotations
@@ -63,17 +70,38 @@ _local = threading.local()
 
 
 def _scratch(heads: int, dk: int, dv: int, n: int) -> _Scratch:
-    """This thread's scratch, (re)made when too small or of another shape."""
+    """This thread's scratch, (re)made when too small or of another shape (at least the `reserve`d size)."""
     s = getattr(_local, "scratch", None)
-    if s is None or s.shape != (heads, dk, dv) or s.cap < n:
-        _local.scratch = None  # the old buffers go before the new ones are made
-        s = _local.scratch = _Scratch(heads, dk, dv, -(-n // GROW_TOKENS) * GROW_TOKENS)
+    if s is not None and s.shape == (heads, dk, dv) and s.cap >= n:
+        return s
+    del s
+    _drop()  # the old buffers go before the new ones are made
+    cap = max(n, getattr(_local, "reserved", 0))
+    s = _local.scratch = _Scratch(heads, dk, dv, -(-cap // GROW_TOKENS) * GROW_TOKENS)
     return s
 
 
+def reserve(tokens: int) -> None:
+    """The coming prefill attends over up to `tokens` positions: a scratch made for it is made that large."""
+    _local.reserved = max(0, int(tokens))
+
+
 def release() -> None:
-    """Free this thread's scratch (after a prefill burst)."""
-    _local.scratch = None
+    """Free this thread's scratch (after a prefill burst), past MLX's cache of freed buffers; forget `reserve`."""
+    _local.reserved = 0
+    _drop()
+
+
+def _drop() -> None:
+    """Let this thread's scratch go straight back to the allocator: MLX's cache limit is held at what the cache
+    holds now while the last references go, so the buffers are freed instead of cached (nothing is evicted)."""
+    if getattr(_local, "scratch", None) is None:
+        return
+    previous = mx.set_cache_limit(mx.get_cache_memory())
+    try:
+        _local.scratch = None
+    finally:
+        mx.set_cache_limit(previous)
 
 
 def held_bytes() -> int:

@@ -117,3 +117,9 @@ class CpuEmbedding:
         if q4 is not None:
             return rows_q4(q4, x)
         return x @ fp32_weight(self).T
+
+
+def fp32_copies_nbytes(model) -> int:
+    """Bytes of the fp32 weight copies built so far in `model` (the model's prefill working set, not any
+    conversation's: `python -m app.bench.active_kv` reports it apart)."""
+    return sum(m.__dict__["_fp32"].nbytes for _, m in model.named_modules() if m.__dict__.get("_fp32") is not None)
