@@ -14,13 +14,13 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
-import sqlite_utils
+from app.catalog.database import Database
 
 from app.catalog.migrations import migration
 
 
 @migration
-def m003_message_tokens(db: sqlite_utils.Database) -> None:
+def m003_message_tokens(db: Database) -> None:
     db.execute(
         """CREATE TABLE message_tokens (
             message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
