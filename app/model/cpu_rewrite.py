@@ -16,7 +16,7 @@ from app.model.cpu_kernels import kernels
 from app.model.cpu_linear import CpuEmbedding, CpuLinear
 from app.model.decode_step import FusedStepModel
 from app.model.host_exec import Q4Weights
-from app.model.q4_stacks import evaluate_by_layer, stack_lazily, stack_of, stackable
+from app.model.q4_stacks import stack_lazily, stack_of, stackable
 
 
 def _is_llama_attention(m) -> bool:
@@ -74,7 +74,7 @@ def speed_up_for_cpu(model: nn.Module) -> None:
 
 def load_for_cpu(model: nn.Module) -> None:
     """Evaluate `model`'s parameters as the CPU path keeps them: fp16/bf16 values as fp32, and the projections
-    the kernels read together (q/k/v, gate/up) stacked (`app.model.q4_stacks`), a layer at a time. On a lazily
+    the kernels read together (q/k/v, gate/up) stacked (`app.model.q4_stacks`). On a lazily
     loaded model (`app.model.loader`) this is where the weights file is read; on an evaluated one it converts and
     stacks by copying. A lean model (`lean_on_cpu`) is only evaluated (`_keep_quantized` converts it)."""
     if lean_on_cpu(model):
@@ -84,7 +84,7 @@ def load_for_cpu(model: nn.Module) -> None:
     if kernels() is not None:
         for parts in _stack_groups(model):
             stack_lazily(parts)
-    evaluate_by_layer(model)
+    mx.eval(model.parameters())  # one call: MLX reads the file without holding the GIL (the tokenizer loads beside)
 
 
 def _stack_groups(model: nn.Module) -> list[list]:

@@ -4,10 +4,10 @@ The one-token step reads q, k and v (and gate and up) with one gemv each (`host_
 4-bit codes, scales and biases must lie in one array each. Stacked after loading, that was a copy of ~70 MB
 for the embedded model: fresh memory, whose page faults cost ~0.1 s of CPU at every start on the 2-core
 VMs, with the per-projection arrays kept beside it. `stack_lazily` instead concatenates the projections'
-*lazily loaded* arrays and makes each projection's parameters row slices (views) of the stack; evaluated a
-layer at a time (`evaluate_by_layer`), the weights file is read into the stacks and each layer's temporaries
-are reused by the next (MLX keeps freed buffers for same-sized requests), so a start touches about the
-model's size of fresh memory once and keeps one copy of each weight. The values are the loaded arrays'
+*lazily loaded* arrays and makes each projection's parameters row slices (views) of the stack; when the
+model is evaluated, the weights file is read into the stacks (the projections' loaded parts are freed as
+each concatenation is done, and MLX hands their buffers to the next layer's, of the same sizes), so a start
+touches about the model's size of fresh memory once and keeps one copy of each weight. The values are the loaded arrays'
 exactly, so every result is bitwise what copying gave (tests/test_q4_stacks.py).
 
 On a model that is already evaluated, stacking is a copy, as before (the projections' old buffers are
@@ -65,13 +65,3 @@ def stack_of(parts: list) -> Stack | None:
     if stack.n != len(parts) or any(m is None or m[0] is not stack or m[1] != i for i, m in enumerate(marks)):
         return None
     return stack
-
-
-def evaluate_by_layer(model) -> None:
-    """Evaluate the parameters one transformer layer at a time, then the rest (embedding, norm, head): each
-    layer's temporaries (loaded parts of a stack, fp16 scales before fp32) are freed before the next layer
-    asks for buffers of the same sizes."""
-    body = getattr(model, "model", model)
-    for layer in getattr(body, "layers", []):
-        mx.eval(layer.parameters())
-    mx.eval(model.parameters())
