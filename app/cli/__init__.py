@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.errors import ParleyError
 
     args = build_parser().parse_args(argv)
+    args.exiting = argv is None and getattr(args, "exit_promptly", False)  # `exit_now` follows the command
     try:
         if args.command is None:
             from app.ui.app import run_app
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     write_startup_trace(started)
-    if argv is None and getattr(args, "exit_promptly", False):
+    if args.exiting:
         exit_now(code)
     return code
 

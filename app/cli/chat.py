@@ -105,7 +105,7 @@ def run(args) -> int:
         lore: list[str] = []
         finished = wait_for_reply(events, stream=None if args.json else sys.stdout, lore=lore)
     finally:
-        engine.shutdown()
+        engine.shutdown(release=not getattr(args, "exiting", False))
     print_late_warnings(events)
     if isinstance(finished, ev.EngineFailed):
         if args.new and conv is None:
