@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages a one-turn `parley chat` has no use for (UI, server, plots, GGUF reader, HF tokenizers/downloads).
-NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx"}
+NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx",
+              "sqlite_utils", "click", "pluggy"}
 
 
 def run_python(code: str, home: Path) -> subprocess.CompletedProcess:
@@ -26,7 +27,8 @@ def test_chat_imports_no_ui_server_or_transformers(tiny_model_dir, parley_home):
 import json, sys
 from app.cli import main
 rc = main(["--model", {str(tiny_model_dir)!r}, "chat", "assistant", "hi", "--new", "--max-tokens", "2", "--json"])
-print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.modules}})}}))
+print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.modules}}),
+                  "commands": sorted(m for m in sys.modules if m.startswith("app.cli."))}}))
 """
     done = run_python(code, parley_home)
     assert done.returncode == 0, done.stderr
@@ -36,6 +38,7 @@ print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.mod
     assert result["rc"] == 0
     assert "mlx_lm" in result["loaded"] and "jinja2" in result["loaded"]  # what it does need
     assert not NOT_NEEDED & set(result["loaded"]), NOT_NEEDED & set(result["loaded"])
+    assert result["commands"] == ["app.cli.chat"]  # no other command's module
 
 
 def test_mlx_lm_without_its_init_still_offers_its_whole_api(parley_home):
@@ -154,3 +157,24 @@ def test_fingerprint_memo_follows_a_rewritten_weight_file(tiny_model_dir, tmp_pa
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     assert model_fingerprint(folder) != first
+
+
+@pytest.mark.parametrize("argv", [
+    ["chat", "assistant", "hi", "--new", "--json"],
+    ["--model", "chat", "--budget-mb=64", "chat", "assistant", "hi"],  # a model named like a command
+    ["--kv-scheme", "q8", "import", "card.json"],
+    ["personas"], ["models"], ["models", "add", "x.gguf"], ["bench", "serve", "--clients", "1", "4"], ["cache", "gc"],
+])
+def test_the_named_command_alone_parses_as_the_whole_command_line(argv):
+    from app.cli import build_parser, command_named
+
+    only = command_named(argv)
+    assert only is not None
+    assert vars(build_parser(only).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [[], ["--help", "chat"], ["--model", "m"], ["import_card", "x"], ["nonsense"]])
+def test_help_no_command_or_an_unknown_word_builds_every_command(argv):
+    from app.cli import command_named
+
+    assert command_named(argv) is None
