@@ -178,3 +178,37 @@ def test_help_no_command_or_an_unknown_word_builds_every_command(argv):
     from app.cli import command_named
 
     assert command_named(argv) is None
+
+
+def test_numpys_own_blas_starts_with_one_thread_and_mlxs_keeps_its_threads(parley_home):
+    """numpy's bundled OpenBLAS would spin a worker per core at import; the BLAS MLX uses keeps its threads."""
+    code = """
+import ctypes, json, os
+from app import fastblas
+fastblas.preload()
+import numpy as np
+def threads(path, names):
+    if not path:
+        return None
+    lib = ctypes.CDLL(path)
+    for name in names:
+        if hasattr(lib, name):
+            return getattr(lib, name)()
+q, r = np.linalg.qr(np.random.default_rng(1234).standard_normal((80, 80)))  # numpy's one LAPACK use still works
+mapped = {line.split()[-1] for line in open("/proc/self/maps") if "numpy.libs" in line and "openblas" in line}
+print(json.dumps({"numpy": threads(mapped.pop() if len(mapped) == 1 else None, ["scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                                         "openblas_get_num_threads"]),
+                  "system": threads(fastblas.loaded, ["openblas_get_num_threads"]), "cores": os.cpu_count(),
+                  "env": os.environ.get("OPENBLAS_NUM_THREADS"), "finite": bool(np.isfinite(q).all())}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PARLEY_HOME": str(parley_home)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["env"] is None and got["finite"]  # the setting was for that one load only
+    if got["numpy"] is None:
+        pytest.skip("this numpy has no bundled OpenBLAS (nothing to start with one thread)")
+    assert got["numpy"] == 1
+    if got["system"] is not None and got["cores"] > 1:
+        assert got["system"] > 1
