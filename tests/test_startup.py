@@ -212,3 +212,35 @@ print(json.dumps({"numpy": threads(mapped.pop() if len(mapped) == 1 else None, [
     assert got["numpy"] == 1
     if got["system"] is not None and got["cores"] > 1:
         assert got["system"] > 1
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_collector_pauses_for_the_start_and_resumes_once(freeze):
+    import gc
+
+    from app.cli.chat import collector_paused
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with collector_paused(freeze) as resume:
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]  # young objects of the start
+            resume()  # the model is up: the turn runs with the collector on
+            assert gc.isenabled()
+            assert (gc.get_freeze_count() > frozen) == freeze  # frozen only in a process that exits next
+            resume()  # the block's end calls it again: nothing more happens
+        assert gc.isenabled() and made
+    finally:
+        gc.unfreeze()
+
+
+def test_the_collector_is_back_on_when_the_start_fails():
+    import gc
+
+    from app.cli.chat import collector_paused
+
+    with pytest.raises(RuntimeError):
+        with collector_paused(False):
+            raise RuntimeError("the engine did not start")
+    assert gc.isenabled()
