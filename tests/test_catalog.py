@@ -38,10 +38,9 @@ def test_default_path_honours_parley_home(parley_home):
 def test_migrate_empty_database(tmp_path):
     with Catalog(tmp_path / "c.db") as cat:
         assert applied(cat.db) == {m.__name__ for m in MIGRATIONS}
-        tables = {row[0] for row in cat.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"personas", "conversations", "messages", "scene_members"} <= tables
+        assert {"personas", "conversations", "messages", "scene_members"} <= set(cat.db.table_names())
         assert cat.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        assert cat.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert cat.db.journal_mode == "wal"
         assert cat.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
 
 

@@ -1,4 +1,4 @@
-"""The catalog: one SQLite file (the standard `sqlite3`, SQL written out) for personas, conversations and the message tree.
+"""The catalog: one SQLite file (via sqlite-utils) for personas, conversations and the message tree.
 
 Schema lives only in `migrations.py` (append-only). See `store.Catalog` for the API.
 """

@@ -11,13 +11,13 @@ conversation outgrew the context window (per scene speaker too).
 
 from __future__ import annotations
 
-from app.catalog.database import Database
+import sqlite_utils
 
 from app.catalog.migrations import migration
 
 
 @migration
-def m002_kv_caches(db: Database) -> None:
+def m002_kv_caches(db: sqlite_utils.Database) -> None:
     db.execute(
         """CREATE TABLE cache_blocks (
             hash TEXT PRIMARY KEY,

@@ -14,13 +14,13 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
-from app.catalog.database import Database
+import sqlite_utils
 
 from app.catalog.migrations import migration
 
 
 @migration
-def m003_message_tokens(db: Database) -> None:
+def m003_message_tokens(db: sqlite_utils.Database) -> None:
     db.execute(
         """CREATE TABLE message_tokens (
             message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,

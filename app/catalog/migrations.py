@@ -1,8 +1,7 @@
 """The catalog schema, as an append-only list of migrations.
 
 Modelled on simonw/llm: each migration is a function `mNNN_name(db)` that
-takes a `Database` (`app.catalog.database`: a connection and `execute`, what
-`sqlite_utils.Database` offers too), and its name is recorded in the
+takes a `sqlite_utils.Database`, and its name is recorded in the
 `_migrations` table once it has run. The schema exists only here: never edit a
 migration that has shipped, append a new one instead (another module may add
 its own with `@migration`, as long as it is imported before the catalog
@@ -19,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from app.catalog.database import Database
+import sqlite_utils
 
-Migration = Callable[[Database], None]
+Migration = Callable[[sqlite_utils.Database], None]
 
 MIGRATIONS: list[Migration] = []
 
@@ -34,7 +33,7 @@ def migration(fn: Migration) -> Migration:
     return fn
 
 
-def applied(db: Database) -> set[str]:
+def applied(db: sqlite_utils.Database) -> set[str]:
     """Names of the migrations already recorded in this database."""
     if not db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
@@ -43,12 +42,12 @@ def applied(db: Database) -> set[str]:
     return {row[0] for row in db.execute("SELECT name FROM _migrations")}
 
 
-def pending(db: Database) -> list[Migration]:
+def pending(db: sqlite_utils.Database) -> list[Migration]:
     done = applied(db)
     return [m for m in MIGRATIONS if m.__name__ not in done]
 
 
-def migrate(db: Database, upto: int | None = None) -> list[str]:
+def migrate(db: sqlite_utils.Database, upto: int | None = None) -> list[str]:
     """Apply pending migrations (the first `upto` of the list when given); returns the names applied.
 
     Cheap when nothing is pending: one read, no write lock.
@@ -82,7 +81,7 @@ def migrate(db: Database, upto: int | None = None) -> list[str]:
 
 
 @migration
-def m001_initial(db: Database) -> None:
+def m001_initial(db: sqlite_utils.Database) -> None:
     """Personas, conversations, the message tree and scene members.
 
     Ids use AUTOINCREMENT so a deleted conversation's id is never reused: cache
@@ -133,7 +132,7 @@ from app.catalog import message_tokens  # noqa: E402,F401  (m003_message_tokens)
 
 
 @migration
-def m004_conversation_notes(db: Database) -> None:
+def m004_conversation_notes(db: sqlite_utils.Database) -> None:
     """Notes the model wrote about turns that left its view (issue 17; per scene speaker too).
 
     One row per conversation and speaker ('' in a chat); `text` grows with each drop and the user may edit it.

@@ -25,8 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import sqlite_utils
+
 from app.catalog import health
-from app.catalog.database import Database
 from app.catalog.migrations import migrate
 from app.catalog.records import Conversation, Message, PersonaRecord
 from app.errors import ParleyError
@@ -93,7 +94,7 @@ class Catalog:
             checked_now = health.check_once(conn, self.path, force=check)  # before any write: a damaged file is left alone
             self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
-            self.db = Database(conn)
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
             migrate(self.db)
         except ParleyError:
             conn.close()
