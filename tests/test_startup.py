@@ -13,8 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages a one-turn `parley chat` has no use for (UI, server, plots, GGUF reader, HF tokenizers/downloads).
-NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx",
-              "sqlite_utils", "click", "pluggy"}
+NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx"}
 
 
 def run_python(code: str, home: Path) -> subprocess.CompletedProcess:
