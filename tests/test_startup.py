@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages a one-turn `parley chat` has no use for (UI, server, plots, GGUF reader, HF tokenizers/downloads).
-NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx"}
+NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx",
+              "click"}  # sqlite-utils' CLI-only dependency (app.catalog.light_sqlite_utils)
 
 
 def run_python(code: str, home: Path) -> subprocess.CompletedProcess:
