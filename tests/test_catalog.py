@@ -341,3 +341,35 @@ def test_sync_personas_reports_changed_preambles(catalog):
     assert catalog.sync_personas([dataclasses.replace(ada, system_prompt="two"), bob]) == {"ada"}
     assert catalog.get_persona_record("ada").preamble_hash == dataclasses.replace(ada, system_prompt="two").preamble_hash()
     assert catalog.query("SELECT count(*) AS n FROM personas") == [{"n": 2}]
+
+
+def test_sqlite_utils_loads_its_cli_dependencies_only_when_used(tmp_path):
+    """app.catalog imports sqlite-utils without click and dateutil's parser; both load, real, on first use."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import json, sys
+import app.catalog
+from app.catalog import Catalog
+with Catalog({str(tmp_path / "c.db")!r}) as cat:
+    cat.create_conversation("assistant")
+early = sorted(m for m in ("click", "dateutil.parser") if m in sys.modules)
+import sqlite_utils, sqlite_utils.recipes, sqlite_utils.utils
+date = sqlite_utils.recipes.parsedate("2024-01-02")  # dateutil's parser, imported now
+bar = sqlite_utils.utils.click.progressbar  # click, imported now
+import click
+from sqlite_utils.plugins import get_plugins
+print(json.dumps({{"early": early, "date": date, "bar": bar is click.progressbar, "click_real": hasattr(click, "__file__"),
+                  "group": click.Group.__module__, "plugins": get_plugins(), "stand_ins": [
+                      m for m in ("click", "dateutil.parser") if not hasattr(sys.modules[m], "__file__")]}}))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["early"] == []
+    assert got["date"] == "2024-01-02" and got["bar"] and got["click_real"] and got["group"] == "click.core"
+    assert got["plugins"] == [] and got["stand_ins"] == []

@@ -253,3 +253,24 @@ def test_a_conversation_deleted_while_its_cache_is_saved_is_not_an_error(runner)
     while isinstance(final, ev.CacheStatesChanged) and any(s.conversation_id == cid for s in final.states):
         final = runner.until((ev.CacheStatesChanged, ev.EngineFailed))
     assert not any(isinstance(e, ev.EngineFailed) for e in runner.seen)
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_shutdown_saves_and_releases_the_model_unless_the_process_exits_next(tiny_model_dir, personas_dir, release):
+    import gc
+    import weakref
+
+    cid = new_conversation()
+    first = EngineRunner(tiny_model_dir, personas_dir)
+    first.run(cmd.Generate(cid, "Remember this"))
+    model = weakref.ref(first.engine._session.lm.model)
+    first.engine.shutdown(release=release)
+    assert first.engine.stopped.is_set() and first.engine._session is None
+    gc.collect()
+    assert (model() is None) == release  # kept only for a process that exits next (`parley chat`)
+    second = EngineRunner(tiny_model_dir, personas_dir)  # everything was saved either way
+    try:
+        two, _ = second.run(cmd.Generate(cid, "Do you remember?"))
+    finally:
+        second.close()
+    assert two.stats.cache == "disk"

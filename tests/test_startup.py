@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages a one-turn `parley chat` has no use for (UI, server, plots, GGUF reader, HF tokenizers/downloads).
-NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx"}
+NOT_NEEDED = {"textual", "starlette", "uvicorn", "matplotlib", "gguf", "transformers", "openai", "httpx",
+              "click"}  # sqlite-utils' CLI-only dependency (app.catalog.light_sqlite_utils)
 
 
 def run_python(code: str, home: Path) -> subprocess.CompletedProcess:
@@ -26,7 +27,8 @@ def test_chat_imports_no_ui_server_or_transformers(tiny_model_dir, parley_home):
 import json, sys
 from app.cli import main
 rc = main(["--model", {str(tiny_model_dir)!r}, "chat", "assistant", "hi", "--new", "--max-tokens", "2", "--json"])
-print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.modules}})}}))
+print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.modules}}),
+                  "commands": sorted(m for m in sys.modules if m.startswith("app.cli."))}}))
 """
     done = run_python(code, parley_home)
     assert done.returncode == 0, done.stderr
@@ -36,6 +38,7 @@ print(json.dumps({{"rc": rc, "loaded": sorted({{m.split(".")[0] for m in sys.mod
     assert result["rc"] == 0
     assert "mlx_lm" in result["loaded"] and "jinja2" in result["loaded"]  # what it does need
     assert not NOT_NEEDED & set(result["loaded"]), NOT_NEEDED & set(result["loaded"])
+    assert result["commands"] == ["app.cli.chat"]  # no other command's module
 
 
 def test_mlx_lm_without_its_init_still_offers_its_whole_api(parley_home):
@@ -154,3 +157,90 @@ def test_fingerprint_memo_follows_a_rewritten_weight_file(tiny_model_dir, tmp_pa
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
     assert model_fingerprint(folder) != first
+
+
+@pytest.mark.parametrize("argv", [
+    ["chat", "assistant", "hi", "--new", "--json"],
+    ["--model", "chat", "--budget-mb=64", "chat", "assistant", "hi"],  # a model named like a command
+    ["--kv-scheme", "q8", "import", "card.json"],
+    ["personas"], ["models"], ["models", "add", "x.gguf"], ["bench", "serve", "--clients", "1", "4"], ["cache", "gc"],
+])
+def test_the_named_command_alone_parses_as_the_whole_command_line(argv):
+    from app.cli import build_parser, command_named
+
+    only = command_named(argv)
+    assert only is not None
+    assert vars(build_parser(only).parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [[], ["--help", "chat"], ["--model", "m"], ["import_card", "x"], ["nonsense"]])
+def test_help_no_command_or_an_unknown_word_builds_every_command(argv):
+    from app.cli import command_named
+
+    assert command_named(argv) is None
+
+
+def test_numpys_own_blas_starts_with_one_thread_and_mlxs_keeps_its_threads(parley_home):
+    """numpy's bundled OpenBLAS would spin a worker per core at import; the BLAS MLX uses keeps its threads."""
+    code = """
+import ctypes, json, os
+from app import fastblas
+fastblas.preload()
+import numpy as np
+def threads(path, names):
+    if not path:
+        return None
+    lib = ctypes.CDLL(path)
+    for name in names:
+        if hasattr(lib, name):
+            return getattr(lib, name)()
+q, r = np.linalg.qr(np.random.default_rng(1234).standard_normal((80, 80)))  # numpy's one LAPACK use still works
+mapped = {line.split()[-1] for line in open("/proc/self/maps") if "numpy.libs" in line and "openblas" in line}
+print(json.dumps({"numpy": threads(mapped.pop() if len(mapped) == 1 else None, ["scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                                         "openblas_get_num_threads"]),
+                  "system": threads(fastblas.loaded, ["openblas_get_num_threads"]), "cores": os.cpu_count(),
+                  "env": os.environ.get("OPENBLAS_NUM_THREADS"), "finite": bool(np.isfinite(q).all())}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "PARLEY_HOME": str(parley_home)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["env"] is None and got["finite"]  # the setting was for that one load only
+    if got["numpy"] is None:
+        pytest.skip("this numpy has no bundled OpenBLAS (nothing to start with one thread)")
+    assert got["numpy"] == 1
+    if got["system"] is not None and got["cores"] > 1:
+        assert got["system"] > 1
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_collector_pauses_for_the_start_and_resumes_once(freeze):
+    import gc
+
+    from app.cli.chat import collector_paused
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        with collector_paused(freeze) as resume:
+            assert not gc.isenabled()
+            made = [[] for _ in range(1000)]  # young objects of the start
+            resume()  # the model is up: the turn runs with the collector on
+            assert gc.isenabled()
+            assert (gc.get_freeze_count() > frozen) == freeze  # frozen only in a process that exits next
+            resume()  # the block's end calls it again: nothing more happens
+        assert gc.isenabled() and made
+    finally:
+        gc.unfreeze()
+
+
+def test_the_collector_is_back_on_when_the_start_fails():
+    import gc
+
+    from app.cli.chat import collector_paused
+
+    with pytest.raises(RuntimeError):
+        with collector_paused(False):
+            raise RuntimeError("the engine did not start")
+    assert gc.isenabled()

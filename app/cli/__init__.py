@@ -19,6 +19,7 @@ import time
 from app import fastblas
 
 SUBCOMMANDS = ["chat", "personas", "import_card", "export", "cache", "bench", "scene", "user", "notes", "serve", "models", "doctor"]
+COMMAND_MODULES = {"import": "import_card"}  # command words whose module is named otherwise
 
 
 def budget_mb(text: str) -> float:
@@ -34,13 +35,33 @@ def budget_mb(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: list[str]) -> str | None:
+    """The subcommand module `argv` asks for (`chat` for `parley --model M chat ...`), found without building the
+    parser; None when help is asked for before it, none is named, or the word is not one (then `build_parser`
+    builds them all, as argparse's help and error messages need). Every global option takes a value."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in ("-h", "--help", "--"):
+            return None
+        if word.startswith("-"):
+            i += 1 if "=" in word else 2
+            continue
+        if word in COMMAND_MODULES:
+            return COMMAND_MODULES[word]
+        return word if word in SUBCOMMANDS and word not in COMMAND_MODULES.values() else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `only` (a module of SUBCOMMANDS) just that subcommand: a `parley chat`
+    start then imports no other command's module."""
     parser = argparse.ArgumentParser(prog="parley", description="Chat with many persistent personas on a local MLX model.")
     parser.add_argument("--model", default=None, help="a name from `parley models`, a .gguf file, a local mlx-lm folder or a Hugging Face repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--kv-scheme", default="q4", help="how caches are stored: q4 (default), k8v4, q8, f16")
     parser.add_argument("--budget-mb", type=budget_mb, default=512.0, help="RAM for conversation caches, in MB (default 512)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else [only]:
         try:
             module = importlib.import_module(f"app.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -59,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     light_mlx_lm.install()  # before anything imports mlx_lm: spares importing transformers
     from app.errors import ParleyError
 
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_named(words)).parse_args(words)
+    args.exiting = argv is None and getattr(args, "exit_promptly", False)  # `exit_now` follows the command
     try:
         if args.command is None:
             from app.ui.app import run_app
@@ -72,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     write_startup_trace(started)
-    if argv is None and getattr(args, "exit_promptly", False):
+    if args.exiting:
         exit_now(code)
     return code
 

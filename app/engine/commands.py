@@ -118,7 +118,10 @@ class RefreshCacheStates(Command):
 
 @dataclass(frozen=True)
 class Shutdown(Command):
-    """Finish the current step, save, and stop the thread."""
+    """Finish the current step, save, and stop the thread; with `release`, let go of the model and caches too
+    (off when the process exits right after: freeing them would only delay the exit)."""
+
+    release: bool = True
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,10 @@ class Engine:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
+    def shutdown(self, timeout: float | None = 30.0, release: bool = True) -> None:
+        """Save and stop; `release=False` keeps the model in memory (for a process about to exit: see `_stop`)."""
         self._cancel.set()
-        self._queue.put(cmd.Shutdown())
+        self._queue.put(cmd.Shutdown(release))
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self.stopped.wait(timeout)
 
@@ -103,7 +104,7 @@ class Engine:
         while True:
             command = self._queue.get()
             if isinstance(command, cmd.Shutdown):
-                self._stop()
+                self._stop(command.release)
                 return
             self._cancel.clear()
             self._handle(command)
@@ -122,21 +123,27 @@ class Engine:
                     return command
         return None
 
-    def _stop(self) -> None:
-        """Save, release the model, then park this thread for good.
+    def _stop(self, release: bool = True) -> None:
+        """Save, release the model (unless told not to), then park this thread for good.
 
         The thread never returns: when a thread that ran MLX work exits, MLX's
         thread-local CPU thread pool is torn down and the process aborts
         ("terminate called without an active exception", seen with mlx 0.32
         on Linux). A parked daemon thread simply ends with the process.
+        Without `release` the parked thread keeps the session: freeing the model
+        and caches (~20 ms of CPU holding the GIL) would only delay a process
+        that exits next (`parley chat`).
         """
+        session = self._session
         try:
-            if self._session:
-                self._session.close()
+            if session:
+                session.close()
         except Exception:  # returning from here would end this thread, and with it the process (see above)
             log.error("closing the session failed:\n%s", traceback.format_exc())
         finally:
             self._session = None
+            if release:
+                del session
             self.stopped.set()
         threading.Event().wait()
 

@@ -15,6 +15,8 @@ from app.model.cpu_blocks import CpuBlock, CpuMLP, LeanLinear
 from app.model.cpu_kernels import kernels
 from app.model.cpu_linear import CpuEmbedding, CpuLinear
 from app.model.decode_step import FusedStepModel
+from app.model.host_exec import Q4Weights
+from app.model.q4_stacks import stack_lazily, stack_of, stackable
 
 
 def _is_llama_attention(m) -> bool:
@@ -61,14 +63,41 @@ def speed_up_for_cpu(model: nn.Module) -> None:
     if lean_on_cpu(model):
         _keep_quantized(model)
         return
-    model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
-    mx.eval(model.parameters())
+    load_for_cpu(model)
     for _, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear) and not isinstance(module, (CpuLinear, LeanLinear)):
             _retype(module, CpuLinear)
         elif isinstance(module, nn.QuantizedEmbedding) and not isinstance(module, CpuEmbedding):
             _retype(module, CpuEmbedding)
     _use_kernels(model, blocks=True)
+
+
+def load_for_cpu(model: nn.Module) -> None:
+    """Evaluate `model`'s parameters as the CPU path keeps them: fp16/bf16 values as fp32, and the projections
+    the kernels read together (q/k/v, gate/up) stacked (`app.model.q4_stacks`). On a lazily
+    loaded model (`app.model.loader`) this is where the weights file is read; on an evaluated one it converts and
+    stacks by copying. A lean model (`lean_on_cpu`) is only evaluated (`_keep_quantized` converts it)."""
+    if lean_on_cpu(model):
+        mx.eval(model.parameters())
+        return
+    model.apply(lambda x: x.astype(mx.float32) if x.dtype in (mx.float16, mx.bfloat16) else x)
+    if kernels() is not None:
+        for parts in _stack_groups(model):
+            stack_lazily(parts)
+    mx.eval(model.parameters())  # one call: MLX reads the file without holding the GIL (the tokenizer loads beside)
+
+
+def _stack_groups(model: nn.Module) -> list[list]:
+    """The projections `_use_kernels` will read with one gemv (`host_exec.stack_q4`) and that are not stacked yet."""
+    groups = []
+    for layer in getattr(getattr(model, "model", model), "layers", []):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is not None and _is_llama_attention(attn):
+            groups.append([attn.q_proj, attn.k_proj, attn.v_proj])
+        if mlp is not None and _is_swiglu_mlp(mlp):
+            groups.append([mlp.gate_proj, mlp.up_proj])
+    return [parts for parts in groups if all(Q4Weights.usable(p) for p in parts) and stack_of(parts) is None
+            and stackable(parts)]
 
 
 LEAN_MB_DEFAULT = 1024

@@ -31,12 +31,14 @@ class Q4Weights:
         self.gemv = kernels().q4_gemv if bits == 4 else kernels().q8_gemv
 
     @classmethod
-    def of(cls, m) -> "Q4Weights":
+    def of(cls, m, bits: int | None = None) -> "Q4Weights":
+        """Views of `m`'s evaluated weight, scales and biases (copied only where not contiguous or not fp32);
+        `m` is a quantized layer or a `q4_stacks.Stack` (whose `bits` are given)."""
         import numpy as np
 
         return cls(np.ascontiguousarray(np.asarray(m.weight).view(np.uint8)),
                    np.ascontiguousarray(np.asarray(m.scales.astype(mx.float32))),
-                   np.ascontiguousarray(np.asarray(m.biases.astype(mx.float32))), m.bits)
+                   np.ascontiguousarray(np.asarray(m.biases.astype(mx.float32))), m.bits if bits is None else bits)
 
     @classmethod
     def stacked(cls, parts: list["Q4Weights"]) -> "Q4Weights":
@@ -65,10 +67,20 @@ class Q4Weights:
 
 
 def stack_q4(layers) -> "Q4Weights | None":
-    """The layers' 4-bit weights stacked into one gemv, or None when one has none (or a bias) or bits differ."""
+    """The layers' 4-bit weights stacked into one gemv, or None when one has none (or a bias) or bits differ.
+
+    One layer is its own weights; layers stacked at load (`app.model.q4_stacks`) are read where they lie; others
+    are copied into a stack."""
     q4s = [layer.__dict__.get("_q4") for layer in layers]
     if any(q is None or "bias" in layer for q, layer in zip(q4s, layers)) or len({q.bits for q in q4s}) != 1:
         return None
+    if len(q4s) == 1:
+        return q4s[0]
+    from app.model.q4_stacks import stack_of
+
+    stack = stack_of(layers)
+    if stack is not None:
+        return Q4Weights.of(stack, bits=q4s[0].bits)
     return Q4Weights.stacked(q4s)
 
 

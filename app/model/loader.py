@@ -145,15 +145,18 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
 
     folder = resolve_model_folder(spec, progress)
     check_architecture(read_config(folder), str(folder))
+    try:
+        model, config = mlx_load_model(folder, lazy=True)  # read below, straight into the CPU path's layout
+    except (ValueError, RuntimeError) as exc:  # MLX: RuntimeError for a weights file cut short
+        raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
+    check_tensor_types(model, str(folder))
+    on_cpu = fast_cpu and mx.default_device() == mx.cpu
     with ThreadPoolExecutor(1, thread_name_prefix="parley-load") as aside:
-        # No MLX in these two: parse the tokenizer and check the fingerprint while the weights load and convert.
+        # No MLX in these two: parse the tokenizer (which holds the GIL throughout) and check the fingerprint
+        # while MLX reads the weights (which does not); the model's Python-side construction is done by now.
         tokenizer, fingerprint = aside.submit(ChatTokenizer, folder), aside.submit(model_fingerprint, folder)
-        try:
-            model, config = mlx_load_model(folder)
-        except ValueError as exc:
-            raise ParleyError(f"Cannot load the model in {folder}: {exc}.") from exc
-        check_tensor_types(model, str(folder))
-        if fast_cpu and mx.default_device() == mx.cpu:
+        read_weights(model, folder, on_cpu)
+        if on_cpu:
             from app.model.cpu_fast import speed_up_for_cpu
 
             speed_up_for_cpu(model)
@@ -170,6 +173,22 @@ def load_model(spec: str | None = None, progress: Progress | None = None, fast_c
         context_window=context_window(config, model),
         value_dim=value_dim,
     )
+
+
+def read_weights(model, folder: Path, on_cpu: bool) -> None:
+    """Evaluate a lazily loaded model's weights (on the CPU path, in the layout `speed_up_for_cpu` keeps), with a
+    clear error when the weights file cannot be read (a truncated or damaged file fails here, not at load)."""
+    import mlx.core as mx
+
+    try:
+        if on_cpu:
+            from app.model.cpu_rewrite import load_for_cpu
+
+            load_for_cpu(model)
+        else:
+            mx.eval(model.parameters())
+    except (RuntimeError, ValueError) as exc:
+        raise ParleyError(f"Cannot read the model's weights in {folder}: {exc}. Convert or download it again.") from exc
 
 
 def read_config(folder: Path) -> dict:
