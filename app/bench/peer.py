@@ -23,6 +23,9 @@ starts, the model load excluded; llama.cpp's likewise after `Llama(...)`):
 - state on disk: Parley's block and tail files of that conversation; llama.cpp's state files;
 - start-up: `parley chat assistant hi` wall time minus its ttft; llama.cpp: the
   same for a process that loads the model and answers "hi" with one token.
+
+`--only prefill` runs the prefill measurements alone (each side generates one token: no decode, resume or
+start-up rows), the same fresh processes and token counts: a ~1 minute check of the prefill ratio.
 """
 
 from __future__ import annotations
@@ -59,7 +62,16 @@ class Figure:
     peer: str | None  # None: no llama.cpp counterpart
 
 
-def figures(contexts=CONTEXTS) -> list[Figure]:
+ONLY = {"prefill": ("prefill_small", "prefill_big")}  # `--only NAME`: the figures that run alone
+
+
+def figures(contexts=CONTEXTS, only: str | None = None) -> list[Figure]:
+    """The table's rows; with `only` (a key of ONLY) just those figures."""
+    every = _figures(contexts)
+    return every if only is None else [f for f in every if f.key in ONLY[only]]
+
+
+def _figures(contexts) -> list[Figure]:
     small, big = _k(contexts[0]), _k(contexts[-1])
     return [
         Figure("prefill_small", f"prefill tok/s at {small} (app path: prefilled_tokens / ttft)",
@@ -90,7 +102,8 @@ def run(lm, args) -> dict:
     """The part's entry point (`lm` is not used: every measurement loads the model in its own process)."""
     rounds = max(1, int(getattr(args, "rounds", None) or (1 if common.quick(args) else ROUNDS)))
     contexts = tuple(getattr(args, "peer_contexts", None) or CONTEXTS)
-    decode = int(getattr(args, "peer_decode_tokens", None) or DECODE_TOKENS)
+    only = getattr(args, "peer_only", None)
+    decode = 1 if only == "prefill" else int(getattr(args, "peer_decode_tokens", None) or DECODE_TOKENS)
     say = lambda m: common.log(args, m)  # noqa: E731
     started = time.perf_counter()
     with common.temp_home(prefix="parley-peer-") as home, tempfile.TemporaryDirectory(prefix="parley-peer-states-") as tmp:
@@ -109,41 +122,47 @@ def run(lm, args) -> dict:
                 "(a user's install keeps .pyc files): unset it for the start-up a user sees")
         samples = {"parley": {}, "peer": {}}
         for r in range(rounds):
-            one_round(parley, peer, contexts, samples)
+            one_round(parley, peer, contexts, samples, only)
             say(f"  peer round {r + 1}/{rounds} done ({time.perf_counter() - started:.0f} s)")
     return summarise(samples, contexts, rounds, why, peer_setup=peer.setup if peer else None,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, only=only)
 
 
-def one_round(parley: "ParleyHalf", peer: "LlamaHalf | None", contexts, samples: dict) -> None:
-    """One of each measurement, Parley's then llama.cpp's, interleaved; samples appended per key."""
+def one_round(parley: "ParleyHalf", peer: "LlamaHalf | None", contexts, samples: dict, only: str | None = None) -> None:
+    """One of each measurement, Parley's then llama.cpp's, interleaved; samples appended per key.
+    `only="prefill"`: the prefill measurements alone (no start-up, no saved state, no resume)."""
     def add(side: str, values: dict) -> None:
         for key, value in values.items():
             samples[side].setdefault(key, []).append(value)
 
-    add("parley", parley.startup())
-    if peer:
-        add("peer", peer.startup())
+    everything = only is None
+    if everything:
+        add("parley", parley.startup())
+        if peer:
+            add("peer", peer.startup())
     for n in contexts:
         got = parley.prefill(n)
         add("parley", got["figures"])
         if peer:
-            add("peer", peer.prefill(n, got["prompt_tokens"], got["generated_tokens"], save=n == contexts[-1]))
-    add("parley", parley.resume())
-    if peer:
-        add("peer", peer.resume())
+            add("peer", peer.prefill(n, got["prompt_tokens"], got["generated_tokens"],
+                                     save=everything and n == contexts[-1]))
+    if everything:
+        add("parley", parley.resume())
+        if peer:
+            add("peer", peer.resume())
 
 
-def summarise(samples: dict, contexts, rounds: int, skipped: str | None, peer_setup=None, seconds=0.0) -> dict:
+def summarise(samples: dict, contexts, rounds: int, skipped: str | None, peer_setup=None, seconds=0.0,
+              only: str | None = None) -> dict:
     """Medians per figure and the ratio Parley / llama.cpp (None where a side has no value)."""
     rows = []
-    for f in figures(contexts):
+    for f in figures(contexts, only):
         p = _median(samples["parley"].get(f.parley))
         q = _median(samples["peer"].get(f.peer)) if f.peer else None
         rows.append({"figure": f.key, "label": f.label, "parley": p, "llama_cpp": q,
                      "ratio": round(p / q, 2) if p is not None and q else None})
     return {"rounds": rounds, "contexts": list(contexts), "rows": rows, "samples": samples,
-            "peer_skipped": skipped, "peer_setup": peer_setup, "setup": active_setup(), "seconds": round(seconds, 1),
+            "peer_skipped": skipped, "peer_setup": peer_setup, "only": only, "setup": active_setup(), "seconds": round(seconds, 1),
             "bytecode_cache": not os.environ.get("PYTHONDONTWRITEBYTECODE")}
 
 

@@ -46,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--rounds", type=int, default=None, help="peer, startup: rounds, medians taken (default 5; with --quick 1 for peer, 3 for startup)")
     p.add_argument("--peer-python", metavar="PATH", default=None,
                    help="peer: the Python that has llama-cpp-python (default: this one, if it has it)")
+    p.add_argument("--only", dest="peer_only", choices=["prefill"], default=None,
+                   help="peer: only these measurements (prefill: the prefill rows, one token generated)")
     p.set_defaults(handler=run)
 
 
