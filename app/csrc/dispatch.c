@@ -87,3 +87,7 @@ int decode_step(const long *model, const long *layers, const float *eps, float s
                 const float *cs, long n_tail, float *logits) {
     return active->decode_step(model, layers, eps, scale, token, cs, n_tail, logits);
 }
+int prefill_attention(const float *q, const float *k, const float *v, float *out, long H, long Hkv, long L, long T,
+                      long Dk, long Dv, long q_hs, long k_hs, long v_hs, long offset, int causal) {
+    return active->prefill_attention(q, k, v, out, H, Hkv, L, T, Dk, Dv, q_hs, k_hs, v_hs, offset, causal);
+}
