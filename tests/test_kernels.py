@@ -141,6 +141,32 @@ def test_prefill_attention_is_the_same_on_any_thread_count(variant):
 
 
 @SETTINGS
+@given(bits=st.sampled_from([4, 8]), O=st.integers(1, 70), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
+       seed=st.integers(0, 2**16))
+def test_dequantize_rows_is_bitwise_mx_dequantize(variant, bits, O, groups, group, seed):
+    """The fp32 weight of the BLAS prefill path, with full-precision fp32 scales and biases (where an FMA's single
+    rounding of s * q + b would differ from MLX's two: the kernel must not fuse them)."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(seed)
+    K = groups * group
+    wq, s, b = mx.quantize(mx.array(rng.standard_normal((O, K)).astype(np.float32)), group, bits)
+    s = mx.array(np.asarray(s) * (1 + 1e-3 * rng.standard_normal(s.shape)).astype(np.float32))
+    b = mx.array(np.asarray(b) + (1e-4 * rng.standard_normal(b.shape)).astype(np.float32))
+    want = np.array(mx.dequantize(wq, s, b, group, bits))
+    codes, sn, bn = (np.ascontiguousarray(np.asarray(a)) for a in (wq, s, b))
+    out = np.full((O, K), np.nan, np.float32)
+    assert variant.dequantize_rows(ptr(codes.view(np.uint8)), ptr(sn), ptr(bn), ptr(out), O, K, group, bits) == 0
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+def test_dequantize_rows_refuses_layouts_it_does_not_take(variant):
+    out = np.zeros(64, np.float32)
+    for group, bits, K in ((32, 3, 64), (32, 4, 48), (0, 4, 64)):
+        assert variant.dequantize_rows(0, 0, 0, ptr(out), 1, K, group, bits) == -1
+
+
+@SETTINGS
 @given(n=st.integers(1, 1000), spread=st.floats(0.01, 150.0), seed=st.integers(0, 2**16))
 def test_silu_mul(variant, n, spread, seed):
     rng = np.random.default_rng(seed)

@@ -91,3 +91,7 @@ int prefill_attention(const float *q, const float *k, const float *v, float *out
                       long Dk, long Dv, long q_hs, long k_hs, long v_hs, long offset, int causal) {
     return active->prefill_attention(q, k, v, out, H, Hkv, L, T, Dk, Dv, q_hs, k_hs, v_hs, offset, causal);
 }
+int dequantize_rows(const unsigned char *w, const float *s, const float *b, float *out, long O, long K, long group,
+                    long bits) {
+    return active->dequantize_rows(w, s, b, out, O, K, group, bits);
+}

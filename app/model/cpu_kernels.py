@@ -157,6 +157,7 @@ def _declare(k: ctypes.CDLL) -> None:
         fn.argtypes, fn.restype = args, None
     k.decode_step.argtypes, k.decode_step.restype = [P, P, P, ctypes.c_float, L, P, L, P], I
     k.prefill_attention.argtypes, k.prefill_attention.restype = [P, P, P, P, L, L, L, L, L, L, L, L, L, L, I], I
+    k.dequantize_rows.argtypes, k.dequantize_rows.restype = [P, P, P, P, L, L, L, L], I
     for name in ("q4_fast", "q4_rows_fast", "kvq_has_avx2", "parley_variant_count", "parley_active_variant"):
         getattr(k, name).restype = I
     for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):
