@@ -54,6 +54,6 @@ int KFN(dequantize_rows)(const unsigned char *w, const float *s, const float *b,
                          long group, long bits) {
     if ((bits != 4 && bits != 8) || group < 2 || group % 2 || K % group || O < 1) return -1;
     dq_t a = {.w = w, .s = s, .b = b, .out = out, .O = O, .K = K, .group = group, .bits = bits};
-    parley_parallel_for(dq_chunk, &a, (O + DQ_ROWS - 1) / DQ_ROWS);
+    parley_parallel_for_heavy(dq_chunk, &a, (O + DQ_ROWS - 1) / DQ_ROWS);
     return 0;
 }

@@ -186,7 +186,7 @@ int KFN(prefill_attention)(const float *q, const float *k, const float *v, float
     pa_t a = {.q = q, .kp = kp, .v = v, .out = out, .H = H, .G = H / Hkv, .L = L, .T = T, .Dk = Dk, .Dv = Dv,
               .offset = offset, .causal = causal, .R = R, .tiles = (L + R - 1) / R, .q_hs = q_hs, .v_hs = v_hs,
               .kp_hs = kp_hs, .o_rs = H * Dv};
-    parley_parallel_for(pa_chunk, &a, H * a.tiles);
+    parley_parallel_for_heavy(pa_chunk, &a, H * a.tiles);
     free(kp);
     return a.failed ? -1 : 0;
 }
