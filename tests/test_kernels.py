@@ -140,6 +140,24 @@ def test_prefill_attention_is_the_same_on_any_thread_count(variant):
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
+def test_prefill_attention_stays_shared_while_the_pool_backs_off(variant):
+    """A stall makes the pool run the next light (decode) jobs alone; the prefill kernels' heavy jobs still share."""
+    rng = np.random.default_rng(6)
+    H, Hkv, L, T, D = 4, 2, 96, 96, 64
+    q, k, v = (rng.standard_normal((n, L, D)).astype(np.float32) for n in (H, Hkv, Hkv))
+    out = np.empty((L, H * D), np.float32)
+    before = cpu_kernels.threads()
+    try:
+        cpu_kernels.set_threads(2)
+        variant.parley_pool_back_off(1000)
+        stats = cpu_kernels.pool_stats()
+        variant.prefill_attention(ptr(q), ptr(k), ptr(v), ptr(out), H, Hkv, L, T, D, D, L * D, T * D, T * D, 0, 1)
+        after = cpu_kernels.pool_stats()
+    finally:
+        cpu_kernels.set_threads(before)  # also ends the backoff
+    assert after["shared"] == stats["shared"] + 1 and after["alone"] == stats["alone"]
+
+
 @SETTINGS
 @given(bits=st.sampled_from([4, 8]), O=st.integers(1, 70), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
        seed=st.integers(0, 2**16))
@@ -188,6 +206,24 @@ def packed(rng, O: int, K: int, bits: int):
     s = (rng.standard_normal((O, K // 32)) * 0.05).astype(np.float32)
     b = (rng.standard_normal((O, K // 32)) * 0.1).astype(np.float32)
     return codes, np.ascontiguousarray(w), s, b
+
+
+def test_prefill_attention_stays_shared_while_the_pool_backs_off(variant):
+    """A stall makes the pool run the next light (decode) jobs alone; the prefill kernels' heavy jobs still share."""
+    rng = np.random.default_rng(6)
+    H, Hkv, L, T, D = 4, 2, 96, 96, 64
+    q, k, v = (rng.standard_normal((n, L, D)).astype(np.float32) for n in (H, Hkv, Hkv))
+    out = np.empty((L, H * D), np.float32)
+    before = cpu_kernels.threads()
+    try:
+        cpu_kernels.set_threads(2)
+        variant.parley_pool_back_off(1000)
+        stats = cpu_kernels.pool_stats()
+        variant.prefill_attention(ptr(q), ptr(k), ptr(v), ptr(out), H, Hkv, L, T, D, D, L * D, T * D, T * D, 0, 1)
+        after = cpu_kernels.pool_stats()
+    finally:
+        cpu_kernels.set_threads(before)  # also ends the backoff
+    assert after["shared"] == stats["shared"] + 1 and after["alone"] == stats["alone"]
 
 
 @SETTINGS

@@ -265,6 +265,8 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) { parallel_
 
 void parley_parallel_for_heavy(parley_chunk_fn fn, void *ctx, long chunks) { parallel_for(fn, ctx, chunks, 1); }
 
+void parley_pool_back_off(long jobs) { pool.serial_left = jobs < 0 ? 0 : jobs; }
+
 void parley_pool_stats(long *out) {
     for (int i = 0; i < 4; i++) out[i] = __atomic_load_n(&pool.stats[i], __ATOMIC_RELAXED);
 }

@@ -33,6 +33,9 @@ void parley_set_min_work(long work);
    descheduled mid-chunk), jobs run alone while backing off after a stall. */
 void parley_pool_stats(long *out);
 
+/* Run the next `jobs` light jobs on the caller alone, as after a stall (tests: heavy jobs stay shared). */
+void parley_pool_back_off(long jobs);
+
 #define PARLEY_MAX_THREADS 16
 
 #endif

@@ -167,6 +167,7 @@ def _declare(k: ctypes.CDLL) -> None:
     k.parley_min_work.argtypes, k.parley_min_work.restype = [], L
     k.parley_set_min_work.argtypes, k.parley_set_min_work.restype = [L], None
     k.parley_pool_stats.argtypes, k.parley_pool_stats.restype = [P], None
+    k.parley_pool_back_off.argtypes, k.parley_pool_back_off.restype = [L], None
 
 
 def variants() -> dict[str, dict[str, bool]]:
