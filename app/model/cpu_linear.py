@@ -13,6 +13,8 @@ quantized parameters, and
   fp32 path (tests/test_cpu_linear.py);
 * more rows (or no usable 4-bit kernel) use the layer's fp32 copy, built on that first call (`fp32_weight`)
   exactly as the eager rewrite built it (fp32 scales: no fp16 rounding) and kept: bitwise today's weights.
+  The threaded C dequantizer builds it (`dequantized_in_c`, app/csrc/dequant.c, bitwise mx.dequantize), as
+  this expansion sits inside the first long prompt's time to first token; MLX's own where it does not apply.
 
 `EXPANDED` counts the copies built in this process (tests: a short turn builds none, a long one each once).
 """
