@@ -24,7 +24,7 @@ KERNELS = Extension(
                                                           "variant_portable")],
     depends=[f"{CSRC}/{name}" for name in ("kernels.h", "kernels.inc", "system.h", "quant_rows.h", "kv_codes.h", "attention.c",
                                             "activations.c", "qgemv.c", "kv_decode.c", "q4_attention.c", "q4_attention_rows.c", "threads.h",
-                                            "decode_step.c", "crc32.c")],
+                                            "decode_step.c", "crc32.c", "prefill_attention.c", "dequant.c")],
     include_dirs=[CSRC],
     extra_compile_args=["-O3", "-ffast-math", "-fopenmp-simd", "-std=gnu11"],
     libraries=["m", "pthread"],

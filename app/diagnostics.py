@@ -38,12 +38,15 @@ def active_setup() -> dict:
 
 
 def kernel_setup() -> dict:
-    """The C kernels: state ("on", "off", "not built", "refused"), active variant, threads, library, variants."""
+    """The C kernels: state ("on", "off", "not built", "refused"), active variant, threads, library, variants, and
+    the prefill path they give (attention: fused kernel or BLAS tiles; fp32 weight copies: C or mx.dequantize)."""
     from app.errors import ParleyError
     from app.model import cpu_kernels
+    from app.model.cpu_attention import FUSED_ROWS
 
     path = cpu_kernels.library_path()
     facts = {"state": "on", "variant": None, "quantized_decode": False, "requested": None, "threads": 1,
+             "prefill_attention": "BLAS tiles", "fp32_expansion": "mx.dequantize",
              "library": str(path) if path else None, "variants": cpu_kernels.variants(),
              "cpu_features": cpu_kernels.cpu_features()}
     try:
@@ -58,6 +61,8 @@ def kernel_setup() -> dict:
     facts["variant"] = cpu_kernels.active_variant()
     facts["quantized_decode"] = bool(lib.q4_fast())
     facts["threads"] = cpu_kernels.threads()  # the decode kernels' threads (PARLEY_THREADS)
+    facts["prefill_attention"] = f"fused C kernel, chunks over {FUSED_ROWS} rows (BLAS tiles below)"
+    facts["fp32_expansion"] = "C dequantizer (threaded), bitwise mx.dequantize"
     return facts
 
 

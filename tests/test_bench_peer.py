@@ -105,3 +105,28 @@ def test_llama_half_where_llama_cpp_is_importable(tmp_path):
     assert got["prefill_tps_128"] > 0 and got["decode_tps_128"] > 0 and got["state_mb_f16"] > 0
     resumed = half.resume()
     assert resumed["resume_ms_q4_0"] > 0 and resumed["state_mb_q4_0"] < resumed["state_mb_f16"]
+
+
+def test_only_prefill_runs_the_prefill_measurements_alone():
+    """`--only prefill`: each side's prefill (and decode) at every context, nothing else (no start-up, saved state
+    or resume)."""
+    calls = []
+
+    class Side:
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, what):
+            def measure(*args, **kwargs):
+                calls.append((self.name, what, kwargs.get("save")))
+                if what == "prefill" and self.name == "parley":
+                    return {"figures": {f"prefill_tps_{args[0]}": 1.0}, "prompt_tokens": args[0], "generated_tokens": 1}
+                return {f"{what}_{self.name}": 1.0}
+            return measure
+
+    samples = {"parley": {}, "peer": {}}
+    peer.one_round(Side("parley"), Side("peer"), (256, 512), samples, groups=("prefill",))
+    assert calls == [("parley", "prefill", None), ("peer", "prefill", False),
+                     ("parley", "prefill", None), ("peer", "prefill", False)]
+    rows = peer.summarise(samples, (256, 512), 1, None, groups=("prefill",))["rows"]
+    assert {r["figure"] for r in rows} == {"prefill_small", "prefill_big", "decode_small", "decode_big"}

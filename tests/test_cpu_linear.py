@@ -104,6 +104,19 @@ def test_long_prefill_is_bitwise_the_eager_fp32_model_and_expands_each_layer_onc
     assert cpu_linear.EXPANDED["layers"] - before == layers  # kept: a second long prefill builds nothing
 
 
+def test_the_c_dequantizer_builds_the_fp32_copies_bitwise(tiny_model_dir):
+    """Every quantized layer of the tiny model goes through app/csrc/dequant.c, to MLX's dequantize's bits."""
+    if cpu_kernels.kernels() is None:
+        pytest.skip("the C kernels are off or not built")
+    lm = load_model(str(tiny_model_dir))
+    layers = [m for _, m in lm.model.named_modules() if isinstance(m, (cpu_linear.CpuLinear, cpu_linear.CpuEmbedding))]
+    for m in layers:
+        got = cpu_linear.dequantized_in_c(m)
+        assert got is not None
+        want = mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), m.group_size, m.bits)
+        assert np.array_equal(np.array(got).view(np.uint32), np.array(want).view(np.uint32))
+
+
 @pytest.mark.parametrize("rows", [2, 7, 8, 9, cpu_linear.SHORT_ROWS])
 def test_short_prefill_builds_nothing_and_stays_within_fp32_rounding(tiny_model_dir, rows):
     lm, ref = load_model(str(tiny_model_dir)), eager_fp32_model(tiny_model_dir)

@@ -85,6 +85,105 @@ def test_attn_decode(variant, Hkv, G, T, D, headroom, seed):
         np.testing.assert_allclose(out[h], ref, rtol=1e-4, atol=2e-6)
 
 
+def attention_reference(q, k, v, offset: int, causal: bool) -> np.ndarray:
+    """softmax(q K^T) V per query head in float64: q (H, L, Dk), k (Hkv, T, Dk), v (Hkv, T, Dv); (L, H * Dv)."""
+    H, L, _ = q.shape
+    Hkv, T, Dv = v.shape
+    out = np.zeros((L, H, Dv))
+    for h in range(H):
+        s = q[h].astype(np.float64) @ k[h // (H // Hkv)].astype(np.float64).T
+        if causal:
+            s = np.where(np.arange(T)[None, :] > offset + np.arange(L)[:, None], -np.inf, s)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[h // (H // Hkv)].astype(np.float64)
+    return out.reshape(L, H * Dv)
+
+
+@SETTINGS
+@given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 2, 3, 4]), L=st.integers(1, 130), before=st.integers(0, 400),
+       dims=st.sampled_from([(64, 64), (16, 16), (32, 48), (8, 24), (128, 128), (20, 12)]), headroom=st.integers(0, 9),
+       causal=st.booleans(), spread=st.floats(0.1, 8.0), seed=st.integers(0, 2**16))
+def test_prefill_attention(variant, Hkv, G, L, before, dims, headroom, causal, spread, seed):
+    """A prefill chunk's attention (query tiles, key blocks and channel tiles with remainders) over keys/values
+    in cache buffers longer than T (heads `cap` rows apart), G query heads a KV head, to fp32 rounding."""
+    rng = np.random.default_rng(seed)
+    (Dk, Dv), H, T = dims, Hkv * G, L + before
+    cap = T + headroom
+    q = (rng.standard_normal((H, L, Dk)) * spread / Dk ** 0.5).astype(np.float32)
+    k = rng.standard_normal((Hkv, cap, Dk)).astype(np.float32)
+    v = rng.standard_normal((Hkv, cap, Dv)).astype(np.float32)
+    out = np.full((L, H * Dv), np.nan, np.float32)
+    assert variant.prefill_attention(ptr(q), ptr(k), ptr(v), ptr(out), H, Hkv, L, T, Dk, Dv, L * Dk, cap * Dk,
+                                     cap * Dv, before, int(causal)) == 0
+    ref = attention_reference(q, k[:, :T], v[:, :T], before, causal)
+    # a score's fp32 rounding (~1e-7 of its terms, |s| up to spread * sqrt(Dk)) moves exp(s) by as much, relative
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-7 * (1 + spread * Dk ** 0.5))
+
+
+def test_prefill_attention_is_the_same_on_any_thread_count(variant):
+    """Chunks are (head, query tile): which thread runs one never changes its numbers."""
+    rng = np.random.default_rng(5)
+    H, Hkv, L, T, D = 9, 3, 300, 1100, 64
+    q = (rng.standard_normal((H, L, D)) / 8).astype(np.float32)
+    k, v = (rng.standard_normal((Hkv, T, D)).astype(np.float32) for _ in range(2))
+    outs = []
+    before = cpu_kernels.threads()
+    try:
+        for n in (1, 2, 3):
+            cpu_kernels.set_threads(n)
+            out = np.empty((L, H * D), np.float32)
+            variant.prefill_attention(ptr(q), ptr(k), ptr(v), ptr(out), H, Hkv, L, T, D, D, L * D, T * D, T * D,
+                                      T - L, 1)
+            outs.append(out)
+    finally:
+        cpu_kernels.set_threads(before)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_prefill_attention_stays_shared_while_the_pool_backs_off(variant):
+    """A stall makes the pool run the next light (decode) jobs alone; the prefill kernels' heavy jobs still share."""
+    rng = np.random.default_rng(6)
+    H, Hkv, L, T, D = 4, 2, 96, 96, 64
+    q, k, v = (rng.standard_normal((n, L, D)).astype(np.float32) for n in (H, Hkv, Hkv))
+    out = np.empty((L, H * D), np.float32)
+    before = cpu_kernels.threads()
+    try:
+        cpu_kernels.set_threads(2)
+        variant.parley_pool_back_off(1000)
+        stats = cpu_kernels.pool_stats()
+        variant.prefill_attention(ptr(q), ptr(k), ptr(v), ptr(out), H, Hkv, L, T, D, D, L * D, T * D, T * D, 0, 1)
+        after = cpu_kernels.pool_stats()
+    finally:
+        cpu_kernels.set_threads(before)  # also ends the backoff
+    assert after["shared"] == stats["shared"] + 1 and after["alone"] == stats["alone"]
+
+
+@SETTINGS
+@given(bits=st.sampled_from([4, 8]), O=st.integers(1, 70), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
+       seed=st.integers(0, 2**16))
+def test_dequantize_rows_is_bitwise_mx_dequantize(variant, bits, O, groups, group, seed):
+    """The fp32 weight of the BLAS prefill path, with full-precision fp32 scales and biases (where an FMA's single
+    rounding of s * q + b would differ from MLX's two: the kernel must not fuse them)."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(seed)
+    K = groups * group
+    wq, s, b = mx.quantize(mx.array(rng.standard_normal((O, K)).astype(np.float32)), group, bits)
+    s = mx.array(np.asarray(s) * (1 + 1e-3 * rng.standard_normal(s.shape)).astype(np.float32))
+    b = mx.array(np.asarray(b) + (1e-4 * rng.standard_normal(b.shape)).astype(np.float32))
+    want = np.array(mx.dequantize(wq, s, b, group, bits))
+    codes, sn, bn = (np.ascontiguousarray(np.asarray(a)) for a in (wq, s, b))
+    out = np.full((O, K), np.nan, np.float32)
+    assert variant.dequantize_rows(ptr(codes.view(np.uint8)), ptr(sn), ptr(bn), ptr(out), O, K, group, bits) == 0
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+def test_dequantize_rows_refuses_layouts_it_does_not_take(variant):
+    out = np.zeros(64, np.float32)
+    for group, bits, K in ((32, 3, 64), (32, 4, 48), (0, 4, 64)):
+        assert variant.dequantize_rows(0, 0, 0, ptr(out), 1, K, group, bits) == -1
+
+
 @SETTINGS
 @given(n=st.integers(1, 1000), spread=st.floats(0.01, 150.0), seed=st.integers(0, 2**16))
 def test_silu_mul(variant, n, spread, seed):
@@ -107,6 +206,24 @@ def packed(rng, O: int, K: int, bits: int):
     s = (rng.standard_normal((O, K // 32)) * 0.05).astype(np.float32)
     b = (rng.standard_normal((O, K // 32)) * 0.1).astype(np.float32)
     return codes, np.ascontiguousarray(w), s, b
+
+
+def test_prefill_attention_stays_shared_while_the_pool_backs_off(variant):
+    """A stall makes the pool run the next light (decode) jobs alone; the prefill kernels' heavy jobs still share."""
+    rng = np.random.default_rng(6)
+    H, Hkv, L, T, D = 4, 2, 96, 96, 64
+    q, k, v = (rng.standard_normal((n, L, D)).astype(np.float32) for n in (H, Hkv, Hkv))
+    out = np.empty((L, H * D), np.float32)
+    before = cpu_kernels.threads()
+    try:
+        cpu_kernels.set_threads(2)
+        variant.parley_pool_back_off(1000)
+        stats = cpu_kernels.pool_stats()
+        variant.prefill_attention(ptr(q), ptr(k), ptr(v), ptr(out), H, Hkv, L, T, D, D, L * D, T * D, T * D, 0, 1)
+        after = cpu_kernels.pool_stats()
+    finally:
+        cpu_kernels.set_threads(before)  # also ends the backoff
+    assert after["shared"] == stats["shared"] + 1 and after["alone"] == stats["alone"]
 
 
 @SETTINGS

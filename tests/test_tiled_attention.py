@@ -1,4 +1,4 @@
-"""The tiled prefill attention of app.model.cpu_attention against a float64 numpy reference.
+"""The tiled and the fused prefill attention of app.model.cpu_attention against a float64 numpy reference.
 
 Shapes over GQA ratios (1, 3, 4), chunks shorter and longer than a tile (and not a multiple of it), keys
 before the chunk (a cache) or none, causal and not; and the tiny model's prefill through it equals mlx-lm's
@@ -42,6 +42,33 @@ def test_tiled_attention_matches_a_float64_reference(H, Hkv, L, before, causal):
     v = rng.standard_normal((1, Hkv, T, D)).astype(np.float32)
     got = cpu_attention.tiled_attention(mx.array(q), mx.array(k), mx.array(v), causal)
     np.testing.assert_allclose(np.array(got), reference(q, k, v, bool(causal)), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("H, Hkv", [(4, 4), (9, 3)])
+@pytest.mark.parametrize("L, before, headroom", [(33, 0, 0), (300, 700, 56), (513, 1000, 0)])
+@pytest.mark.parametrize("causal", [1, 0])
+def test_fused_attention_matches_a_float64_reference_and_the_tiled_path(H, Hkv, L, before, headroom, causal):
+    """Keys/values as a cache hands them over: a slice of a longer buffer (heads `capacity` rows apart)."""
+    rng = np.random.default_rng(L * 7 + before + H)
+    D, T = 64, L + before
+    q = rng.standard_normal((1, H, L, D)).astype(np.float32) * 0.2
+    k = rng.standard_normal((1, Hkv, T + headroom, D)).astype(np.float32)
+    v = rng.standard_normal((1, Hkv, T + headroom, D)).astype(np.float32)
+    ks, vs = mx.array(k)[..., :T, :], mx.array(v)[..., :T, :]
+    got = cpu_attention.fused_attention(mx.array(q), ks, vs, causal)
+    assert got is not None and got.shape == (1, L, H * D)
+    ref = reference(q, k[:, :, :T], v[:, :, :T], bool(causal)).transpose(0, 2, 1, 3).reshape(1, L, H * D)
+    np.testing.assert_allclose(np.array(got), ref, rtol=1e-4, atol=4e-6)
+    tiled = cpu_attention.tiled_attention(mx.array(q), ks, vs, causal).transpose(0, 2, 1, 3).reshape(1, L, H * D)
+    np.testing.assert_allclose(np.array(got), np.array(tiled), rtol=1e-4, atol=4e-6)
+
+
+def test_fused_attention_declines_what_it_cannot_read():
+    q = mx.zeros((1, 2, 40, 8))
+    assert cpu_attention.fused_attention(q, mx.zeros((1, 2, 40, 8), mx.float16), mx.zeros((1, 2, 40, 8)), 1) is None
+    assert cpu_attention.fused_attention(q, mx.zeros((1, 2, 20, 8)), mx.zeros((1, 2, 20, 8)), 1) is None  # T < L
+    strided = mx.zeros((1, 2, 80, 8))[..., ::2, :]  # rows not contiguous
+    assert cpu_attention.head_rows(strided) is None
 
 
 def test_long_chunk_prefill_of_the_tiny_model_matches_mlx_lm_attention(tiny_model_dir):

@@ -168,7 +168,8 @@ def one_round(parley: "ParleyHalf", peer: "LlamaHalf | None", contexts, samples:
             got = parley.prefill(n)
             add("parley", got["figures"])
             if peer:
-                add("peer", peer.prefill(n, got["prompt_tokens"], got["generated_tokens"], save=n == contexts[-1]))
+                add("peer", peer.prefill(n, got["prompt_tokens"], got["generated_tokens"],
+                                         save="resume" in groups and n == contexts[-1]))
     if "resume" in groups:
         add("parley", parley.resume())
         if peer:

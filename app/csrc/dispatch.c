@@ -95,3 +95,11 @@ int kvq_attn_rows(const float *lut, const float *q, float *out, long H, long Hkv
     return active->kvq_attn_rows(lut, q, out, H, Hkv, L, Dk, Dv, scale, kspec, vspec, n_blocks, blocks, tk, tv, n_tail,
                                  tk_hs, tv_hs, isa);
 }
+int prefill_attention(const float *q, const float *k, const float *v, float *out, long H, long Hkv, long L, long T,
+                      long Dk, long Dv, long q_hs, long k_hs, long v_hs, long offset, int causal) {
+    return active->prefill_attention(q, k, v, out, H, Hkv, L, T, Dk, Dv, q_hs, k_hs, v_hs, offset, causal);
+}
+int dequantize_rows(const unsigned char *w, const float *s, const float *b, float *out, long O, long K, long group,
+                    long bits) {
+    return active->dequantize_rows(w, s, b, out, O, K, group, bits);
+}

@@ -39,12 +39,17 @@ struct parley_kernels {
                          const float *tk, const float *tv, long n_tail, long tk_hs, long tv_hs, long isa);
     int (*crc32_fast)(void);
     unsigned (*crc32_update)(unsigned crc, const unsigned char *buf, long len);
+    int (*prefill_attention)(const float *q, const float *k, const float *v, float *out, long H, long Hkv, long L,
+                             long T, long Dk, long Dv, long q_hs, long k_hs, long v_hs, long offset, int causal);
+    int (*dequantize_rows)(const unsigned char *w, const float *s, const float *b, float *out, long O, long K,
+                           long group, long bits);
 };
 
 /* The table of the variant being compiled (in a variant_*.c, after kernels.inc). */
 #define PARLEY_TABLE(label) { label, 1, KFN(causal_softmax), KFN(attn_decode), KFN(silu_mul), KFN(q4_fast), \
     KFN(q4_gemv), KFN(q8_gemv), KFN(q4_rows), KFN(q8_rows), KFN(kv_decode_jobs), \
-    KFN(kvq_has_avx2), KFN(kvq_attn_decode), KFN(decode_step), KFN(kvq_attn_rows), KFN(crc32_fast), KFN(crc32_update) }
+    KFN(kvq_has_avx2), KFN(kvq_attn_decode), KFN(decode_step), KFN(kvq_attn_rows), KFN(crc32_fast), \
+    KFN(crc32_update), KFN(prefill_attention), KFN(dequantize_rows) }
 
 extern const struct parley_kernels parley_variant_avx512, parley_variant_avx2, parley_variant_portable;
 

@@ -209,7 +209,9 @@ static void run_serial(parley_chunk_fn fn, void *ctx, long chunks) {
     for (long i = 0; i < chunks; i++) fn(ctx, i);
 }
 
-void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
+/* heavy: chunks of milliseconds (prefill), where a 100 us stall is noise: never run alone for backoff, and a
+   stall starts none (on a busy machine the backoff would otherwise leave a whole prefill on one thread). */
+static void parallel_for(parley_chunk_fn fn, void *ctx, long chunks, int heavy) {
     long threads = parley_threads();
     int expected = 0;
     if (chunks < 2 || threads < 2 ||
@@ -217,8 +219,8 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
         run_serial(fn, ctx, chunks);
         return;
     }
-    if (pool.serial_left > 0 || ensure_helpers(threads) < 2) {
-        if (pool.serial_left > 0) {
+    if ((!heavy && pool.serial_left > 0) || ensure_helpers(threads) < 2) {
+        if (!heavy && pool.serial_left > 0) {
             pool.serial_left--;
             __atomic_fetch_add(&pool.stats[3], 1, __ATOMIC_RELAXED);
         }
@@ -247,7 +249,9 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
         }
     }
     __atomic_fetch_add(&pool.stats[0], 1, __ATOMIC_RELAXED);
-    if (stalled) {
+    if (heavy) {
+        /* neither a stall nor a clean run says anything about the short decode jobs' hand-offs */
+    } else if (stalled) {
         __atomic_fetch_add(&pool.stats[2], 1, __ATOMIC_RELAXED);
         pool.serial_left = pool.backoff;
         pool.backoff = pool.backoff * 2 > BACKOFF_MAX ? BACKOFF_MAX : pool.backoff * 2;
@@ -256,6 +260,12 @@ void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) {
     }
     STORE(&pool.busy, 0);
 }
+
+void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks) { parallel_for(fn, ctx, chunks, 0); }
+
+void parley_parallel_for_heavy(parley_chunk_fn fn, void *ctx, long chunks) { parallel_for(fn, ctx, chunks, 1); }
+
+void parley_pool_back_off(long jobs) { pool.serial_left = jobs < 0 ? 0 : jobs; }
 
 void parley_pool_stats(long *out) {
     for (int i = 0; i < 4; i++) out[i] = __atomic_load_n(&pool.stats[i], __ATOMIC_RELAXED);

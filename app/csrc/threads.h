@@ -12,6 +12,11 @@ typedef void (*parley_chunk_fn)(void *ctx, long chunk);
    from another thread). */
 void parley_parallel_for(parley_chunk_fn fn, void *ctx, long chunks);
 
+/* parley_parallel_for for jobs whose chunks each take milliseconds (prefill attention, weight expansion): shared
+   with the helpers even while the pool backs off after a stall (it exists for the short decode jobs), and its
+   own stalls start no backoff. Same results as parley_parallel_for. */
+void parley_parallel_for_heavy(parley_chunk_fn fn, void *ctx, long chunks);
+
 /* Threads a job uses (caller included): PARLEY_THREADS, else min(available cores, 2). */
 long parley_threads(void);
 
@@ -27,6 +32,9 @@ void parley_set_min_work(long work);
 /* Counters since load, into out[4]: jobs shared with helpers, chunks the helpers ran, stalls (a helper
    descheduled mid-chunk), jobs run alone while backing off after a stall. */
 void parley_pool_stats(long *out);
+
+/* Run the next `jobs` light jobs on the caller alone, as after a stall (tests: heavy jobs stay shared). */
+void parley_pool_back_off(long jobs);
 
 #define PARLEY_MAX_THREADS 16
 

@@ -1,6 +1,9 @@
 """llama-style attention retyped for MLX's CPU backend (see app.model.cpu_rewrite).
 
-Prefill: BLAS matmuls for QK^T and PV, softmax in C; over a compact cache the keys and values are views of
+Prefill: a chunk of more than `FUSED_ROWS` rows runs its whole attention in one C call on the worker pool
+(`fused_attention`, app/csrc/prefill_attention.c); a causal chunk of up to `SHORT_CHUNK_ROWS` over a compact
+cache (a resumed conversation's new message) attends in C straight over the encoded blocks
+(`attend_rows_compact`); anything else (or what the kernels do not take) uses BLAS matmuls for QK^T and PV with the softmax in C. Over a compact cache the keys and values are views of
 one scratch buffer shared by every layer (app.kvstore.prefill_scratch), so the output is evaluated here.
 Decode (one token): q/k/v through one 4-bit gemv, the attention over the cache buffers in C, o_proj straight
 from the host buffer.
@@ -21,6 +24,42 @@ TILE_ROWS = 256  # query rows per tile of a long prefill chunk's attention
 # blocks decoded into a scratch cost more in thread hand-offs than in math on the 2-core machines (under
 # load, 10-500 ms a layer instead of ~2); longer chunks keep the BLAS path, whose matmuls are wide enough.
 SHORT_CHUNK_ROWS = 32
+FUSED_ROWS = SHORT_CHUNK_ROWS  # chunks of more rows than this run `fused_attention`
+
+
+def head_rows(a: mx.array) -> tuple[int, int] | None:
+    """(address, head stride in floats) of an evaluated fp32 [1, heads, T, D] array whose rows are contiguous
+    (D floats, T * D... apart: a cache buffer's slice has its heads `capacity` rows apart), else None."""
+    import numpy as np
+
+    view = np.asarray(memoryview(a))
+    if view.dtype != np.float32 or view.ndim != 4 or view.shape[0] != 1:
+        return None
+    _, heads, T, D = view.shape
+    if view.strides[3] != 4 or (T > 1 and view.strides[2] != 4 * D) or view.strides[1] % 4:
+        return None
+    return view.ctypes.data, view.strides[1] // 4 if heads > 1 else T * D
+
+
+def fused_attention(qs: mx.array, k: mx.array, v: mx.array, causal: int) -> mx.array | None:
+    """softmax(qs K^T) V for one sequence as [1, L, H * Dv] (o_proj's input layout), in one C call:
+    [1, H, L, D] scaled queries over [1, Hkv, T, D] keys/values, the queries being the last L positions.
+    None when the kernel cannot take these arrays (the caller uses `tiled_attention`). Equal to it within
+    fp32 rounding (tests/test_prefill_attention.py). Reads `k`/`v` during the call only: a shared scratch
+    is free for the next layer when it returns."""
+    _, H, L, Dk = qs.shape
+    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if qs.dtype != mx.float32 or k.dtype != mx.float32 or v.dtype != mx.float32 or H % Hkv or T < L:
+        return None
+    qs = fresh(qs)
+    mx.eval(k, v)
+    kr, vr = head_rows(k), head_rows(v)
+    if kr is None or vr is None:
+        return None
+    out = fresh(mx.zeros((1, L, H * Dv), mx.float32))
+    failed = kernels().prefill_attention(data_pointer(qs), kr[0], vr[0], data_pointer(out), H, Hkv, L, T, Dk, Dv,
+                                         L * Dk, kr[1], vr[1], T - L, causal)
+    return None if failed else out
 
 
 def tiled_attention(qs: mx.array, k: mx.array, v: mx.array, causal: int) -> mx.array:
@@ -109,6 +148,9 @@ class CpuAttention:
                 return mx.array(o.numpy(out).reshape(1, 1, o.O))
             return a.o_proj(mx.array(out).reshape(1, 1, H * D))
         causal = int(mask is not None and L > 1)
+        fused = fused_attention(q * a.scale, k, v, causal) if B == 1 and L > FUSED_ROWS else None
+        if fused is not None:
+            return a.o_proj(fused)
         if B == 1 and L >= TILE_ROWS // 2:
             out = tiled_attention(q * a.scale, k, v, causal)
         else:

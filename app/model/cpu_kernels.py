@@ -159,6 +159,8 @@ def _declare(k: ctypes.CDLL) -> None:
     k.kvq_attn_rows.argtypes = [P, P, P, L, L, L, L, L, ctypes.c_float, P, P, L, P, P, P, L, L, L, L]
     k.kvq_attn_rows.restype = I
     k.crc32_update.argtypes, k.crc32_update.restype = [ctypes.c_uint, P, L], ctypes.c_uint
+    k.prefill_attention.argtypes, k.prefill_attention.restype = [P, P, P, P, L, L, L, L, L, L, L, L, L, L, I], I
+    k.dequantize_rows.argtypes, k.dequantize_rows.restype = [P, P, P, P, L, L, L, L], I
     for name in ("q4_fast", "q4_rows_fast", "kvq_has_avx2", "crc32_fast", "parley_variant_count", "parley_active_variant"):
         getattr(k, name).restype = I
     for name in ("parley_variant_built", "parley_variant_usable", "parley_use_variant"):
@@ -168,6 +170,7 @@ def _declare(k: ctypes.CDLL) -> None:
     k.parley_min_work.argtypes, k.parley_min_work.restype = [], L
     k.parley_set_min_work.argtypes, k.parley_set_min_work.restype = [L], None
     k.parley_pool_stats.argtypes, k.parley_pool_stats.restype = [P], None
+    k.parley_pool_back_off.argtypes, k.parley_pool_back_off.restype = [L], None
 
 
 def variants() -> dict[str, dict[str, bool]]:

@@ -13,6 +13,8 @@ quantized parameters, and
   fp32 path (tests/test_cpu_linear.py);
 * more rows (or no usable 4-bit kernel) use the layer's fp32 copy, built on that first call (`fp32_weight`)
   exactly as the eager rewrite built it (fp32 scales: no fp16 rounding) and kept: bitwise today's weights.
+  The threaded C dequantizer builds it (`dequantized_in_c`, app/csrc/dequant.c, bitwise mx.dequantize), as
+  this expansion sits inside the first long prompt's time to first token; MLX's own where it does not apply.
 
 `EXPANDED` counts the copies built in this process (tests: a short turn builds none, a long one each once).
 """
@@ -34,9 +36,36 @@ EXPANDED = {"layers": 0}
 
 def dequantized(m) -> mx.array:
     """The fp32 weight of quantized layer `m`: fp32 scales/biases (dequantizing in fp16 would round every weight
-    to fp16, ~0.2% off in the logits)."""
+    to fp16, ~0.2% off in the logits). Through the C kernel where it takes the layer (`dequantized_in_c`),
+    else MLX's dequantize: the same bits either way."""
+    w = dequantized_in_c(m)
+    if w is not None:
+        return w
     f32 = lambda a: a.astype(mx.float32)  # noqa: E731
     return mx.dequantize(m.weight, f32(m.scales), f32(m.biases), m.group_size, m.bits).astype(mx.float32)
+
+
+def dequantized_in_c(m) -> mx.array | None:
+    """`dequantized(m)` by the threaded C kernel (app/csrc/dequant.c: one pass, w = s * q + b rounded as MLX
+    rounds it, bitwise mx.dequantize's; MLX's runs five single-threaded passes, ~1 s of the embedded model's
+    first long prefill), evaluated; None for a layer it does not take (not affine 4/8-bit, no kernels)."""
+    import numpy as np
+
+    from app.model.cpu_kernels import data_pointer, fresh
+
+    k = kernels()
+    if (k is None or getattr(m, "mode", "affine") != "affine" or "biases" not in m or m.bits not in (4, 8)
+            or m.weight.dtype != mx.uint32 or m.weight.ndim != 2):
+        return None
+    O, K = m.weight.shape[0], m.weight.shape[1] * 32 // m.bits
+    f32 = lambda a: np.ascontiguousarray(np.asarray(a.astype(mx.float32)))  # noqa: E731
+    codes, scales, biases = np.ascontiguousarray(np.asarray(m.weight).view(np.uint8)), f32(m.scales), f32(m.biases)
+    if scales.shape != (O, K // m.group_size) or biases.shape != scales.shape:
+        return None
+    out = fresh(mx.zeros((O, K), mx.float32))
+    done = k.dequantize_rows(codes.ctypes.data, scales.ctypes.data, biases.ctypes.data, data_pointer(out), O, K,
+                             m.group_size, m.bits)
+    return out if done == 0 else None
 
 
 def fp32_weight(m) -> mx.array:
