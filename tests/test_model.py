@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import mlx.core as mx
@@ -72,6 +73,32 @@ def test_text_stream_never_splits_a_character(embedded_model_dir):
     pieces = [stream.push(i) for i in tok.encode(text)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def streamed_and_text(tok: ChatTokenizer, ids: list[int]) -> tuple[list[str], str]:
+    """What a reply of `ids` streams (every non-empty delta, the end's rest included) and its saved text."""
+    stream = tok.stream()
+    pieces = [stream.push(i) for i in ids] + [stream.rest()]
+    return [p for p in pieces if p], stream.text
+
+
+def test_text_stream_deltas_add_up_to_the_saved_text(tiny_model_dir):
+    """A reply that ends on a token holding text then a cut byte ("l" + half a character) streams that text
+    as its last delta; a reply of nothing but bytes that are no UTF-8 text streams nothing and is empty."""
+    tok = ChatTokenizer(tiny_model_dir)
+    vocab = tok.vocab_size
+    decoded = {i: tok.decode_reply([i]) for i in range(vocab)}
+    cut = next(i for i, d in decoded.items() if d.endswith("\ufffd") and d.rstrip("\ufffd"))
+    byte = next(i for i, d in decoded.items() if d == "\ufffd")
+    word = tok.encode("the")
+    pieces, text = streamed_and_text(tok, word + [cut])
+    assert "".join(pieces) == text == "the" + decoded[cut].rstrip("\ufffd")
+    assert streamed_and_text(tok, [byte] * 8) == ([], "")
+    rng = random.Random(0)
+    for _ in range(2000):
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 8))] + rng.choice([[], [cut], [byte]])
+        pieces, text = streamed_and_text(tok, ids)
+        assert "".join(pieces) == text, ids
 
 
 @pytest.mark.real_model

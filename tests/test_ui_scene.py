@@ -71,7 +71,11 @@ async def test_create_a_scene_and_every_speaker_streams_into_its_own_bubble(make
         for pid in ("tester", "other"):
             streamed = [e.text for e in events_of(app, ev.SceneTokensGenerated)
                         if e.conversation_id == tab.conversation_id and e.persona_id == pid]
-            assert streamed and "".join(streamed) == finished[pid].text
+            # each speaker's deltas add up to exactly its saved reply: all of a reply's text streams before it is saved.
+            # (The random tiny model, sampling at 0.7, now and then says only bytes that are no UTF-8 text:
+            # that reply is empty and streams nothing, tests/test_model.py::test_text_stream_deltas_add_up...)
+            assert finished[pid].stats.generated_tokens > 0
+            assert "".join(streamed) == finished[pid].text and all(streamed)
         views = tab.message_views()
         assert [(v.role, v.persona_id) for v in views] == [("user", None), ("assistant", "tester"),
                                                            ("assistant", "other")]

@@ -330,6 +330,9 @@ class SceneRunner:
                 cache=seat.source,
             )
             total += max(n - 1, 0)
+            rest = seat.stream.rest()  # held back as a possibly cut character, and the reply ended there
+            if rest:
+                session.emit(ev.SceneTokensGenerated(cid, seat.pid, rest))
             text = seat.stream.text
             stopped = cancelled and not seat.done
             any_stopped = any_stopped or stopped

@@ -331,6 +331,9 @@ class Session:
             if self.cancelled():
                 cancelled = True
                 break
+        rest = stream.rest()  # text held back as a possibly cut character, and the reply ended there
+        if rest:
+            self.emit(ev.TokensGenerated(turn.conversation_id, rest))
         ended = time.perf_counter()
         first_at = first_at or ended
         stats = ev.ReplyStats(

@@ -100,6 +100,18 @@ class TextStream:
         """The whole reply; a character cut off by the end of generation is dropped, as when streaming."""
         return self._tokenizer.decode_reply(self._ids).rstrip("\ufffd")
 
+    def rest(self) -> str:
+        """At the end of the reply: what `text` holds beyond the deltas `push` returned, as one last delta.
+
+        `push` holds back text whose decoding ends in U+FFFD (a character that may be cut), and a token can
+        hold text before its cut byte ("l" then half a character): when the reply ends there, that text
+        is in `text` but was never streamed. Streaming this rest makes the deltas add up to `text`.
+        """
+        text = self.text
+        delta = text[self._emitted :]
+        self._emitted = len(text)
+        return delta
+
 
 _DEFAULT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
