@@ -61,7 +61,8 @@ def kernel_setup() -> dict:
     facts["variant"] = cpu_kernels.active_variant()
     facts["quantized_decode"] = bool(lib.q4_fast())
     facts["threads"] = cpu_kernels.threads()  # the decode kernels' threads (PARLEY_THREADS)
-    facts["prefill_attention"] = f"fused C kernel, chunks over {FUSED_ROWS} rows (BLAS tiles below)"
+    facts["prefill_attention"] = (f"fused C kernel for chunks over {FUSED_ROWS} rows; shorter chunks over a compact "
+                                   "cache: C over the 4-bit blocks")
     facts["fp32_expansion"] = "C dequantizer (threaded), bitwise mx.dequantize"
     return facts
 
