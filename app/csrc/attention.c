@@ -6,6 +6,20 @@
 #include <math.h>
 #include <stddef.h>
 
+/* The softmax of one row of scores in place: the first n entries normalised, the rest (to T) zero. One
+   definition for every caller (causal_softmax, the fused prefill attention), so they agree bit for bit. */
+static inline void softmax_row(float *row, long n, long T) {
+    float m = -FLT_MAX;
+    for (long j = 0; j < n; j++) m = row[j] > m ? row[j] : m;
+    float sum = 0.f;
+    #pragma omp simd reduction(+:sum)
+    for (long j = 0; j < n; j++) { float e = expf(row[j] - m); row[j] = e; sum += e; }
+    float inv = 1.f / sum;
+    #pragma omp simd
+    for (long j = 0; j < n; j++) row[j] *= inv;
+    for (long j = n; j < T; j++) row[j] = 0.f;
+}
+
 /* Row-wise softmax in place over s[rows][T] (scores already scaled). Row r is
    query (r % L), at absolute position offset + r % L; with causal set, keys
    after it get probability 0. */
@@ -15,15 +29,7 @@ void KFN(causal_softmax)(float *s, long rows, long L, long T, long offset, int c
         float *row = s + r * T;
         long n = causal ? offset + (r % L) + 1 : T;
         if (n > T) n = T;
-        float m = -FLT_MAX;
-        for (long j = 0; j < n; j++) m = row[j] > m ? row[j] : m;
-        float sum = 0.f;
-        #pragma omp simd reduction(+:sum)
-        for (long j = 0; j < n; j++) { float e = expf(row[j] - m); row[j] = e; sum += e; }
-        float inv = 1.f / sum;
-        #pragma omp simd
-        for (long j = 0; j < n; j++) row[j] *= inv;
-        for (long j = n; j < T; j++) row[j] = 0.f;
+        softmax_row(row, n, T);
     }
 }
 

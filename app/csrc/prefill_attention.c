@@ -94,19 +94,6 @@ static inline void pa_value_tile(const float *p, long ldP, const float *v, long 
         for (int c = 0; c < PA_NCV; c++) *(pa_uvec *)(o + r * ldO + c * PA_VW) = acc[r][c];
 }
 
-/* The softmax of one row of scores, as causal_softmax: the first n entries normalised, the rest (to T) zero. */
-static void pa_softmax_row(float *row, long n, long T) {
-    float m = -FLT_MAX;
-    for (long j = 0; j < n; j++) m = row[j] > m ? row[j] : m;
-    float sum = 0.f;
-    #pragma omp simd reduction(+:sum)
-    for (long j = 0; j < n; j++) { float e = expf(row[j] - m); row[j] = e; sum += e; }
-    float inv = 1.f / sum;
-    #pragma omp simd
-    for (long j = 0; j < n; j++) row[j] *= inv;
-    for (long j = n; j < T; j++) row[j] = 0.f;
-}
-
 /* The thread's working memory for one chunk, grown as needed: scores, query rows, output rows. */
 static float *pa_buffer(long n) {
     static __thread float *buf;
@@ -143,7 +130,7 @@ static void pa_chunk(void *ctx, long i) {
     for (long r = 0; r < rpad; r++) {
         long n = r >= rows ? 0 : a->causal ? a->offset + l0 + r + 1 : seen;
         if (n > seen) n = seen;
-        if (r < rows) pa_softmax_row(S + r * cols, n, seen);
+        if (r < rows) softmax_row(S + r * cols, n, seen); /* attention.c */
         else memset(S + r * cols, 0, sizeof(float) * seen);
     }
     float *out = a->out + l0 * a->o_rs + h * Dv;
