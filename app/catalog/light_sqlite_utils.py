@@ -17,6 +17,8 @@ import importlib
 import sys
 import types
 
+from app.stand_ins import import_with_stand_ins
+
 DEFERRED = {"click": ("Group",), "dateutil.parser": ()}  # module -> names read at import (placeholders)
 
 
@@ -47,10 +49,4 @@ def install() -> None:
     if "sqlite_utils" in sys.modules:
         return
     stubs = {name: DeferredModule(name, early) for name, early in DEFERRED.items() if name not in sys.modules}
-    sys.modules.update(stubs)
-    try:
-        importlib.import_module("sqlite_utils")
-    finally:
-        for name, stub in stubs.items():
-            if sys.modules.get(name) is stub:
-                del sys.modules[name]
+    import_with_stand_ins("sqlite_utils", stubs)

@@ -25,6 +25,8 @@ import importlib.util
 import sys
 import types
 
+from app.stand_ins import import_with_stand_ins
+
 _TOKENIZER_UTILS = "mlx_lm.tokenizer_utils"
 # names `mlx_lm/__init__.py` binds to functions (two of them shadow submodules of the same name)
 _DEFINED_BY_INIT = frozenset({"convert", "generate", "batch_generate", "stream_generate", "load"})
@@ -84,13 +86,9 @@ def _import_utils_deferring_tokenizer(package: types.ModuleType) -> None:
     if "huggingface_hub" not in sys.modules:
         stubs["huggingface_hub"] = types.ModuleType("huggingface_hub")
         stubs["huggingface_hub"].snapshot_download = _deferred("huggingface_hub", "snapshot_download")
-    sys.modules.update(stubs)
     try:
-        importlib.import_module("mlx_lm.utils")
+        import_with_stand_ins("mlx_lm.utils", stubs)
     finally:
-        for name, stub in stubs.items():
-            if sys.modules.get(name) is stub:
-                del sys.modules[name]
         if package.__dict__.get("tokenizer_utils") is stubs[_TOKENIZER_UTILS]:
             del package.tokenizer_utils  # the real submodule is imported on demand
     # `utils._load_tokenizer` and `utils.snapshot_download` are the deferred functions: real on first call.
